@@ -1,0 +1,93 @@
+"""Weights in transit: named tensors packed into flat, checksummed buckets.
+
+A bucket is one contiguous uint8 numpy buffer plus a table of (name, dtype, shape, offset). numpy (not torch)
+so the Ray object store hands engines a zero-copy view; the crc32 lets the receiver detect a corrupted bucket
+before loading it. Buckets never split one module's parameters (vLLM fuses q/k/v and gate/up into one kernel
+per module and processes a module once all its weights have arrived).
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    dtype: str  # torch dtype name, e.g. "float32", "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # bytes into the bucket's buffer
+    nbytes: int
+
+
+@dataclass
+class WeightBucket:
+    version: int  # policy version these weights are
+    index: int  # 0.. within one sync
+    entries: list[TensorEntry] = field(default_factory=list)
+    buffer: np.ndarray | None = None  # (nbytes,) uint8
+    crc32: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else int(self.buffer.nbytes)
+
+    def verify(self) -> bool:
+        return self.buffer is not None and zlib.crc32(memoryview(self.buffer)) == self.crc32
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) views into the buffer, no copy (the receiver copies into its own parameters)."""
+        assert self.buffer is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-copy buffers from the object store are read-only
+            flat = torch.from_numpy(self.buffer)
+        for e in self.entries:
+            raw = flat[e.offset : e.offset + e.nbytes]
+            yield e.name, raw.view(getattr(torch, e.dtype)).view(e.shape)
+
+
+def pack_bucket(version: int, index: int, named: list[tuple[str, torch.Tensor]]) -> WeightBucket:
+    entries, chunks, offset = [], [], 0
+    for name, tensor in named:
+        t = tensor.detach().contiguous().cpu()
+        raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel()))
+        chunks.append(raw)
+        offset += raw.numel()
+    buffer = torch.cat(chunks).numpy() if chunks else np.empty(0, dtype=np.uint8)
+    return WeightBucket(version, index, entries, buffer, zlib.crc32(memoryview(buffer)))
+
+
+def module_of(name: str) -> str:
+    """The module a parameter belongs to, at the granularity vLLM loads: `model.layers.3.mlp.up_proj.weight`
+    -> `model.layers.3.mlp` (so gate/up and q/k/v land in the same bucket)."""
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return ".".join(parts[: min(i + 3, len(parts) - 1)])
+    return ".".join(parts[:-1])
+
+
+def group_into_buckets(
+    named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group consecutive tensors into lists of about `bucket_bytes`, never splitting a module's parameters.
+    Expects parameters in model order (as `named_parameters()` yields them)."""
+    current: list[tuple[str, torch.Tensor]] = []
+    size, module = 0, None
+    for name, tensor in named:
+        mod = module_of(name)
+        if current and size >= bucket_bytes and mod != module:
+            yield current
+            current, size = [], 0
+        current.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        module = mod
+    if current:
+        yield current

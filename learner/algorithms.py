@@ -1,0 +1,399 @@
+"""Advantage estimators and policy losses as pure torch functions, each found by its config name in a registry.
+
+Every estimator has one signature, `fn(AdvantageInputs, cfg) -> Tensor (N,)`, and every loss another,
+`fn(LossInputs, cfg) -> LossOutputs`, so the learner never special-cases an algorithm. `cfg` is an
+`AlgorithmConfig` (cluster/config.py); its field docstrings are the contract for the knobs used here.
+
+Losses return per-token values and never reduce: `aggregate` turns them into the scalar to backpropagate, with
+denominators counted over the whole step (all micro-batches and ranks), so the sum of the micro-batch losses is
+the loss of the one big batch. Nothing here knows about Ray, DeepSpeed or logging.
+
+Shapes: N = samples; B, T = sequences x completion tokens (padded); V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from cluster.config import AlgorithmConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# registries
+
+AdvantageFn = Callable[["AdvantageInputs", AlgorithmConfig], Tensor]
+LossFn = Callable[["LossInputs", AlgorithmConfig], "LossOutputs"]
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+"""Config name (`algorithm.advantage`) -> advantage estimator."""
+POLICY_LOSSES: dict[str, LossFn] = {}
+"""Config name (`algorithm.loss`) -> policy loss."""
+
+F = TypeVar("F", bound=Callable)
+
+
+def _registrar(registry: dict[str, Callable], kind: str, name: str) -> Callable[[F], F]:
+    def register(fn: F) -> F:
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is already registered (by {registry[name].__qualname__})")
+        registry[name] = fn
+        return fn
+
+    return register
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Decorator adding an estimator to ADVANTAGE_ESTIMATORS under `name`; a name already taken is an error."""
+    return _registrar(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Decorator adding a loss to POLICY_LOSSES under `name`; a name already taken is an error."""
+    return _registrar(POLICY_LOSSES, "policy loss", name)
+
+
+def compute_advantages(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """The estimator named by `cfg.advantage`. Returns (N,) float32."""
+    return ADVANTAGE_ESTIMATORS[cfg.advantage](inputs, cfg)
+
+
+def compute_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
+    """The loss named by `cfg.loss`."""
+    return POLICY_LOSSES[cfg.loss](inputs, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantage estimators
+
+
+@dataclass
+class AdvantageInputs:
+    """One reward per sample and the group (prompt) it belongs to.
+
+    Group ids are arbitrary integers (not necessarily contiguous); groups may differ in size, a group of one
+    included. Both tensors share the shape (N,).
+    """
+
+    rewards: Tensor  # (N,) float
+    group_ids: Tensor  # (N,) long; samples of the same prompt share an id
+
+    def __post_init__(self) -> None:
+        if self.rewards.dim() != 1 or self.rewards.shape != self.group_ids.shape:
+            raise ValueError(
+                "rewards and group_ids must both be (N,), "
+                f"got {tuple(self.rewards.shape)} and {tuple(self.group_ids.shape)}"
+            )
+
+
+def _per_group(values: Tensor, index: Tensor, reduce: str) -> Tensor:
+    """Reduce `values` over each group ("sum", "mean", "amax", "amin") and give every sample its group's value.
+
+    values, index: (N,), index in [0, G). Returns (N,).
+    """
+    num_groups = int(index.max()) + 1 if index.numel() else 0
+    out = values.new_zeros(num_groups).scatter_reduce(0, index, values, reduce, include_self=False)  # (G,)
+    return out[index]
+
+
+def _centered(inputs: AdvantageInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """r_i - mean of its group, the group size and the group index, per sample, in float64.
+
+    A group whose rewards are all equal gets exactly 0 (the float mean of equal numbers need not equal them,
+    and a rounding residue divided by a tiny std would be a large advantage).
+    """
+    r = inputs.rewards.double()  # (N,)
+    index = torch.unique(inputs.group_ids, return_inverse=True)[1]  # (N,) in [0, G)
+    size = _per_group(torch.ones_like(r), index, "sum")  # (N,)
+    constant = _per_group(r, index, "amax") == _per_group(r, index, "amin")  # (N,)
+    centered = torch.where(constant, 0.0, r - _per_group(r, index, "mean"))  # (N,)
+    return centered, size, index
+
+
+@register_advantage("filter")
+def filter_advantage(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """0-1 advantage: A_i = 1 if r_i >= cfg.filter_threshold else 0.
+
+    Rejection sampling: with the `pg` loss this is supervised fine-tuning on the accepted samples only
+    (RAFT, Dong et al. 2023, arXiv:2304.06767; RAFT++, Xiong et al. 2025, arXiv:2504.11343).
+    """
+    return (inputs.rewards >= cfg.filter_threshold).float()
+
+
+@register_advantage("grpo")
+def grpo_advantage(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """A_i = (r_i - mean_g) / (std_g + cfg.std_eps), over the group g of sample i.
+
+    GRPO's outcome supervision (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300). std_g is the unbiased sample
+    standard deviation (divisor n - 1), as torch.std computes it in the TRL and veRL implementations. Departures:
+    a group of one gets 0 (veRL gives it its raw reward), and a group of equal rewards gets exactly 0.
+    """
+    centered, size, index = _centered(inputs)  # (N,) each
+    var = _per_group(centered**2, index, "sum") / (size - 1).clamp(min=1)  # (N,)
+    return (centered / (var.sqrt() + cfg.std_eps)).float()
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantage(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """A_i = r_i - mean_g: GRPO without the division by the group std, which favours prompts that are too easy
+    or too hard (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783).
+
+    Pair with `loss_agg: constant` for the paper's length-unbiased loss.
+    """
+    return _centered(inputs)[0].float()
+
+
+@register_advantage("rloo")
+def rloo_advantage(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """Leave-one-out baseline: A_i = r_i - 1/(n-1) sum_{j != i} r_j = n/(n-1) (r_i - mean_g).
+
+    REINFORCE Leave-One-Out (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!";
+    Ahmadian et al. 2024, arXiv:2402.14740). A group of one has no other sample and gets 0.
+    """
+    centered, size, _ = _centered(inputs)  # (N,) each
+    return (centered * size / (size - 1).clamp(min=1)).float()
+
+
+@register_advantage("reinforce_pp_baseline")
+def reinforce_pp_baseline_advantage(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """A_i = (r_i - mean_g) / (std_batch + cfg.std_eps), std_batch the unbiased std of (r - mean_g) over all N.
+
+    REINFORCE++-baseline (Hu et al. 2025, arXiv:2501.03262): the group mean removes the prompt's difficulty, the
+    batch-wide std sets the scale without the per-group division of GRPO. Call it on the whole step's batch.
+    Departure: OpenRLHF takes the std over tokens (longer samples weigh more); here every sample counts once.
+    """
+    centered = _centered(inputs)[0]  # (N,)
+    std = centered.std() if centered.numel() > 1 else centered.new_zeros(())
+    return (centered / (std + cfg.std_eps)).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# policy losses
+
+
+@dataclass
+class LossInputs:
+    """Per-token tensors of one micro-batch, all (B, T) and padded; values on padding must only be finite."""
+
+    logprobs: Tensor  # (B, T) log pi_theta(token): the current policy, requires grad
+    old_logprobs: Tensor  # (B, T) learner's logprobs before this update: the proximal policy, PPO's anchor
+    behaviour_logprobs: Tensor  # (B, T) the engine's logprobs when it sampled the token
+    advantages: Tensor  # (B, T) the sequence's advantage on each of its tokens
+    mask: Tensor  # (B, T) float, 1 on real completion tokens, 0 on padding
+    ref_logprobs: Tensor | None = None  # (B, T) frozen reference policy, for the KL penalty
+    entropy: Tensor | None = None  # (B, T) entropy of the current policy at each position, with grad
+
+    def __post_init__(self) -> None:
+        for name in (
+            "logprobs",
+            "old_logprobs",
+            "behaviour_logprobs",
+            "advantages",
+            "ref_logprobs",
+            "entropy",
+        ):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.mask.shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, mask has {tuple(self.mask.shape)}")
+
+
+@dataclass
+class LossOutputs:
+    """The per-token loss and per-token metrics; nothing is reduced.
+
+    per_token: (B, T), already multiplied by the mask; pass it to `aggregate`.
+    metrics: name -> (B, T) detached, multiplied by the mask. The batch value of a metric is
+    sum(metric) / sum(mask), summed over every micro-batch and rank, so it reduces exactly. Metrics:
+      ratio          pi_theta / pi_old, the PPO ratio (pg, ppo)
+      is_weight      w, the off-policy weight that multiplies the policy term (pg, ppo)
+      clip_frac      1 where PPO's ratio clip chose the clipped term (ppo)
+      dual_clip_frac 1 where the dual clip bounded the loss of a negative advantage (ppo; 0 when off)
+      kl             the KL estimate to the reference (whenever ref_logprobs is given, even with kl_coef 0)
+      entropy        the policy entropy (whenever entropy is given)
+    """
+
+    per_token: Tensor  # (B, T)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T)
+
+
+def _log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """a - b on real tokens, 0 on padding, so exp() of it can't overflow on padding values. (B, T)"""
+    return torch.where(mask > 0, a - b, torch.zeros_like(a))
+
+
+def off_policy_weight(inputs: LossInputs, cfg: AlgorithmConfig) -> Tensor:
+    """The detached weight w that multiplies the policy term, per `cfg.off_policy`. (B, T)
+
+    none:              w = 1.
+    tis, decoupled:    w = min(pi_old / pi_behaviour, cfg.tis_cap) = min(exp(old - behaviour), tis_cap).
+
+    The rollout engine and the learner compute different probabilities for the same weights (kernels, precision)
+    and, in async mode, for different weights; w corrects the sample toward the learner's proximal policy.
+    Truncated importance sampling: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy
+    RL Training" (https://fengyao.notion.site/off-policy-rl). Decoupled PPO: Hilton et al. 2021,
+    arXiv:2110.00641, and AReaL (Fu et al. 2025, arXiv:2505.24298), which drops tokens above the cap where we
+    truncate them like TIS.
+    """
+    if cfg.off_policy == "none":
+        return torch.ones_like(inputs.logprobs)
+    log_w = _log_ratio(inputs.old_logprobs, inputs.behaviour_logprobs, inputs.mask).detach()
+    return log_w.exp().clamp(max=cfg.tis_cap)
+
+
+def approx_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tensor) -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled token's logprobs, 0 on padding. (B, T)
+
+    With d = log pi_ref - log pi_theta (http://joschu.net/blog/kl-approx.html, Schulman 2020):
+      k1 = -d                      unbiased, can be negative per token
+      k3 = exp(d) - d - 1          unbiased, always >= 0, lower variance (the GRPO paper's choice)
+    """
+    d = _log_ratio(ref_logprobs.detach(), logprobs, mask)  # (B, T)
+    if estimator == "k1":
+        return -d
+    if estimator == "k3":
+        return d.exp() - d - 1
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def _kl_and_entropy(inputs: LossInputs, cfg: AlgorithmConfig) -> dict[str, Tensor]:
+    """The per-token KL to the reference and the entropy, for those of them that the inputs carry."""
+    out = {}
+    if inputs.ref_logprobs is not None:
+        out["kl"] = approx_kl(inputs.logprobs, inputs.ref_logprobs, cfg.kl_estimator, inputs.mask)
+    if inputs.entropy is not None:
+        out["entropy"] = inputs.entropy
+    return out
+
+
+def _outputs(loss: Tensor, mask: Tensor, metrics: dict[str, Tensor]) -> LossOutputs:
+    return LossOutputs(
+        per_token=loss * mask, metrics={k: v.detach().float() * mask for k, v in metrics.items()}
+    )
+
+
+def _regularised(
+    loss: Tensor, inputs: LossInputs, cfg: AlgorithmConfig, metrics: dict[str, Tensor]
+) -> LossOutputs:
+    """Every RL loss ends here: loss + kl_coef * KL - entropy_coef * entropy, masked, with its metrics."""
+    extra = _kl_and_entropy(inputs, cfg)
+    if "kl" in extra and cfg.kl_coef > 0:
+        loss = loss + cfg.kl_coef * extra["kl"]
+    if "entropy" in extra and cfg.entropy_coef > 0:
+        loss = loss - cfg.entropy_coef * extra["entropy"]
+    return _outputs(loss, inputs.mask, {**metrics, **extra})
+
+
+@register_loss("pg")
+def pg_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
+    """Vanilla policy gradient (REINFORCE with the given advantages), w the detached off-policy weight:
+
+      none, tis:  loss = -A * w * log pi_theta         grad = -A * w * grad log pi_theta
+      decoupled:  loss = -A * w * pi_theta / pi_old    grad = -A * w * (pi_theta / pi_old) * grad log pi_theta
+
+    `decoupled` is Hilton et al.'s decoupled objective without its clip: the full weight pi_theta / pi_behaviour
+    is split at the proximal policy, and only the proximal/behaviour factor w is truncated. The two forms have the
+    same gradient while theta = old (the first gradient on a batch); they differ once theta has moved, where
+    `decoupled` keeps correcting for the move and `tis` does not.
+    """
+    w = off_policy_weight(inputs, cfg)  # (B, T)
+    ratio = _log_ratio(inputs.logprobs, inputs.old_logprobs.detach(), inputs.mask).exp()  # (B, T)
+    surrogate = ratio if cfg.off_policy == "decoupled" else inputs.logprobs
+    loss = -inputs.advantages * w * surrogate
+    return _regularised(loss, inputs, cfg, {"ratio": ratio, "is_weight": w})
+
+
+@register_loss("ppo")
+def ppo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347), anchored at the proximal policy:
+
+      ratio = exp(log pi_theta - log pi_old)
+      loss  = w * max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
+      dual clip (c = cfg.dual_clip, for A < 0 only): loss = w * min(max(...), -c * A)
+              (Ye et al. 2020, arXiv:1912.09729: a token of negative advantage with a huge ratio is bounded)
+
+    w is the off-policy weight. For PPO, `tis` and `decoupled` are the same objective: TIS applied to PPO with a
+    recomputed old policy (Yao et al. 2025) is exactly decoupled PPO (Hilton et al. 2021) with a truncated
+    behaviour weight. They differ for `pg` only.
+    """
+    adv = inputs.advantages  # (B, T)
+    w = off_policy_weight(inputs, cfg)  # (B, T)
+    ratio = _log_ratio(inputs.logprobs, inputs.old_logprobs.detach(), inputs.mask).exp()  # (B, T)
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - cfg.clip_eps, 1 + high)
+    loss = torch.maximum(unclipped, clipped)
+    clip_active = clipped > unclipped
+    dual_active = torch.zeros_like(clip_active)
+    if cfg.dual_clip is not None:
+        bound = -cfg.dual_clip * adv  # > 0 where A < 0
+        dual_active = (adv < 0) & (loss > bound)
+        loss = torch.where(dual_active, bound, loss)
+    metrics = {"ratio": ratio, "is_weight": w, "clip_frac": clip_active, "dual_clip_frac": dual_active}
+    return _regularised(w * loss, inputs, cfg, metrics)
+
+
+@register_loss("sft")
+def sft_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
+    """Imitation: the negative log-likelihood of the completion, loss = -log pi_theta.
+
+    Advantages, the off-policy weight, the KL penalty and the entropy bonus are not used; kl and entropy are
+    still reported when given.
+    """
+    return _outputs(-inputs.logprobs, inputs.mask, _kl_and_entropy(inputs, cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    total_tokens: float,
+    total_sequences: int,
+    max_tokens: int,
+) -> Tensor:
+    """Reduce a masked per-token loss (B, T) of one micro-batch to its share of the step's scalar loss.
+
+      token_mean: sum_{b,t} l_bt / total_tokens
+      seq_mean:   sum_b (sum_t l_bt / n_b) / total_sequences          n_b = real tokens of sequence b
+      constant:   sum_{b,t} l_bt / (total_sequences * max_tokens)       (Dr. GRPO, arXiv:2503.20783)
+
+    total_tokens (the sum of the mask) and total_sequences count the whole step, every micro-batch of every rank,
+    and max_tokens is the longest allowed completion (sampling.max_tokens); then the sum of aggregate() over
+    micro-batches and ranks is the loss of the one big batch. Under data parallelism, which averages gradients
+    over ranks, multiply by the world size to get that sum. A sequence without real tokens contributes 0.
+    """
+    if mode == "token_mean":
+        return per_token.sum() / max(total_tokens, 1)
+    if mode == "seq_mean":
+        per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        return per_seq.sum() / max(total_sequences, 1)
+    if mode == "constant":
+        return per_token.sum() / max(total_sequences * max_tokens, 1)
+    raise ValueError(f"unknown loss aggregation {mode!r} (token_mean, seq_mean or constant)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from logits
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] at each position, computed in float32. (B, T, V), (B, T) -> (B, T)
+
+    logits[:, t] must be the prediction of tokens[:, t] (already shifted), and divided by the sampling
+    temperature when the behaviour logprobs are those of the tempered distribution.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy H = -sum_v p_v log p_v of the distribution at each position, in float32. (B, T, V) -> (B, T)"""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,335 @@
+"""Advantage estimators, losses and aggregation against hand-computed values, and the properties they promise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cluster.config import ADVANTAGE_NAMES, LOSS_NAMES, AlgorithmConfig
+from learner.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
+    AdvantageInputs,
+    LossInputs,
+    aggregate,
+    approx_kl,
+    compute_advantages,
+    compute_loss,
+    register_advantage,
+    register_loss,
+    token_entropy,
+    token_logprobs,
+)
+
+
+def adv(name: str, rewards: list[float], groups: list[int], dtype=torch.float32, **cfg) -> torch.Tensor:
+    inputs = AdvantageInputs(torch.tensor(rewards, dtype=dtype), torch.tensor(groups))
+    return compute_advantages(inputs, AlgorithmConfig(advantage=name, **cfg))
+
+
+def close(actual: torch.Tensor, expected: list | torch.Tensor, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=tol, rtol=tol)
+
+
+# groups 7 (3 samples), -2 (2 samples), 40 (a singleton): ids neither contiguous nor sorted
+REWARDS = [1.0, 0.0, 0.5, 2.0, 0.0, 3.0]
+GROUPS = [7, 7, 7, -2, -2, 40]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registries
+
+
+def test_every_configurable_name_is_registered():
+    assert set(ADVANTAGE_NAMES) == set(ADVANTAGE_ESTIMATORS)
+    assert set(LOSS_NAMES) == set(POLICY_LOSSES)
+
+
+def test_registries_reject_a_duplicate_name():
+    with pytest.raises(ValueError, match="already registered"):
+        register_advantage("grpo")(lambda inputs, cfg: inputs.rewards)
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("ppo")(lambda inputs, cfg: None)
+    assert ADVANTAGE_ESTIMATORS["grpo"].__name__ == "grpo_advantage"
+    assert POLICY_LOSSES["ppo"].__name__ == "ppo_loss"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantages: hand-computed values
+
+
+def test_filter_is_exactly_zero_or_one():
+    a = adv("filter", [0.2, 0.5, 0.49, 1.0], [0, 0, 1, 1], filter_threshold=0.5)
+    assert a.tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_grpo_by_hand():
+    # group 7: mean 0.5, deviations (0.5, -0.5, 0), unbiased std sqrt(0.5 / 2) = 0.5
+    # group -2: mean 1, deviations (1, -1), unbiased std sqrt(2 / 1)
+    a = adv("grpo", REWARDS, GROUPS, std_eps=1e-6)
+    s2 = math.sqrt(2)
+    close(a, [0.5 / 0.5, -0.5 / 0.5, 0.0, 1 / s2, -1 / s2, 0.0])
+
+
+def test_dr_grpo_by_hand():
+    close(adv("dr_grpo", REWARDS, GROUPS), [0.5, -0.5, 0.0, 1.0, -1.0, 0.0])
+
+
+def test_rloo_by_hand():
+    # r_i - mean of the others: 1 - 0.25, 0 - 0.75, 0.5 - 0.5; 2 - 0, 0 - 2; singleton 0
+    close(adv("rloo", REWARDS, GROUPS), [0.75, -0.75, 0.0, 2.0, -2.0, 0.0])
+
+
+def test_reinforce_pp_baseline_by_hand():
+    centered = torch.tensor([0.5, -0.5, 0.0, 1.0, -1.0, 0.0])
+    std = centered.std().item()  # unbiased, over the whole batch
+    close(adv("reinforce_pp_baseline", REWARDS, GROUPS, std_eps=1e-6), centered / (std + 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantages: properties
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_group_relative_advantages_sum_to_zero_per_group(name):
+    torch.manual_seed(0)
+    groups = torch.tensor([3, 3, 3, 3, 9, 9, 1, 1, 1, 5])
+    inputs = AdvantageInputs(torch.rand(10), groups)
+    a = compute_advantages(inputs, AlgorithmConfig(advantage=name))
+    assert a.dtype == torch.float32 and a.shape == (10,)
+    for g in groups.unique():
+        assert abs(a[groups == g].sum().item()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_equal_rewards_and_singletons_give_exactly_zero(name):
+    # 0.1 three times in float64: the float mean is not exactly 0.1, yet the advantage must be exactly 0
+    a = adv(name, [0.1, 0.1, 0.1, 0.7, 1.0, 1.0], [0, 0, 0, 1, 2, 2], dtype=torch.float64)
+    assert a.tolist() == [0.0] * 6
+
+
+def test_a_single_sample_batch_gives_zero():
+    for name in ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]:
+        assert adv(name, [0.3], [5]).tolist() == [0.0]
+
+
+def test_advantage_inputs_check_shapes():
+    with pytest.raises(ValueError, match="group_ids"):
+        AdvantageInputs(torch.zeros(3), torch.zeros(4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def loss_inputs(logprobs, old, adv_, *, behaviour=None, mask=None, ref=None, entropy=None) -> LossInputs:
+    """A (1, T) micro-batch from lists; logprobs require grad."""
+    row = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
+    lp = row(logprobs).requires_grad_()
+    return LossInputs(
+        logprobs=lp,
+        old_logprobs=row(old),
+        behaviour_logprobs=row(old if behaviour is None else behaviour),
+        advantages=row(adv_),
+        mask=torch.ones_like(lp) if mask is None else row(mask),
+        ref_logprobs=None if ref is None else row(ref),
+        entropy=None if entropy is None else row(entropy),
+    )
+
+
+def test_ppo_clip_active_on_both_sides():
+    # ratios 1.5, 0.5, 1.5, 0.5, 1.1 with clip_eps 0.2 -> clipped ratios 1.2, 0.8, 1.2, 0.8, 1.1
+    ratios = [1.5, 0.5, 1.5, 0.5, 1.1]
+    advs = [1.0, -1.0, -1.0, 1.0, 2.0]
+    inputs = loss_inputs([math.log(r) for r in ratios], [0.0] * 5, advs)
+    out = compute_loss(inputs, AlgorithmConfig(loss="ppo", clip_eps=0.2, off_policy="none"))
+    # A > 0, ratio too high: clipped (-1.2); A < 0, ratio too low: clipped (0.8); the other two take the
+    # unclipped, more pessimistic term (1.5 and -0.5); inside the band: -2 * 1.1
+    close(out.per_token, [[-1.2, 0.8, 1.5, -0.5, -2.2]])
+    assert out.metrics["clip_frac"].tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0]]
+    close(out.metrics["ratio"], [ratios])
+    # clipped tokens carry no gradient; the others -A * ratio
+    out.per_token.sum().backward()
+    close(inputs.logprobs.grad, [[0.0, 0.0, 1.5, -0.5, -2.2]])
+
+
+def test_ppo_asymmetric_clip_uses_clip_eps_high():
+    inputs = loss_inputs([math.log(1.5), math.log(0.5)], [0.0, 0.0], [1.0, -1.0])
+    out = compute_loss(
+        inputs, AlgorithmConfig(loss="ppo", clip_eps=0.2, clip_eps_high=0.28, off_policy="none")
+    )
+    close(out.per_token, [[-1.28, 0.8]])
+
+
+def test_ppo_dual_clip_bounds_negative_advantages():
+    # ratio 5 with A = -1: PPO gives 5, dual clip c = 3 caps it at 3; A > 0 is untouched
+    inputs = loss_inputs([math.log(5.0), math.log(5.0), math.log(2.0)], [0.0] * 3, [-1.0, 1.0, -1.0])
+    out = compute_loss(inputs, AlgorithmConfig(loss="ppo", dual_clip=3.0, off_policy="none"))
+    close(out.per_token, [[3.0, -1.2, 2.0]])
+    assert out.metrics["dual_clip_frac"].tolist() == [[1.0, 0.0, 0.0]]
+    out.per_token.sum().backward()
+    close(inputs.logprobs.grad, [[0.0, 0.0, 2.0]])
+
+
+def test_tis_weight_is_truncated_at_the_cap():
+    # old - behaviour = log 3 (weight 3, capped to 2) and log 0.5 (weight 0.5)
+    inputs = loss_inputs([0.0, 0.0], [0.0, 0.0], [1.0, 1.0], behaviour=[-math.log(3.0), math.log(2.0)])
+    for loss in ["pg", "ppo"]:
+        out = compute_loss(inputs, AlgorithmConfig(loss=loss, off_policy="tis", tis_cap=2.0))
+        close(out.metrics["is_weight"], [[2.0, 0.5]])
+        none = compute_loss(inputs, AlgorithmConfig(loss=loss, off_policy="none"))
+        assert none.metrics["is_weight"].tolist() == [[1.0, 1.0]]
+    # ppo at ratio 1: loss = -w * A
+    close(out.per_token, [[-2.0, -0.5]])
+
+
+def test_tis_and_decoupled_agree_for_ppo():
+    torch.manual_seed(0)
+    lp, old, beh, a = (torch.randn(3, 4) * 0.3 for _ in range(4))
+    outs = []
+    for mode in ["tis", "decoupled"]:
+        inputs = LossInputs(lp.clone().requires_grad_(), old, beh, a, torch.ones(3, 4))
+        outs.append(compute_loss(inputs, AlgorithmConfig(loss="ppo", off_policy=mode)).per_token)
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("off_policy", ["none", "tis", "decoupled"])
+def test_pg_gradient_is_minus_advantage_times_weight_over_normaliser(off_policy):
+    torch.manual_seed(0)
+    old = -torch.rand(2, 5)
+    beh = old + 0.5 * torch.randn(2, 5)
+    advs = torch.randn(2, 1).expand(2, 5)
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    cfg = AlgorithmConfig(loss="pg", off_policy=off_policy, tis_cap=1.5)
+    # at theta = old (the first gradient on a batch) every mode has gradient -A * w / n_tokens
+    inputs = LossInputs(old.clone().requires_grad_(), old, beh, advs, mask)
+    out = compute_loss(inputs, cfg)
+    aggregate(out.per_token, mask, "token_mean", total_tokens=8, total_sequences=2, max_tokens=5).backward()
+    w = out.metrics["is_weight"]
+    torch.testing.assert_close(inputs.logprobs.grad, -advs * w * mask / 8)
+    if off_policy != "none":
+        assert not torch.equal(w[mask > 0], torch.ones(8))
+
+
+def test_pg_decoupled_keeps_the_ratio_once_theta_has_moved():
+    # theta moved from old: tis weighs the gradient by w, decoupled by w * pi_theta / pi_old
+    lp, old, beh = [math.log(0.6)], [math.log(0.3)], [math.log(0.4)]
+    grads = {}
+    for mode in ["tis", "decoupled"]:
+        inputs = loss_inputs(lp, old, [1.0], behaviour=beh)
+        compute_loss(inputs, AlgorithmConfig(loss="pg", off_policy=mode)).per_token.sum().backward()
+        grads[mode] = inputs.logprobs.grad
+    close(grads["tis"], [[-0.75]])  # w = 0.3 / 0.4
+    close(grads["decoupled"], [[-0.75 * 2.0]])  # ratio 0.6 / 0.3
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    mask = torch.ones(1, 2)
+    # d = ref - lp = (-0.5, 1): k1 = -d, k3 = exp(d) - d - 1
+    close(approx_kl(lp, ref, "k1", mask), [[0.5, -1.0]])
+    close(approx_kl(lp, ref, "k3", mask), [[math.exp(-0.5) - 0.5, math.e - 2]])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_penalty_and_entropy_bonus_are_added_to_rl_losses(estimator):
+    inputs = loss_inputs([-1.0], [-1.0], [2.0], ref=[-1.5], entropy=[0.7])
+    kl = 0.5 if estimator == "k1" else math.exp(-0.5) - 0.5
+    cfg = dict(off_policy="none", kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.01)
+    base = {"pg": -2.0 * -1.0, "ppo": -2.0 * 1.0}  # -A * log pi and -A * ratio
+    for loss, value in base.items():
+        out = compute_loss(inputs, AlgorithmConfig(loss=loss, **cfg))
+        close(out.per_token, [[value + 0.1 * kl - 0.01 * 0.7]])
+        close(out.metrics["kl"], [[kl]])
+        close(out.metrics["entropy"], [[0.7]])
+    # without coefficients the metrics stay and the penalties go
+    out = compute_loss(inputs, AlgorithmConfig(loss="pg", off_policy="none", kl_estimator=estimator))
+    close(out.per_token, [[2.0]])
+    close(out.metrics["kl"], [[kl]])
+
+
+def test_sft_is_the_masked_nll_and_ignores_advantages_and_penalties():
+    inputs = loss_inputs([-1.0, -2.0, -3.0], [0.0] * 3, [5.0, -5.0, 0.0], mask=[1, 1, 0], ref=[0.0] * 3)
+    out = compute_loss(inputs, AlgorithmConfig(loss="sft", kl_coef=1.0))
+    assert out.per_token.tolist() == [[1.0, 2.0, 0.0]]
+    assert set(out.metrics) == {"kl"}
+
+
+@pytest.mark.parametrize("loss", ["pg", "ppo", "sft"])
+def test_padding_is_zero_in_loss_and_metrics_even_with_wild_padding_values(loss):
+    # padding positions hold values whose exp() overflows: the loss and metrics stay finite and zero there
+    inputs = loss_inputs(
+        [-1.0, 0.0], [-1.0, -500.0], [1.0, 1.0], behaviour=[-1.0, -900.0], mask=[1, 0], ref=[-1.0, 300.0]
+    )
+    out = compute_loss(inputs, AlgorithmConfig(loss=loss, kl_coef=0.1))
+    assert out.per_token[0, 1].item() == 0.0
+    assert all(m[0, 1].item() == 0.0 and torch.isfinite(m).all() for m in out.metrics.values())
+    out.per_token.sum().backward()
+    assert torch.isfinite(inputs.logprobs.grad).all() and inputs.logprobs.grad[0, 1] == 0
+
+
+def test_loss_inputs_check_shapes():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages"):
+        LossInputs(x, x, x, torch.zeros(2), torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def test_aggregation_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    counts = dict(total_tokens=4, total_sequences=2, max_tokens=5)
+    close(aggregate(per_token, mask, "token_mean", **counts), 10 / 4)
+    close(aggregate(per_token, mask, "seq_mean", **counts), (6 / 3 + 4 / 1) / 2)
+    close(aggregate(per_token, mask, "constant", **counts), 10 / (2 * 5))
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(per_token, mask, "sum", **counts)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "constant"])
+def test_micro_batches_sum_to_the_one_batch_loss(mode):
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 1, 6, 0, 4])  # unequal, one empty
+    mask = (torch.arange(6) < lengths[:, None]).float()  # (5, 6)
+    per_token = torch.randn(5, 6) * mask
+    counts = dict(total_tokens=mask.sum().item(), total_sequences=5, max_tokens=8)
+    whole = aggregate(per_token, mask, mode, **counts)
+    parts = sum(aggregate(per_token[s], mask[s], mode, **counts) for s in (slice(0, 2), slice(2, 5)))
+    torch.testing.assert_close(parts, whole)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "constant"])
+@pytest.mark.parametrize("loss", ["pg", "ppo", "sft"])
+def test_an_empty_mask_gives_zero_loss_and_finite_gradient(loss, mode):
+    x = torch.randn(2, 3)
+    inputs = LossInputs(
+        x.clone().requires_grad_(), x, x, torch.ones(2, 3), torch.zeros(2, 3), entropy=x.abs()
+    )
+    out = compute_loss(inputs, AlgorithmConfig(loss=loss, entropy_coef=0.1))
+    total = aggregate(out.per_token, inputs.mask, mode, total_tokens=0, total_sequences=2, max_tokens=3)
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(inputs.logprobs.grad, torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from logits
+
+
+def test_token_logprobs_and_entropy_match_the_definitions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 7, (2, 3))
+    lp = token_logprobs(logits, tokens)
+    probs = torch.softmax(logits.double(), -1)
+    expected = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+    assert lp.dtype == torch.float32 and lp.shape == (2, 3)
+    close(lp, expected.float())
+    close(token_entropy(logits), (-(probs * probs.log()).sum(-1)).float())
+    # a uniform distribution has entropy log V
+    close(token_entropy(torch.zeros(1, 1, 7)), [[math.log(7)]])
