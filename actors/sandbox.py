@@ -120,14 +120,14 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
             os.close(status_w)
             status_w = -1
             timed_out = False
+            status_bytes = bytearray()
             try:
                 proc.wait(timeout=limits.wall_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc.pid)
-                proc.wait()
+                _stop(proc, _parse_status(_drain(status_r, status_bytes)))
             duration = time.monotonic() - start
-            status = _read_status(status_r)
+            status = _parse_status(_drain(status_r, status_bytes))
             stdout, stderr = _tail(out), _tail(err)
     finally:
         if status_w >= 0:
@@ -141,17 +141,32 @@ def _python_prefix() -> str:
     return os.path.realpath(sys.base_prefix)
 
 
-def _kill_group(pgid: int) -> None:
+def _stop(proc: subprocess.Popen, status: dict) -> None:
+    """Kill a run that timed out, and return only once nothing of it is left.
+
+    Killing the namespace's init makes the kernel kill every process in the namespace, and the launcher
+    reaps the init only after they are all gone; the group kill then covers the launcher and the
+    "rlimits" mode (where a child that called setsid() can escape it).
+    """
+    init_pid = status.get("init_pid")
+    if (
+        isinstance(init_pid, int) and init_pid > 1
+    ):  # never 0 or -1: those would signal our own group / everyone
+        try:
+            os.kill(init_pid, signal.SIGKILL)  # still the launcher's unreaped child: no pid reuse
+            proc.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait()
 
 
-def _read_status(fd: int) -> dict:
-    """Merge the JSON lines the launcher's processes wrote (exit status, isolation, set-up errors)."""
+def _drain(fd: int, buffer: bytearray) -> bytearray:
+    """Append what the launcher's processes have written to the status pipe so far."""
     os.set_blocking(fd, False)
-    chunks = []
     while True:
         try:
             chunk = os.read(fd, 65536)
@@ -159,9 +174,14 @@ def _read_status(fd: int) -> dict:
             break
         if not chunk:
             break
-        chunks.append(chunk)
+        buffer += chunk
+    return buffer
+
+
+def _parse_status(data: bytes) -> dict:
+    """Merge the JSON lines of the status pipe (init pid, isolation, exit status, set-up errors)."""
     status: dict = {}
-    for line in b"".join(chunks).decode(errors="replace").splitlines():
+    for line in data.decode(errors="replace").splitlines():
         try:
             status.update(json.loads(line))
         except ValueError:
@@ -330,7 +350,9 @@ def _exec_target(libc, cfg: dict, uid: int | None, workdir: str, isolation: str)
             os.setgid(uid)
             os.setuid(uid)
         _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")  # setuid binaries stay powerless
-        _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # after setuid, which clears it
+        _check(
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig"
+        )  # after setuid, which clears it
         os.chdir(workdir)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
@@ -420,7 +442,9 @@ def _launch(cfg: dict) -> None:
     as_root = os.geteuid() == 0
     if cfg["namespaces"] and _enter_namespaces(libc):
         pid = os.fork()  # the first child is PID 1 of the new PID namespace
-        if pid == 0:
+        if pid > 0:
+            _status(cfg["status_fd"], init_pid=pid)
+        else:
             try:
                 libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 _init(libc, cfg, program, as_root)

@@ -66,7 +66,12 @@ def human_eval_prompts(limit: int | None = None) -> list[Prompt]:
         Prompt(
             id=p["task_id"],
             text=p["prompt"],
-            fields={"prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"], "task_id": p["task_id"]},
+            fields={
+                "prompt": p["prompt"],
+                "test": p["test"],
+                "entry_point": p["entry_point"],
+                "task_id": p["task_id"],
+            },
         )
         for p in problems
     ]

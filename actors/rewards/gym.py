@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import cache
+from typing import Any
 
-import reasoning_gym
+from reasoning_gym import get_score_answer_fn
 from reasoning_gym.utils import extract_answer
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
     # Building a dataset object per call would be wasteful; its score_answer only reads the entry.
-    return reasoning_gym.get_score_answer_fn(task)
+    return get_score_answer_fn(task)
 
 
 def reasoning_gym_entry_fields(task: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -21,7 +22,14 @@ def reasoning_gym_entry_fields(task: str, entry: dict[str, Any]) -> dict[str, An
 
 
 def reasoning_gym(
-    prompt: str, completion: str, /, *, entry: dict[str, Any], task: str | None = None, tag: str | None = "answer", **_: Any
+    prompt: str,
+    completion: str,
+    /,
+    *,
+    entry: dict[str, Any],
+    task: str | None = None,
+    tag: str | None = "answer",
+    **_: Any,
 ) -> float:
     """The task's score (0.0-1.0; some tasks give partial credit) for the answer in the completion.
 
@@ -30,7 +38,9 @@ def reasoning_gym(
     """
     task = task or entry.get("metadata", {}).get("source_dataset")
     if not task:
-        raise ValueError("reasoning_gym: no task name (fields['task'] or entry['metadata']['source_dataset'])")
+        raise ValueError(
+            "reasoning_gym: no task name (fields['task'] or entry['metadata']['source_dataset'])"
+        )
     answer = extract_answer(completion, tag_name=tag) if tag else None
     if answer is None:
         answer = completion.strip()

@@ -7,7 +7,14 @@ from typing import Any
 
 
 def exact_match(
-    prompt: str, completion: str, /, *, answer: Any, extract: str | None = None, ignore_case: bool = False, **_: Any
+    prompt: str,
+    completion: str,
+    /,
+    *,
+    answer: Any,
+    extract: str | None = None,
+    ignore_case: bool = False,
+    **_: Any,
 ) -> float:
     """1.0 if the completion (stripped) equals `answer` (stripped), else 0.0.
 
@@ -26,7 +33,9 @@ def exact_match(
     return 1.0 if got == want else 0.0
 
 
-def regex_match(prompt: str, completion: str, /, *, pattern: str | None = None, full: bool = False, **fields: Any) -> float:
+def regex_match(
+    prompt: str, completion: str, /, *, pattern: str | None = None, full: bool = False, **fields: Any
+) -> float:
     """1.0 if `pattern` (a kwarg, else `fields["pattern"]`) is found in the completion; `full` anchors it to all
     of the stripped completion."""
     pattern = pattern or fields.get("pattern")

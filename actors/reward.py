@@ -1,0 +1,510 @@
+"""Reward scoring: the functions of a job's `reward:` config applied to trajectories, and the pool of Ray
+actors (`reward-<i>`) that does it at scale.
+
+A reward function is a plain callable `(prompt, completion, **fields) -> float | dict[str, float]`, sync or
+async. `fields` are the trajectory's fields plus `finish_reason` and `completion_tokens`, then the config's
+`kwargs`. A dict return is several named parts; the sample's reward is the weighted sum over functions.
+
+Fault isolation is per sample: a function that raises, hangs past `timeout_s`, or returns NaN, inf or a
+non-number gives that sample `error_reward` and a `reward_error`; the batch goes on. A function that kills its
+process (os._exit, a segfault) takes the actor down: the pool replaces it and retries (see `RewardPool`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import os
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.records import Trajectory
+from cluster.config import RewardConfig
+
+MAX_HUNG_THREADS = 8
+"""Abandoned (still running) function calls a worker tolerates before the pool restarts it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_function(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
+    """Resolve `module:function` or `path/to/file.py:function`.
+
+    A relative file path is looked up in the working directory, then in `base_dir` (the driver's working
+    directory, for actors started elsewhere).
+    """
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(
+            f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'"
+        )
+    if target.endswith(".py"):
+        module = _load_file(target, base_dir)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {target} has no callable {name!r}")
+    return fn
+
+
+def _load_file(target: str, base_dir: str | None) -> Any:
+    candidates = [Path(target)] if os.path.isabs(target) else [Path.cwd() / target]
+    if base_dir and not os.path.isabs(target):
+        candidates.append(Path(base_dir) / target)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"reward function file {target!r} not found (looked in {[str(c) for c in candidates]})"
+        )
+    # One module per file path, under a name that cannot clash with an installed package.
+    module_name = "aha_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    name: str
+    fn: Callable[..., Any]
+    weight: float
+    kwargs: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calling one function with a time limit
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _call(
+    fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float, abandoned: list
+) -> Any:
+    """`fn(*args, **kwargs)` on its own daemon thread, awaited if it returns an awaitable; raises `_Timeout`.
+
+    A running thread cannot be interrupted, so a hung sync call is abandoned (and remembered in `abandoned`);
+    an async one runs under `asyncio.wait_for` on the thread's own loop and is cancelled.
+    """
+    box: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            out = fn(*args, **kwargs)
+            if inspect.isawaitable(out):
+                out = asyncio.run(asyncio.wait_for(_awaited(out), timeout))
+            box["value"] = out
+        except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
+            box["error"] = e
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=run, name=f"reward-call-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    thread.start()
+    if not finished.wait(timeout):
+        abandoned.append(thread)
+        raise _Timeout
+    if "error" in box:
+        if isinstance(box["error"], asyncio.TimeoutError):
+            raise _Timeout
+        raise box["error"]
+    return box["value"]
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class _BadValue(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+def _as_number(value: Any) -> float:
+    """The value as a finite float, else `_BadValue`."""
+    if not isinstance(value, numbers.Real):
+        raise _BadValue("not_a_number", f"returned {type(value).__name__}, not a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise _BadValue("not_finite", f"returned {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scorer
+
+
+@dataclass
+class ScoredBatch:
+    """One batch back from a scorer. `errors` counts failed calls by `<function>/<kind>` (this batch only)."""
+
+    batch_id: int
+    trajectories: list[Trajectory]
+    errors: dict[str, int] = field(default_factory=dict)
+    hung_threads: int = 0  # abandoned calls of this scorer still running
+    duration_s: float = 0.0
+
+
+class RewardScorer:
+    """Applies the configured reward functions to trajectories. A plain class: the pool wraps it in Ray.
+
+    Samples are scored one after another; `cfg.timeout_s` bounds one sample, all its functions together.
+    """
+
+    def __init__(self, cfg: RewardConfig, base_dir: str | None = None):
+        if not cfg.functions:
+            raise ValueError("reward.functions is empty: configure at least one reward function")
+        self.cfg = cfg
+        self.functions = [
+            RewardFunction(f.display_name, load_function(f.function, base_dir), f.weight, dict(f.kwargs))
+            for f in cfg.functions
+        ]
+        names = [f.name for f in self.functions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward function names must be unique (set `name:`), got {names}")
+        self.errors: Counter[str] = Counter()
+        self.samples = 0
+        self._abandoned: list[threading.Thread] = []
+
+    def ping(self) -> str:
+        return "ok"
+
+    @property
+    def hung_threads(self) -> int:
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        return len(self._abandoned)
+
+    def score(self, trajectories: list[Trajectory]) -> list[Trajectory]:
+        """Fill `reward`, `reward_parts` and `reward_error` of each trajectory (in place) and return them."""
+        for traj in trajectories:
+            self._score_one(traj)
+        return trajectories
+
+    def score_batch(self, batch_id: int, trajectories: list[Trajectory]) -> ScoredBatch:
+        start = time.monotonic()
+        before = Counter(self.errors)
+        self.score(trajectories)
+        errors = dict(self.errors - before)
+        return ScoredBatch(batch_id, trajectories, errors, self.hung_threads, time.monotonic() - start)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"samples": self.samples, "errors": dict(self.errors), "hung_threads": self.hung_threads}
+
+    def _score_one(self, traj: Trajectory) -> None:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        base = {
+            **traj.fields,
+            "finish_reason": traj.finish_reason,
+            "completion_tokens": len(traj.completion_ids),
+        }
+        total, parts, failures = 0.0, {}, []
+        for f in self.functions:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise _Timeout
+                out = _call(
+                    f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining, self._abandoned
+                )
+                values = (
+                    {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
+                    if isinstance(out, dict)
+                    else {f.name: _as_number(out)}
+                )
+            except _Timeout:
+                self.errors[f"{f.name}/timeout"] += 1
+                failures.append(f"{f.name}: timeout after {self.cfg.timeout_s:g} s")
+                break  # the sample's time is spent: the later functions are not run
+            except _BadValue as e:
+                self.errors[f"{f.name}/{e.kind}"] += 1
+                failures.append(f"{f.name}: {e}")
+                continue
+            except BaseException as e:  # noqa: BLE001
+                self.errors[f"{f.name}/exception"] += 1
+                failures.append(f"{f.name}: {_describe(e)}")
+                continue
+            parts.update(values)
+            total += f.weight * sum(values.values())
+        self.samples += 1
+        traj.reward_parts = parts
+        traj.reward = self.cfg.error_reward if failures else total
+        traj.reward_error = "; ".join(failures) if failures else None
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pool of Ray actors
+
+
+@dataclass
+class _Batch:
+    id: int
+    trajectories: list[Trajectory]
+    retried: bool = False  # crashed a worker once already
+    solo: bool = False  # split out of a batch that crashed twice
+
+
+@dataclass
+class _Worker:
+    index: int
+    actor: Any
+    batch: _Batch | None = None
+    ref: Any = None
+    deadline: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"reward-{self.index}"
+
+
+class RewardPool:
+    """`cfg.num_workers` named actors `reward-<i>` running `RewardScorer`, one batch in flight each.
+
+    Nothing is lost: every submitted trajectory comes back exactly once, scored or with `reward_error`.
+    A worker that dies (os._exit, segfault) or overruns its batch deadline is killed and replaced under the
+    same name; its batch is retried once, then each of its samples alone, and a sample that still kills a
+    worker gets `error_reward` with reason "worker crashed". A worker with too many hung calls is replaced
+    after its batch.
+    """
+
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        namespace: str,
+        batch_size: int = 32,
+        startup_timeout_s: float = 120.0,
+    ):
+        import ray
+
+        from cluster.runtime import actor_runtime_env
+
+        self._ray = ray
+        self.cfg = cfg
+        self.namespace = namespace
+        self.batch_size = batch_size
+        self.startup_timeout_s = startup_timeout_s
+        self._actor_cls = ray.remote(RewardScorer)
+        self._runtime_env = actor_runtime_env(1)
+        self._base_dir = os.getcwd()
+        self._queue: deque[_Batch] = deque()
+        self._done: deque[list[Trajectory]] = deque()
+        self._next_id = 0
+        self._outstanding = 0  # submitted trajectories not yet handed back
+        self._metrics: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._workers = [_Worker(i, self._start_actor(i)) for i in range(cfg.num_workers)]
+        self._wait_ready(self._workers)
+
+    # -- public verbs -------------------------------------------------------------------------------------------
+
+    def submit(self, trajectories: list[Trajectory]) -> int:
+        """Queue trajectories for scoring, split into batches over the workers; returns the batch count."""
+        if not trajectories:
+            return 0
+        size = max(1, min(self.batch_size, math.ceil(len(trajectories) / len(self._workers))))
+        batches = [trajectories[i : i + size] for i in range(0, len(trajectories), size)]
+        for chunk in batches:
+            self._queue.append(_Batch(self._next_id, list(chunk)))
+            self._next_id += 1
+        self._outstanding += len(trajectories)
+        self._dispatch()
+        return len(batches)
+
+    def pending(self) -> int:
+        """Submitted trajectories not yet returned by `get_next_unordered`/`results`."""
+        return self._outstanding
+
+    def get_next_unordered(self, timeout: float | None = None) -> list[Trajectory]:
+        """The next finished batch (any order). Raises TimeoutError after `timeout` s, or StopIteration when
+        nothing is pending."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done:
+            if self._outstanding == 0:
+                raise StopIteration("no trajectories pending")
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(
+                    f"no reward batch finished within {timeout} s ({self._outstanding} pending)"
+                )
+            self._poll(wait)
+        batch = self._done.popleft()
+        self._outstanding -= len(batch)
+        return batch
+
+    def results(self, timeout: float | None = None) -> Iterator[list[Trajectory]]:
+        """Scored batches as they finish, until everything submitted is back; `timeout` is per batch."""
+        while self._outstanding:
+            yield self.get_next_unordered(timeout)
+
+    def score(self, trajectories: list[Trajectory], timeout: float | None = None) -> list[Trajectory]:
+        """Score and return trajectories in input order (the objects that come back, not the ones passed in)."""
+        if self._outstanding:
+            raise RuntimeError("score() needs an idle pool: collect earlier submissions with results() first")
+        index = {t.key: i for i, t in enumerate(trajectories)}
+        if len(index) != len(trajectories):
+            raise ValueError("score() needs unique (prompt_id, sample_index) keys to restore the input order")
+        out: list[Trajectory | None] = [None] * len(trajectories)
+        self.submit(trajectories)
+        for batch in self.results(timeout):
+            for t in batch:
+                out[index[t.key]] = t
+        assert all(t is not None for t in out)
+        return out  # type: ignore[return-value]
+
+    def metrics(self) -> dict[str, Any]:
+        """Samples scored, failed calls by `<function>/<kind>`, worker crashes, restarts and retries."""
+        return {
+            **dict(self._metrics),
+            "errors": dict(self._errors),
+            "pending": self._outstanding,
+        }
+
+    def shutdown(self) -> None:
+        for w in self._workers:
+            self._kill(w.actor)
+        self._workers = []
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _start_actor(self, index: int) -> Any:
+        """Create `reward-<index>`; a just-killed actor may hold the name a moment longer, so retry."""
+        name = f"reward-{index}"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            try:
+                return self._actor_cls.options(
+                    name=name,
+                    namespace=self.namespace,
+                    num_cpus=self.cfg.cpus_per_worker,
+                    runtime_env=self._runtime_env,
+                    max_restarts=0,
+                ).remote(self.cfg, self._base_dir)
+            except ValueError as e:
+                if "already taken" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _wait_ready(self, workers: list[_Worker]) -> None:
+        refs = {w.actor.ping.remote(): w for w in workers}
+        ready, not_ready = self._ray.wait(list(refs), num_returns=len(refs), timeout=self.startup_timeout_s)
+        if not_ready:
+            names = [refs[r].name for r in not_ready]
+            raise TimeoutError(f"reward actors {names} not ready after {self.startup_timeout_s} s")
+        for ref in ready:
+            try:
+                self._ray.get(ref, timeout=10)
+            except Exception as e:
+                raise RuntimeError(f"{refs[ref].name} failed to start: {e}") from e
+
+    def _batch_timeout(self, batch: _Batch) -> float:
+        # The scorer bounds each sample itself; this is the backstop for a worker that stops answering.
+        return len(batch.trajectories) * self.cfg.timeout_s + 30.0
+
+    def _dispatch(self) -> None:
+        for w in self._workers:
+            if w.batch is None and self._queue:
+                batch = self._queue.popleft()
+                w.batch = batch
+                w.ref = w.actor.score_batch.remote(batch.id, batch.trajectories)
+                w.deadline = time.monotonic() + self._batch_timeout(batch)
+
+    def _poll(self, wait: float) -> None:
+        """Wait up to `wait` s for a busy worker, collect what finished, handle crashes and overruns."""
+        self._dispatch()
+        busy = {w.ref: w for w in self._workers if w.batch is not None}
+        if not busy:
+            return
+        ready, _ = self._ray.wait(list(busy), num_returns=1, timeout=max(0.0, wait))
+        for ref in ready:
+            w = busy[ref]
+            try:
+                result: ScoredBatch = self._ray.get(ref, timeout=30)
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
+                self._on_crash(w, "worker crashed")
+                continue
+            except (
+                self._ray.exceptions.RayTaskError
+            ) as e:  # score_batch itself raised: treat the batch like a crash
+                self._on_crash(w, f"worker error: {_describe(e.cause if e.cause else e)}")
+                continue
+            self._finish(w, result)
+        now = time.monotonic()
+        for w in self._workers:
+            if w.batch is not None and w.ref not in ready and now > w.deadline:
+                self._on_crash(w, "worker timed out")
+        self._dispatch()
+
+    def _finish(self, w: _Worker, result: ScoredBatch) -> None:
+        w.batch, w.ref = None, None
+        self._metrics["samples"] += len(result.trajectories)
+        self._metrics["samples_failed"] += sum(t.reward_error is not None for t in result.trajectories)
+        self._errors.update(result.errors)
+        self._done.append(result.trajectories)
+        if result.hung_threads > MAX_HUNG_THREADS:
+            self._metrics["restarts_hung"] += 1
+            self._replace(w)
+
+    def _on_crash(self, w: _Worker, reason: str) -> None:
+        batch = w.batch
+        assert batch is not None
+        w.batch, w.ref = None, None
+        self._metrics["worker_crashes"] += 1
+        self._replace(w)
+        if not batch.retried:
+            batch.retried = True
+            self._queue.appendleft(batch)
+            self._metrics["batches_retried"] += 1
+        elif not batch.solo and len(batch.trajectories) > 1:
+            for t in reversed(batch.trajectories):  # each sample alone, to find the one that kills workers
+                self._queue.appendleft(_Batch(self._next_id, [t], retried=True, solo=True))
+                self._next_id += 1
+            self._metrics["batches_split"] += 1
+        else:
+            for t in batch.trajectories:
+                t.reward, t.reward_parts, t.reward_error = self.cfg.error_reward, {}, reason
+            self._metrics["samples"] += len(batch.trajectories)
+            self._metrics["samples_failed"] += len(batch.trajectories)
+            self._errors[f"worker/{reason.split(':')[0].replace(' ', '_')}"] += len(batch.trajectories)
+            self._done.append(batch.trajectories)
+
+    def _replace(self, w: _Worker) -> None:
+        self._kill(w.actor)
+        w.actor = self._start_actor(w.index)
+        self._metrics["worker_restarts"] += 1
+        self._wait_ready([w])
+
+    def _kill(self, actor: Any) -> None:
+        try:
+            self._ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass

@@ -1,0 +1,106 @@
+"""From scored trajectories to padded tensors: the train batch, its sharding over ranks, and its collation.
+
+A `Sample` is one sequence (prompt + completion) with the behaviour logprob of each completion token and its
+advantage. `shard` deals samples to ranks and micro-batches so that every rank runs the same number of
+micro-batches (ZeRO's collectives need that); `collate` pads one micro-batch into a `MicroBatch` whose (B, T)
+tensors are aligned to next-token targets: position t predicts token t+1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actors.records import Trajectory
+
+
+@dataclass
+class Sample:
+    """Invariant: len(behaviour_logprobs) == len(tokens) - prompt_len (one per completion token)."""
+
+    tokens: list[int]  # prompt + completion
+    prompt_len: int
+    behaviour_logprobs: list[float]
+    advantage: float
+
+    def __post_init__(self) -> None:
+        if len(self.behaviour_logprobs) != len(self.tokens) - self.prompt_len:
+            raise ValueError(
+                f"sample has {len(self.tokens) - self.prompt_len} completion tokens but "
+                f"{len(self.behaviour_logprobs)} behaviour logprobs"
+            )
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class StepTotals:
+    """Counts over the whole step (every micro-batch of every rank): the loss normalisers."""
+
+    total_tokens: int
+    total_sequences: int
+    max_tokens: int
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, L) long, right-padded
+    attention_mask: torch.Tensor  # (B, L) long
+    targets: torch.Tensor  # (B, T) long, T = L - 1: the token each position predicts
+    loss_mask: torch.Tensor  # (B, T) float, 1 where the target is a completion token
+    behaviour_logprobs: torch.Tensor  # (B, T) float, 0 outside the completion
+    advantages: torch.Tensor  # (B, T) float, the sample's advantage on its completion tokens
+
+
+def samples_from_trajectories(trajectories: list[Trajectory], advantages: list[float]) -> list[Sample]:
+    return [
+        Sample(t.prompt_ids + t.completion_ids, len(t.prompt_ids), list(t.logprobs), float(a))
+        for t, a in zip(trajectories, advantages, strict=True)
+    ]
+
+
+def demonstration_samples(pairs: list[tuple[list[int], list[int]]]) -> list[Sample]:
+    """Imitation data: (prompt ids, completion ids incl. EOS). No behaviour policy, advantage unused."""
+    return [Sample(p + c, len(p), [0.0] * len(c), 1.0) for p, c in pairs]
+
+
+def step_totals(samples: list[Sample], max_tokens: int) -> StepTotals:
+    return StepTotals(sum(s.completion_len for s in samples), len(samples), max_tokens)
+
+
+def shard(samples: list[Sample], world_size: int, micro_batch_size: int) -> list[list[list[Sample]]]:
+    """rank -> micro-batches -> samples. Round-robin over ranks (after sorting by length, so micro-batches pad
+    little); every rank gets the same number of micro-batches, the short ones possibly empty."""
+    ordered = sorted(samples, key=lambda s: len(s.tokens))
+    per_rank = [ordered[r::world_size] for r in range(world_size)]
+    num_micro = max(1, max(-(-len(s) // micro_batch_size) for s in per_rank))
+    return [[ranks[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(num_micro)] for ranks in per_rank]
+
+
+def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
+    """Pad one micro-batch. An empty list gives a single all-padding row (loss 0) so every rank still runs
+    its forward and backward and joins the collectives."""
+    rows = samples or [Sample([pad_id, pad_id], 2, [], 0.0)]
+    length = max(len(s.tokens) for s in rows)
+    b = len(rows)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, length), dtype=torch.long)
+    loss_mask = torch.zeros((b, length - 1))
+    behaviour = torch.zeros((b, length - 1))
+    advantages = torch.zeros((b, length - 1))
+    for i, s in enumerate(rows):
+        n = len(s.tokens)
+        input_ids[i, :n] = torch.tensor(s.tokens)
+        attention_mask[i, :n] = 1
+        # completion token k sits at position prompt_len + k and is predicted at position prompt_len + k - 1
+        start, end = s.prompt_len - 1, n - 1
+        loss_mask[i, start:end] = 1.0
+        behaviour[i, start:end] = torch.tensor(s.behaviour_logprobs)
+        advantages[i, start:end] = s.advantage
+    if not samples:
+        attention_mask[0, 0] = 1
+        loss_mask.zero_()
+    return MicroBatch(input_ids, attention_mask, input_ids[:, 1:].clone(), loss_mask, behaviour, advantages)

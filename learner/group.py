@@ -1,0 +1,204 @@
+"""The learner group: K DeepSpeed ranks as named Ray actors (`learner-<rank>`) in one placement group.
+
+Every call goes to all ranks at once and is awaited with a timeout; a rank that dies or does not answer fails
+the call with an error that names it and the step, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from actors.weights import WeightBucket
+from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig
+from learner.batch import Sample, shard, step_totals
+from learner.worker import LearnerWorker
+
+TOKEN_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy", "logprob", "engine_logprob_diff")
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed or timed out; the message names the rank and the call."""
+
+
+class LearnerGroup:
+    def __init__(
+        self,
+        model: ModelConfig,
+        cfg: LearnerConfig,
+        algo: AlgorithmConfig,
+        *,
+        max_tokens: int,
+        namespace: str | None = None,
+        cluster: ClusterConfig | None = None,
+    ):
+        self.model, self.cfg, self.algo, self.max_tokens = model, cfg, algo, max_tokens
+        self.namespace = namespace
+        self.strategy = cluster.placement_strategy if cluster else "PACK"
+        self.workers: list[Any] = []
+        self.placement_group = None
+        self.steps = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg.num_ranks
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.runtime import actor_runtime_env
+
+        bundle = {"CPU": self.cfg.cpus_per_rank}
+        if self.cfg.gpus_per_rank:
+            bundle["GPU"] = self.cfg.gpus_per_rank
+        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=self.strategy)
+        if not self.placement_group.wait(timeout_seconds=self.cfg.startup_timeout_s):
+            raise LearnerError(
+                f"placement group of {self.world_size} x {bundle} not scheduled within "
+                f"{self.cfg.startup_timeout_s:.0f} s: the cluster lacks the resources (see learner.* in the config)"
+            )
+        actor_cls = ray.remote(LearnerWorker)
+        for rank in range(self.world_size):
+            self.workers.append(
+                actor_cls.options(
+                    name=f"learner-{rank}",
+                    namespace=self.namespace,
+                    num_cpus=self.cfg.cpus_per_rank,
+                    num_gpus=self.cfg.gpus_per_rank,
+                    runtime_env=actor_runtime_env(self.cfg.threads_per_rank),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
+                    max_restarts=0,
+                ).remote(rank, self.world_size, self.model, self.cfg, self.algo, self.max_tokens)
+            )
+        master_addr, master_port = self._call("address", timeout_s=self.cfg.startup_timeout_s, ranks=[0])[0]
+        self._call("setup", master_addr, master_port, timeout_s=self.cfg.startup_timeout_s)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if self.workers:
+            refs = [w.shutdown.remote() for w in self.workers]
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+            for w in self.workers:
+                ray.kill(w, no_restart=True)
+        self.workers = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    # -- calls on every rank, with timeouts ---------------------------------------------------------------------
+    def _call(self, method: str, *args, timeout_s: float, ranks: list[int] | None = None, per_rank: list | None = None) -> list[Any]:
+        ranks = list(range(self.world_size)) if ranks is None else ranks
+        refs = {}
+        for r in ranks:
+            call_args = (per_rank[r], *args) if per_rank is not None else args
+            refs[getattr(self.workers[r], method).remote(*call_args)] = r
+        return self._await(refs, method, timeout_s)
+
+    def _await(self, refs: dict[Any, int], what: str, timeout_s: float) -> list[Any]:
+        import ray
+
+        what = f"{what} (step {self.steps})"
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        results: dict[int, Any] = {}
+        for ref in ready:
+            try:
+                results[refs[ref]] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise LearnerError(f"learner-{refs[ref]} died during {what}: {e}") from e
+            except ray.exceptions.RayTaskError as e:
+                raise LearnerError(f"learner-{refs[ref]} failed during {what}: {e}") from e
+        if pending:
+            names = ", ".join(f"learner-{refs[r]}" for r in pending)
+            raise LearnerError(f"{names} did not finish {what} within {timeout_s:.0f} s")
+        return [results[r] for r in sorted(results)]
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def train_step(self, samples: list[Sample], loss: str | None = None, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step on `samples` across all ranks; returns batch-level metrics."""
+        if not samples:
+            raise ValueError("train_step needs at least one sample")
+        totals = step_totals(samples, self.max_tokens)
+        shards = shard(samples, self.world_size, self.cfg.micro_batch_size)
+        if lr is not None:
+            self._call("set_lr", lr, timeout_s=60)
+        started = time.perf_counter()
+        sums = self._call("train_step", totals, loss, timeout_s=self.cfg.step_timeout_s, per_rank=shards)
+        elapsed = time.perf_counter() - started
+        self.steps += 1
+        return reduce_metrics(sums, elapsed)
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        return self._call("sequence_logprobs", token_ids, timeout_s=self.cfg.step_timeout_s)[0]
+
+    def weight_buckets(self, version: int, bucket_bytes: int, timeout_s: float) -> Iterator[Any]:
+        """Object refs of rank 0's packed buckets, yielded as soon as each is ready, so the caller can send
+        bucket k while rank 0 gathers and packs bucket k+1."""
+        gens = [w.weight_buckets.options(num_returns="streaming").remote(version, bucket_bytes) for w in self.workers]
+        deadline = time.monotonic() + timeout_s
+        for ref in _stream(gens[0], deadline, "learner-0", f"weight_buckets v{version}"):
+            yield ref
+        for rank, gen in enumerate(gens[1:], 1):  # other ranks only joined the gathers
+            for _ in _stream(gen, deadline, f"learner-{rank}", f"weight_buckets v{version}"):
+                pass
+
+    def full_state_dict(self) -> dict[str, Any]:
+        return self._call("state_dict_cpu", timeout_s=self.cfg.step_timeout_s)[0]
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        self._call("save_checkpoint", directory, tag, client_state, timeout_s=self.cfg.step_timeout_s)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
+        states = self._call("load_checkpoint", directory, tag, timeout_s=self.cfg.step_timeout_s)
+        self.steps = int(states[0].get("learner_step", 0))
+        return states[0]
+
+    def export_hf(self, directory: str) -> str:
+        return self._call("export_hf", directory, timeout_s=self.cfg.step_timeout_s)[0]
+
+
+def _stream(gen, deadline: float, name: str, what: str) -> Iterator[Any]:
+    import ray
+
+    while True:
+        remaining = deadline - time.monotonic()
+        ready, _ = ray.wait([gen], timeout=max(remaining, 0))
+        if not ready:
+            raise LearnerError(f"{name} did not produce the next bucket of {what} in time")
+        try:
+            ref = next(gen)
+        except StopIteration:
+            return
+        except ray.exceptions.RayActorError as e:
+            raise LearnerError(f"{name} died during {what}: {e}") from e
+        yield ref
+
+
+def reduce_metrics(per_rank: list[dict[str, float]], elapsed_s: float) -> dict[str, float]:
+    """Sums from every rank -> batch metrics: token metrics are token-weighted means over the whole batch."""
+    total = {k: sum(r.get(k, 0.0) for r in per_rank) for k in per_rank[0]}
+    tokens = max(total["tokens"], 1.0)
+    metrics = {
+        "loss": total["loss"],
+        "tokens": total["tokens"],
+        "sequences": total["sequences"],
+        "grad_norm": per_rank[0]["grad_norm"],
+        "lr": per_rank[0]["lr"],
+        "step_s": elapsed_s,
+        "tokens_per_s": total["tokens"] / max(elapsed_s, 1e-9),
+    }
+    for name in TOKEN_METRICS:
+        if name in total:
+            metrics[name] = total[name] / tokens
+    return metrics
+
+
+def buckets_to_list(refs: Iterator[Any]) -> list[WeightBucket]:
+    import ray
+
+    return [ray.get(r) for r in refs]
