@@ -32,10 +32,6 @@ from typing import Any
 from actors.records import Trajectory
 from cluster.config import RewardConfig
 
-MAX_HUNG_THREADS = 8
-"""Abandoned (still running) function calls a worker tolerates before the pool restarts it."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # loading
 
@@ -303,7 +299,10 @@ class RewardPool:
         namespace: str,
         batch_size: int = 32,
         startup_timeout_s: float = 120.0,
+        max_hung_threads: int = 8,
     ):
+        """`batch_size`: most trajectories per remote call; `max_hung_threads`: abandoned (still running)
+        calls a worker may carry before it is replaced."""
         import ray
 
         from cluster.runtime import actor_runtime_env
@@ -313,6 +312,7 @@ class RewardPool:
         self.namespace = namespace
         self.batch_size = batch_size
         self.startup_timeout_s = startup_timeout_s
+        self.max_hung_threads = max_hung_threads
         self._actor_cls = ray.remote(RewardScorer)
         self._runtime_env = actor_runtime_env(1)
         self._base_dir = os.getcwd()
@@ -323,7 +323,11 @@ class RewardPool:
         self._metrics: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._workers = [_Worker(i, self._start_actor(i)) for i in range(cfg.num_workers)]
-        self._wait_ready(self._workers)
+        try:
+            self._wait_ready(self._workers)
+        except BaseException:
+            self.shutdown()  # free the names for the next attempt
+            raise
 
     # -- public verbs -------------------------------------------------------------------------------------------
 
@@ -470,7 +474,7 @@ class RewardPool:
         self._metrics["samples_failed"] += sum(t.reward_error is not None for t in result.trajectories)
         self._errors.update(result.errors)
         self._done.append(result.trajectories)
-        if result.hung_threads > MAX_HUNG_THREADS:
+        if result.hung_threads > self.max_hung_threads:
             self._metrics["restarts_hung"] += 1
             self._replace(w)
 

@@ -265,14 +265,20 @@ class BufferConfig(Section):
 
 
 class WeightSyncConfig(Section):
-    transport: Literal["auto", "object_store", "torch_dist", "shm"] = "auto"
-    """How weights travel to engines; auto = torch_dist on GPU, object_store on CPU."""
+    transport: Literal["auto", "object_store"] = "auto"
+    """How weights travel to engines: object_store (Ray's object store; works on any cluster). auto picks the
+    best available for the devices (today object_store everywhere)."""
     bucket_mb: float = Field(64.0, gt=0)
     """Bucket size in MB."""
     verify: bool = True
     """After a load, each engine reports a checksum of its weights that the learner compares with its own."""
     timeout_s: float = Field(120.0, gt=0)
     """Limit for one sync to all engines."""
+    probe_tolerance: float = Field(1e-3, gt=0)
+    """Largest allowed |engine logprob - learner logprob| on the probe sequences after a load (fp32: 1e-3;
+    bf16 needs about 5e-2)."""
+    probe_sequences: int = Field(2, ge=0)
+    """Held-out prompts used as probe sequences (0 disables the logprob probe; bucket checksums stay on)."""
 
 
 class ScheduleConfig(Section):
@@ -289,6 +295,8 @@ class ScheduleConfig(Section):
     """Evaluate on the held-out split every k steps (0 = only at start and end)."""
     eval_prompts: int = Field(100, ge=0)
     """Held-out prompts per evaluation (0 = no evaluation)."""
+    eval_threshold: float = 1.0
+    """An evaluated completion counts as correct when its total reward is >= this."""
     seed: int = 0
 
 
@@ -347,8 +355,6 @@ class JobConfig(Section):
             raise ValueError("learner.backend is nccl but learner.gpus_per_rank is 0: NCCL needs GPUs (use gloo)")
         if self.rollout.gpus_per_engine == 0 and self.rollout.tensor_parallel_size > 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.gpus_per_engine > 0")
-        if self.weight_sync.transport == "torch_dist" and self.learner.gpus_per_rank > 0 and self.rollout.gpus_per_engine == 0:
-            raise ValueError("weight_sync.transport torch_dist over NCCL needs GPU engines (rollout.gpus_per_engine > 0)")
         if self.schedule.steps > 0 and not self.reward.functions and self.algorithm.loss != "sft":
             raise ValueError("reward.functions is empty: trial and error needs at least one reward function")
         return self
@@ -367,7 +373,7 @@ class JobConfig(Section):
         if cfg.learner.dtype == "auto":
             cfg.learner.dtype = "bfloat16" if gpu else "float32"
         if cfg.weight_sync.transport == "auto":
-            cfg.weight_sync.transport = "torch_dist" if gpu and cfg.rollout.gpus_per_engine > 0 else "object_store"
+            cfg.weight_sync.transport = "object_store"
         return cfg
 
     @property
