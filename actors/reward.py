@@ -262,6 +262,17 @@ def _describe(e: BaseException) -> str:
 # the pool of Ray actors
 
 
+_POOL_COUNTERS = (
+    "samples",
+    "samples_failed",
+    "worker_crashes",
+    "worker_restarts",
+    "batches_retried",
+    "batches_split",
+    "restarts_hung",
+)
+
+
 @dataclass
 class _Batch:
     id: int
@@ -388,7 +399,7 @@ class RewardPool:
     def metrics(self) -> dict[str, Any]:
         """Samples scored, failed calls by `<function>/<kind>`, worker crashes, restarts and retries."""
         return {
-            **dict(self._metrics),
+            **{key: self._metrics[key] for key in _POOL_COUNTERS},
             "errors": dict(self._errors),
             "pending": self._outstanding,
         }

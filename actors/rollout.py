@@ -28,7 +28,9 @@ class EngineError(RuntimeError):
 class RolloutWorker:
     """One vLLM engine. Serves the model folder's weights as version 0 until `load_weights` replaces them."""
 
-    def __init__(self, name: str, model: ModelConfig, cfg: RolloutConfig, *, seed: int, dtype: str = "float32"):
+    def __init__(
+        self, name: str, model: ModelConfig, cfg: RolloutConfig, *, seed: int, dtype: str = "float32"
+    ):
         import torch
 
         torch.set_num_threads(cfg.threads_per_engine)  # before vLLM starts: it freezes the thread count
@@ -133,7 +135,9 @@ class RolloutWorker:
     def load_bucket(self, bucket: WeightBucket) -> int:
         """Load one bucket in place. Returns its byte count. Raises if the bucket is corrupted."""
         if self.updating_to != bucket.version:
-            raise EngineError(f"{self.name}: bucket for v{bucket.version} but update to v{self.updating_to} is open")
+            raise EngineError(
+                f"{self.name}: bucket for v{bucket.version} but update to v{self.updating_to} is open"
+            )
         if not bucket.verify():
             self.updating_to = None
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
@@ -194,7 +198,9 @@ class Completed:
 class RolloutPool:
     """N engine actors; spreads prompts over them, streams results as chunks finish, retries on failure."""
 
-    def __init__(self, model: ModelConfig, cfg: RolloutConfig, *, namespace: str | None = None, dtype: str = "float32"):
+    def __init__(
+        self, model: ModelConfig, cfg: RolloutConfig, *, namespace: str | None = None, dtype: str = "float32"
+    ):
         self.model, self.cfg, self.namespace, self.dtype = model, cfg, namespace, dtype
         self.engines: list[Any] = [None] * cfg.num_engines
         self.alive: list[bool] = [False] * cfg.num_engines
@@ -239,7 +245,9 @@ class RolloutPool:
                 self.alive[refs[ref]] = True
             except Exception as e:  # noqa: BLE001 - report every engine's failure, not just the first
                 errors.append(f"{self.name(refs[ref])}: {type(e).__name__}: {e}")
-        errors += [f"{self.name(refs[r])}: not ready after {self.cfg.startup_timeout_s:.0f} s" for r in pending]
+        errors += [
+            f"{self.name(refs[r])}: not ready after {self.cfg.startup_timeout_s:.0f} s" for r in pending
+        ]
         if errors:
             raise EngineError("rollout engines failed to start:\n  " + "\n  ".join(errors))
 
@@ -269,7 +277,9 @@ class RolloutPool:
         return [(i, e) for i, e in enumerate(self.engines) if self.alive[i]]
 
     # -- work ---------------------------------------------------------------------------------------------------
-    def submit(self, prompts: list[Prompt], sampling: SamplingConfig | None = None, n: int | None = None) -> None:
+    def submit(
+        self, prompts: list[Prompt], sampling: SamplingConfig | None = None, n: int | None = None
+    ) -> None:
         """Queue prompts; they are split into chunks so every engine gets about two."""
         if not prompts:
             return
@@ -393,7 +403,9 @@ class RolloutPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 names = sorted({self.name(i) for i, _, _ in self._inflight.values()})
-                raise EngineError(f"in-flight generation on {', '.join(names)} did not finish within {timeout_s:.0f} s")
+                raise EngineError(
+                    f"in-flight generation on {', '.join(names)} did not finish within {timeout_s:.0f} s"
+                )
             finished.append(self.next_completed(timeout_s=remaining))
         return finished
 

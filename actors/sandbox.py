@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import resource
@@ -135,6 +136,12 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
         os.close(status_r)
         shutil.rmtree(host_dir, ignore_errors=True)
     return _result(status, timed_out, proc.returncode, stdout, stderr, duration)
+
+
+@functools.cache
+def isolation_available() -> str:
+    """The containment this process gets: "namespaces" or "rlimits" (checked once by a trivial run)."""
+    return run_python("pass", SandboxLimits(wall_s=30.0)).isolation
 
 
 def _python_prefix() -> str:

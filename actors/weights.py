@@ -57,7 +57,9 @@ def pack_bucket(version: int, index: int, named: list[tuple[str, torch.Tensor]])
     for name, tensor in named:
         t = tensor.detach().contiguous().cpu()
         raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel()))
+        entries.append(
+            TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel())
+        )
         chunks.append(raw)
         offset += raw.numel()
     buffer = torch.cat(chunks).numpy() if chunks else np.empty(0, dtype=np.uint8)

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from actors.records import Prompt
-from actors.sandbox import SandboxLimits, run_python
+from actors.sandbox import SandboxLimits, isolation_available, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -41,9 +41,19 @@ def code_tests(
     timeout_s: float = 10.0,
     cpu_s: int = 5,
     memory_mb: int = 512,
+    allow_rlimits_only: bool = False,
     **fields: Any,
 ) -> float:
-    """1.0 if every test passes in the sandbox, else 0.0 (a failing, crashing or over-limit program)."""
+    """1.0 if every test passes in the sandbox, else 0.0 (a failing, crashing or over-limit program).
+
+    Where the sandbox cannot create namespaces it only has resource limits (no process cap as root, no
+    file system protection); running model code there needs `allow_rlimits_only=True`.
+    """
+    if not allow_rlimits_only and isolation_available() != "namespaces":
+        raise RuntimeError(
+            "the sandbox cannot create namespaces on this host (isolation: rlimits only); "
+            "set kwargs.allow_rlimits_only=true to run model-written code anyway"
+        )
     program = build_program(completion, test=test, entry_point=entry_point, prompt=fields.get("prompt", ""))
     result = run_python(program, SandboxLimits(wall_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb))
     if result.reason.startswith("sandbox error"):

@@ -1,0 +1,93 @@
+"""Metrics: one `log(step, values)` call writes a JSONL line, TensorBoard scalars and Ray metrics (Prometheus,
+the Ray dashboard). `write_report` turns the JSONL into plots and a summary at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.config import LoggingConfig
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, job: str):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.job = job
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.ray_metrics = cfg.ray_metrics
+        self._gauges: dict[str, Any] = {}
+        self.started = time.time()
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+        record = {"step": step, "time_s": round(time.time() - self.started, 3), **clean}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in clean.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.ray_metrics:
+            self._export(clean)
+
+    def _export(self, values: dict[str, float]) -> None:
+        from ray.util.metrics import Gauge
+
+        for k, v in values.items():
+            name = "aha_" + re.sub(r"[^a-zA-Z0-9_]", "_", k)
+            if name not in self._gauges:
+                self._gauges[name] = Gauge(name, description=f"aha metric {k}", tag_keys=("job",))
+            self._gauges[name].set(v, tags={"job": self.job})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+PLOTS = (
+    ("reward_mean", "train reward (mean)"),
+    ("eval/accuracy", "held-out accuracy"),
+    ("rollout_tokens_per_s", "rollout tokens/s"),
+    ("step_s", "step time (s)"),
+)
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """report.png (one panel per key metric over steps) and summary.json in the run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.2))
+    for ax, (key, title) in zip(axes, PLOTS):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"aha run: {run_dir.name}")
+    fig.tight_layout()
+    fig.savefig(run_dir / "report.png", dpi=110)
+    plt.close(fig)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return run_dir / "report.png"
