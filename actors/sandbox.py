@@ -442,7 +442,9 @@ def _enter_namespaces(libc) -> bool:
 
 def _launch(cfg: dict) -> None:
     libc = _libc()
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the caller died: so do we (and our namespace)
+    # Caller died: so do we, and with us the namespace. (The signal follows the caller's *thread*; run_python
+    # holds that thread until we exit, so only the caller's death can fire it.)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     with open(os.path.join(cfg["host_dir"], "main.py")) as f:
         program = f.read()
     cfg["launcher_pid"] = os.getpid()

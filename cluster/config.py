@@ -40,6 +40,7 @@ class AdditionData(Section):
     """Built-in generator: `a+b=` with the sum written reversed and zero-padded, checked exactly."""
 
     type: Literal["addition"] = "addition"
+    """Selects this kind of prompt source."""
     digits: int = Field(3, ge=1, le=9)
     """Digits per operand."""
     seed: int = 0
@@ -52,6 +53,7 @@ class ReasoningGymData(Section):
     """Procedural tasks from reasoning-gym, scored with the task's own `score_answer`."""
 
     type: Literal["reasoning_gym"] = "reasoning_gym"
+    """Selects this kind of prompt source."""
     task: str = "basic_arithmetic"
     """reasoning-gym dataset name, e.g. basic_arithmetic, chain_sum, countdown, gsm_symbolic."""
     size: int = Field(10_000, ge=1)
@@ -59,6 +61,7 @@ class ReasoningGymData(Section):
     eval_size: int = Field(100, ge=0)
     """Held-out prompts generated with a different seed."""
     seed: int = 0
+    """Seed of the training prompts (the held-out split uses a different one)."""
     task_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the reasoning-gym dataset constructor."""
     prompt_template: str = "{question}\nGive only the final answer.\nAnswer:"
@@ -69,6 +72,7 @@ class JsonlData(Section):
     """Prompts from a JSONL file: one object per line with `prompt` (and `id`, and any reward fields)."""
 
     type: Literal["jsonl"] = "jsonl"
+    """Selects this kind of prompt source."""
     path: str
     """Training prompts. Other keys of each line (answer, tests, ...) are passed to the reward functions."""
     eval_path: str | None = None
@@ -88,6 +92,7 @@ class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     """0 means greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (1 = off)."""
     top_k: int = Field(-1, ge=-1)
     """-1 disables top-k."""
     max_tokens: int = Field(64, ge=1)
@@ -104,11 +109,13 @@ class RolloutConfig(Section):
     gpus_per_engine: float = Field(0.0, ge=0)
     """GPUs per engine; equals tensor_parallel_size on GPU clusters."""
     tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over (GPU only)."""
     threads_per_engine: int = Field(1, ge=1)
     """torch CPU threads inside each engine (CPU only; match free cores)."""
     samples_per_prompt: int = Field(4, ge=1)
     """Completions per prompt: the group that group-relative advantages compare."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Sampling for training rollouts."""
     eval_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0))
     """Sampling used for evaluation (greedy by default)."""
     kv_cache_gib: float = Field(1.0, gt=0)
@@ -118,6 +125,7 @@ class RolloutConfig(Section):
     seed: int = 0
     """Engine seed; engine i uses seed + i."""
     startup_timeout_s: float = Field(300.0, gt=0)
+    """Limit for an engine to load its model and answer."""
     generate_timeout_s: float = Field(600.0, gt=0)
     """Limit for one generate call on one engine."""
     max_retries: int = Field(1, ge=0)
@@ -148,6 +156,7 @@ class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Reward actors (`reward-<i>`)."""
     cpus_per_worker: float = Field(0.5, gt=0)
+    """Logical CPUs reserved per reward actor."""
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     """Reward functions; the total reward is their weighted sum."""
     timeout_s: float = Field(30.0, gt=0)
@@ -162,9 +171,13 @@ class RewardConfig(Section):
 
 class OptimizerConfig(Section):
     lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment decay rates."""
     eps: float = Field(1e-8, gt=0)
+    """AdamW denominator epsilon."""
     weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up of the learning rate, in optimizer steps."""
 
@@ -173,6 +186,7 @@ class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     """DeepSpeed ranks, one Ray actor each (`learner-<rank>`)."""
     cpus_per_rank: float = Field(1.0, gt=0)
+    """Logical CPUs reserved per learner rank (one placement-group bundle each)."""
     gpus_per_rank: float = Field(0.0, ge=0)
     """GPUs per rank; > 0 selects CUDA, NCCL and bf16 by default."""
     threads_per_rank: int = Field(1, ge=1)
@@ -184,10 +198,13 @@ class LearnerConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """AdamW settings."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per forward/backward on one rank; a rank's share of a batch is split into such micro-batches."""
     grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this."""
     gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, more time)."""
     step_timeout_s: float = Field(600.0, gt=0)
     """Limit for one training step (all ranks); also the timeout of every collective."""
     startup_timeout_s: float = Field(600.0, gt=0)
@@ -214,6 +231,7 @@ class AlgorithmConfig(Section):
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the frozen reference (0 = no reference model)."""
     kl_estimator: Literal["k1", "k3"] = "k3"
+    """KL estimator per token: k1 = log ratio, k3 = exp(-x) + x - 1 (unbiased, non-negative)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of the entropy bonus."""
     off_policy: Literal["none", "tis", "decoupled"] = "tis"
@@ -298,6 +316,7 @@ class ScheduleConfig(Section):
     eval_threshold: float = 1.0
     """An evaluated completion counts as correct when its total reward is >= this."""
     seed: int = 0
+    """Seed of the driver (imitation batch order)."""
 
 
 class CheckpointConfig(Section):
@@ -313,6 +332,7 @@ class LoggingConfig(Section):
     run_dir: str = "runs/{name}"
     """Run directory (metrics.jsonl, TensorBoard, checkpoints, report); {name} is the job name."""
     tensorboard: bool = True
+    """Write TensorBoard scalars to run_dir/tensorboard."""
     progress: bool = True
     """Progress bar on the driver."""
     ray_metrics: bool = True
@@ -336,23 +356,38 @@ class JobConfig(Section):
     name: str = Field("aha-job", pattern=r"^[A-Za-z0-9_.-]+$")
     """Job name: names the run directory and the Ray job."""
     model: ModelConfig
+    """The policy: a Hugging Face model folder, served by the engines and trained by the learner."""
     data: DataConfig = Field(default_factory=AdditionData)
+    """Prompt source (type: addition | reasoning_gym | jsonl) with its held-out split."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """vLLM engines: count, resources, samples per prompt, sampling."""
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    """Reward actors and the weighted reward functions they run."""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """DeepSpeed ranks: count, resources, ZeRO stage, optimizer, batch sizes, dtype."""
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """Advantage estimator, policy loss, regularisers and off-policy correction."""
     imitation: ImitationConfig = Field(default_factory=ImitationConfig)
+    """Supervised fine-tuning on demonstrations before trial and error."""
     buffer: BufferConfig = Field(default_factory=BufferConfig)
+    """Replay buffer between reward actors and the learner."""
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    """How new weights reach the engines, and how that is verified."""
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Sync or async loop, step counts, batch sizes, evaluation cadence."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and export."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Run directory, TensorBoard, Ray metrics, progress bar."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Which Ray to use, namespace, runtime environment, placement."""
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         if self.learner.backend == "nccl" and self.learner.gpus_per_rank == 0:
-            raise ValueError("learner.backend is nccl but learner.gpus_per_rank is 0: NCCL needs GPUs (use gloo)")
+            raise ValueError(
+                "learner.backend is nccl but learner.gpus_per_rank is 0: NCCL needs GPUs (use gloo)"
+            )
         if self.rollout.gpus_per_engine == 0 and self.rollout.tensor_parallel_size > 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.gpus_per_engine > 0")
         if self.schedule.steps > 0 and not self.reward.functions and self.algorithm.loss != "sft":
@@ -422,7 +457,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("addition", "reasoning_gym", "jsonl")))
+        loc = ".".join(
+            str(p)
+            for p in e["loc"]
+            if not (isinstance(p, str) and p in ("addition", "reasoning_gym", "jsonl"))
+        )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"

@@ -35,7 +35,9 @@ class PromptSource(ABC):
         for i in range(count):
             p = self.train_prompt(i)
             if "answer" not in p.fields:
-                raise ValueError(f"prompt {p.id} has no 'answer' field: this source cannot make demonstrations")
+                raise ValueError(
+                    f"prompt {p.id} has no 'answer' field: this source cannot make demonstrations"
+                )
             demos.append((p.text, str(p.fields["answer"])))
         return demos
 
@@ -87,7 +89,9 @@ class ReasoningGymSource(PromptSource):
         self.cfg = cfg
         self._train = reasoning_gym.create_dataset(cfg.task, size=cfg.size, seed=cfg.seed, **cfg.task_kwargs)
         self._eval = (
-            reasoning_gym.create_dataset(cfg.task, size=cfg.eval_size, seed=cfg.seed + 1_000_003, **cfg.task_kwargs)
+            reasoning_gym.create_dataset(
+                cfg.task, size=cfg.eval_size, seed=cfg.seed + 1_000_003, **cfg.task_kwargs
+            )
             if cfg.eval_size
             else []
         )

@@ -77,13 +77,19 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name)
         self.group = LearnerGroup(
-            cfg.model, cfg.learner, cfg.algorithm, max_tokens=cfg.rollout.sampling.max_tokens,
-            namespace=self.namespace, cluster=cfg.cluster,
+            cfg.model,
+            cfg.learner,
+            cfg.algorithm,
+            max_tokens=cfg.rollout.sampling.max_tokens,
+            namespace=self.namespace,
+            cluster=cfg.cluster,
         )
         self.pool = RolloutPool(cfg.model, cfg.rollout, namespace=self.namespace, dtype=cfg.learner.dtype)
         self.rewards = RewardPool(cfg.reward, self.namespace)
-        self.buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", namespace=self.namespace, num_cpus=0).remote(
-            cfg.buffer, cfg.rollout.samples_per_prompt
+        self.buffer = (
+            ray.remote(ReplayBuffer)
+            .options(name="replay-buffer", namespace=self.namespace, num_cpus=0)
+            .remote(cfg.buffer, cfg.rollout.samples_per_prompt)
         )
         self.pool.start()
         self.group.start()
@@ -96,7 +102,9 @@ class Run:
     def _encode(self, prompt: Prompt) -> list[int]:
         text = prompt.text
         if self.cfg.model.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _get(self, ref, what: str, timeout: float = 120.0):
@@ -115,21 +123,37 @@ class Run:
         icfg = self.cfg.imitation
         if self.state.imitation_step >= icfg.steps:
             return
-        pairs = read_demonstrations(icfg.path) if icfg.path else self.source.demonstrations(icfg.demonstrations)
+        pairs = (
+            read_demonstrations(icfg.path) if icfg.path else self.source.demonstrations(icfg.demonstrations)
+        )
         eos = [self.tokenizer.eos_token_id]
-        encoded = [(self._encode(Prompt("demo", p)), self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos) for p, c in pairs]
+        encoded = [
+            (self._encode(Prompt("demo", p)), self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos)
+            for p, c in pairs
+        ]
         order_rng = random.Random(f"imitation-{self.cfg.schedule.seed}")
         order = list(range(len(encoded)))
-        progress = _progress(icfg.steps, "imitation", self.cfg.logging.progress, initial=self.state.imitation_step)
+        progress = _progress(
+            icfg.steps, "imitation", self.cfg.logging.progress, initial=self.state.imitation_step
+        )
         while self.state.imitation_step < icfg.steps:
             epoch_pos = (self.state.imitation_step * icfg.batch_size) % len(encoded)
             if epoch_pos < icfg.batch_size:
                 order_rng.shuffle(order)
             idx = [order[(epoch_pos + k) % len(order)] for k in range(icfg.batch_size)]
-            m = self.group.train_step(demonstration_samples([encoded[i] for i in idx]), loss="sft", lr=icfg.lr)
+            m = self.group.train_step(
+                demonstration_samples([encoded[i] for i in idx]), loss="sft", lr=icfg.lr
+            )
             self.state.imitation_step += 1
             self.state.version += 1
-            self.metrics.log(self.state.version, {"imitation/nll": -m["logprob"], "imitation/loss": m["loss"], "imitation/step_s": m["step_s"]})
+            self.metrics.log(
+                self.state.version,
+                {
+                    "imitation/nll": -m["logprob"],
+                    "imitation/loss": m["loss"],
+                    "imitation/step_s": m["step_s"],
+                },
+            )
             progress.update(1)
             progress.set_postfix(nll=f"{-m['logprob']:.3f}")
         progress.close()
@@ -230,7 +254,9 @@ class Run:
             metrics["step_s"] = time.perf_counter() - step_started
             self.metrics.log(self.state.version, metrics)
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=metrics.get("eval/accuracy", float("nan")))
+            progress.set_postfix(
+                reward=f"{metrics['reward_mean']:.2f}", acc=metrics.get("eval/accuracy", float("nan"))
+            )
             if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
                 self.checkpoint()
         progress.close()
@@ -240,10 +266,14 @@ class Run:
         directory = self.run_dir / "checkpoints"
         tag = f"step-{self.state.step:06d}-v{self.state.version}"
         if self.pool.pending():
-            raise RuntimeError("checkpoint with prompts in flight: async checkpoints happen between steps only")
+            raise RuntimeError(
+                "checkpoint with prompts in flight: async checkpoints happen between steps only"
+            )
         self.state.rng = self.rng.getstate()
         buffer_state = self._get(self.buffer.state_dict.remote(), "state_dict")
-        self.group.save_checkpoint(str(directory), tag, {"run": _state_dict(self.state), "buffer": buffer_state})
+        self.group.save_checkpoint(
+            str(directory), tag, {"run": _state_dict(self.state), "buffer": buffer_state}
+        )
         (directory / "latest_run").write_text(tag)
         tags = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
         for old in tags[: -self.cfg.checkpoint.keep]:
@@ -263,7 +293,9 @@ class Run:
         if run.get("rng") is not None:
             self.rng.setstate(_tuplify(run["rng"]))
         self._get(self.buffer.load_state_dict.remote(client_state["buffer"]), "load_state_dict")
-        print(f"aha: resumed from {tag} (step {self.state.step}, version {self.state.version}, cursor {self.state.cursor})")
+        print(
+            f"aha: resumed from {tag} (step {self.state.step}, version {self.state.version}, cursor {self.state.cursor})"
+        )
         self.sync.sync(self.state.version)
 
     # -- the whole run ----------------------------------------------------------------------------------------------
@@ -328,7 +360,9 @@ def _tuplify(x):
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled or total == 0, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, initial=initial, disable=not enabled or total == 0, dynamic_ncols=True
+    )
 
 
 def run(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:

@@ -17,7 +17,9 @@ def _client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(config: str, overrides: list[str], address: str, working_dir: str = ".", wait: bool = False) -> int:
+def submit(
+    config: str, overrides: list[str], address: str, working_dir: str = ".", wait: bool = False
+) -> int:
     cfg = load_config(config, overrides)
     config_rel = Path(config).resolve().relative_to(Path(working_dir).resolve())  # must ship with the job
     entrypoint = shlex.join(["aha", "run", str(config_rel), *overrides])
@@ -29,8 +31,12 @@ def submit(config: str, overrides: list[str], address: str, working_dir: str = "
         metadata={"aha_job": cfg.name},
     )
     print(f"submitted {job_id}  ({entrypoint})")
-    print(f"  follow: ray job logs --follow --address {address} {job_id}   (or: aha logs {job_id} --address {address})")
-    print(f"  status: aha status {job_id} --address {address}      stop: aha stop {job_id} --address {address}")
+    print(
+        f"  follow: ray job logs --follow --address {address} {job_id}   (or: aha logs {job_id} --address {address})"
+    )
+    print(
+        f"  status: aha status {job_id} --address {address}      stop: aha stop {job_id} --address {address}"
+    )
     if not wait:
         return 0
     status = wait_for(job_id, address)

@@ -29,7 +29,9 @@ class MetricsLogger:
         self.started = time.time()
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        clean = {k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+        clean = {
+            k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(float(v))
+        }
         record = {"step": step, "time_s": round(time.time() - self.started, 3), **clean}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

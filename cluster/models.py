@@ -31,7 +31,9 @@ def build_char_tokenizer(vocab_size: int):
 
     symbols = SPECIAL_TOKENS + CHARACTERS
     if vocab_size < len(symbols):
-        raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(symbols)} characters and specials")
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the {len(symbols)} characters and specials"
+        )
     symbols += [f"<unused{i}>" for i in range(vocab_size - len(symbols))]
     vocab = {s: i for i, s in enumerate(symbols)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -130,5 +132,7 @@ def convert_smollm2(path: str | Path, dtype: str = "float32") -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    (path / "aha_source.json").write_text(json.dumps({"source": str(gguf), "format": "gguf Q4_1, dequantized"}))
+    (path / "aha_source.json").write_text(
+        json.dumps({"source": str(gguf), "format": "gguf Q4_1, dequantized"})
+    )
     return path

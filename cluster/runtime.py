@@ -28,7 +28,9 @@ def base_env() -> dict[str, str]:
         "VLLM_CONFIGURE_LOGGING": "0",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
-        "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),  # DeepSpeed's JIT-compiled comm op (~70 s once)
+        "TORCH_EXTENSIONS_DIR": str(
+            root / "torch_extensions"
+        ),  # DeepSpeed's JIT-compiled comm op (~70 s once)
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DEDUP_LOGS": "0",

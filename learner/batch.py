@@ -77,7 +77,10 @@ def shard(samples: list[Sample], world_size: int, micro_batch_size: int) -> list
     ordered = sorted(samples, key=lambda s: len(s.tokens))
     per_rank = [ordered[r::world_size] for r in range(world_size)]
     num_micro = max(1, max(-(-len(s) // micro_batch_size) for s in per_rank))
-    return [[ranks[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(num_micro)] for ranks in per_rank]
+    return [
+        [ranks[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(num_micro)]
+        for ranks in per_rank
+    ]
 
 
 def collate(samples: list[Sample], pad_id: int) -> MicroBatch:

@@ -22,28 +22,41 @@ from learner.group import LearnerGroup
 
 
 class WeightSync:
-    def __init__(self, group: LearnerGroup, pool: RolloutPool, cfg: WeightSyncConfig, probe_ids: list[list[int]]):
+    def __init__(
+        self, group: LearnerGroup, pool: RolloutPool, cfg: WeightSyncConfig, probe_ids: list[list[int]]
+    ):
         self.group, self.pool, self.cfg, self.probe_ids = group, pool, cfg, probe_ids
 
-    def sync(self, version: int, engines: list[int] | None = None) -> tuple[dict[str, float], list[Completed]]:
+    def sync(
+        self, version: int, engines: list[int] | None = None
+    ) -> tuple[dict[str, float], list[Completed]]:
         """Push the learner's current weights as `version`; returns metrics and chunks finished while pausing."""
-        import ray
 
         started = time.perf_counter()
         leftovers = self.pool.pause(self.cfg.timeout_s)
         try:
             targets = [(i, e) for i, e in self.pool.live_engines() if engines is None or i in engines]
             deadline = time.monotonic() + self.cfg.timeout_s
-            self._wait({e.begin_update.remote(version): i for i, e in targets}, deadline, f"begin update v{version}")
+            self._wait(
+                {e.begin_update.remote(version): i for i, e in targets}, deadline, f"begin update v{version}"
+            )
             loads: dict[Any, int] = {}
             bytes_moved = buckets = 0
-            for ref in self.group.weight_buckets(version, int(self.cfg.bucket_mb * 2**20), self.cfg.timeout_s):
+            for ref in self.group.weight_buckets(
+                version, int(self.cfg.bucket_mb * 2**20), self.cfg.timeout_s
+            ):
                 for i, e in targets:
-                    loads[e.load_bucket.remote(ref)] = i  # the engine fetches the bucket from the object store
+                    loads[e.load_bucket.remote(ref)] = (
+                        i  # the engine fetches the bucket from the object store
+                    )
                 buckets += 1
             sizes = self._wait(loads, deadline, f"load v{version}")
             bytes_moved = sum(sizes) // max(len(targets), 1)
-            self._wait({e.finish_update.remote(version): i for i, e in targets}, deadline, f"finish update v{version}")
+            self._wait(
+                {e.finish_update.remote(version): i for i, e in targets},
+                deadline,
+                f"finish update v{version}",
+            )
             transfer_s = time.perf_counter() - started
             probe_diff = self.verify([i for i, _ in targets], deadline) if self.cfg.verify else 0.0
         finally:
@@ -80,7 +93,9 @@ class WeightSync:
     def _wait(self, refs: dict[Any, int], deadline: float, what: str, keep_order: bool = False) -> list[Any]:
         import ray
 
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0))
+        ready, pending = ray.wait(
+            list(refs), num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0)
+        )
         if pending:
             names = sorted({self.pool.name(refs[r]) for r in pending})
             raise EngineError(f"{', '.join(names)}: no answer to {what} within {self.cfg.timeout_s:.0f} s")

@@ -83,7 +83,11 @@ class ReplayBuffer:
         return sum(len(g) for g in self.groups.values())
 
     def stats(self) -> dict[str, float]:
-        return {"buffer_size": float(self.size()), "buffer_groups": float(len(self.groups)), **{f"buffer_{k}": float(v) for k, v in self.counters.items()}}
+        return {
+            "buffer_size": float(self.size()),
+            "buffer_groups": float(len(self.groups)),
+            **{f"buffer_{k}": float(v) for k, v in self.counters.items()},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -10,12 +10,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from actors.weights import WeightBucket
 from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig
 from learner.batch import Sample, shard, step_totals
 from learner.worker import LearnerWorker
 
-TOKEN_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy", "logprob", "engine_logprob_diff")
+TOKEN_METRICS = (
+    "ratio",
+    "is_weight",
+    "clip_frac",
+    "dual_clip_frac",
+    "kl",
+    "entropy",
+    "logprob",
+    "engine_logprob_diff",
+)
 
 
 class LearnerError(RuntimeError):
@@ -55,7 +63,9 @@ class LearnerGroup:
         bundle = {"CPU": self.cfg.cpus_per_rank}
         if self.cfg.gpus_per_rank:
             bundle["GPU"] = self.cfg.gpus_per_rank
-        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=self.strategy)
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(self.world_size)], strategy=self.strategy
+        )
         if not self.placement_group.wait(timeout_seconds=self.cfg.startup_timeout_s):
             raise LearnerError(
                 f"placement group of {self.world_size} x {bundle} not scheduled within "
@@ -92,7 +102,14 @@ class LearnerGroup:
             self.placement_group = None
 
     # -- calls on every rank, with timeouts ---------------------------------------------------------------------
-    def _call(self, method: str, *args, timeout_s: float, ranks: list[int] | None = None, per_rank: list | None = None) -> list[Any]:
+    def _call(
+        self,
+        method: str,
+        *args,
+        timeout_s: float,
+        ranks: list[int] | None = None,
+        per_rank: list | None = None,
+    ) -> list[Any]:
         ranks = list(range(self.world_size)) if ranks is None else ranks
         refs = {}
         for r in ranks:
@@ -119,7 +136,9 @@ class LearnerGroup:
         return [results[r] for r in sorted(results)]
 
     # -- training -----------------------------------------------------------------------------------------------
-    def train_step(self, samples: list[Sample], loss: str | None = None, lr: float | None = None) -> dict[str, float]:
+    def train_step(
+        self, samples: list[Sample], loss: str | None = None, lr: float | None = None
+    ) -> dict[str, float]:
         """One optimizer step on `samples` across all ranks; returns batch-level metrics."""
         if not samples:
             raise ValueError("train_step needs at least one sample")
@@ -139,10 +158,12 @@ class LearnerGroup:
     def weight_buckets(self, version: int, bucket_bytes: int, timeout_s: float) -> Iterator[Any]:
         """Object refs of rank 0's packed buckets, yielded as soon as each is ready, so the caller can send
         bucket k while rank 0 gathers and packs bucket k+1."""
-        gens = [w.weight_buckets.options(num_returns="streaming").remote(version, bucket_bytes) for w in self.workers]
+        gens = [
+            w.weight_buckets.options(num_returns="streaming").remote(version, bucket_bytes)
+            for w in self.workers
+        ]
         deadline = time.monotonic() + timeout_s
-        for ref in _stream(gens[0], deadline, "learner-0", f"weight_buckets v{version}"):
-            yield ref
+        yield from _stream(gens[0], deadline, "learner-0", f"weight_buckets v{version}")
         for rank, gen in enumerate(gens[1:], 1):  # other ranks only joined the gathers
             for _ in _stream(gen, deadline, f"learner-{rank}", f"weight_buckets v{version}"):
                 pass
@@ -196,9 +217,3 @@ def reduce_metrics(per_rank: list[dict[str, float]], elapsed_s: float) -> dict[s
         if name in total:
             metrics[name] = total[name] / tokens
     return metrics
-
-
-def buckets_to_list(refs: Iterator[Any]) -> list[WeightBucket]:
-    import ray
-
-    return [ray.get(r) for r in refs]

@@ -57,7 +57,11 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
         },
         "scheduler": {
             "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": cfg.optimizer.warmup_steps},
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": lr,
+                "warmup_num_steps": cfg.optimizer.warmup_steps,
+            },
         }
         if cfg.optimizer.warmup_steps
         else None,
@@ -67,7 +71,15 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
 
 
 class LearnerWorker:
-    def __init__(self, rank: int, world_size: int, model: ModelConfig, cfg: LearnerConfig, algo: AlgorithmConfig, max_tokens: int):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model: ModelConfig,
+        cfg: LearnerConfig,
+        algo: AlgorithmConfig,
+        max_tokens: int,
+    ):
         torch.set_num_threads(cfg.threads_per_rank)
         self.rank, self.world_size = rank, world_size
         self.model_cfg, self.cfg, self.algo, self.max_tokens = model, cfg, algo, max_tokens
@@ -100,7 +112,11 @@ class LearnerWorker:
         )
         dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         ds_config = deepspeed_config(self.cfg, self.cfg.optimizer.lr)
         ds_config = {k: v for k, v in ds_config.items() if v is not None}
         if self.cfg.zero_stage == 3:
@@ -112,11 +128,18 @@ class LearnerWorker:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config
+        )
         if self.algo.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype).to(self.device).eval()
+            self.ref_model = (
+                AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype).to(self.device).eval()
+            )
             self.ref_model.requires_grad_(False)
-        return {"rank": self.rank, "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
+        return {
+            "rank": self.rank,
+            "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+        }
 
     def ready(self) -> str:
         return self.name
@@ -132,7 +155,9 @@ class LearnerWorker:
         logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T, V)
         return token_logprobs(logits, mb.targets.to(self.device)), logits
 
-    def train_step(self, micro_batches: list[list[Sample]], totals: StepTotals, loss_name: str | None = None) -> dict[str, float]:
+    def train_step(
+        self, micro_batches: list[list[Sample]], totals: StepTotals, loss_name: str | None = None
+    ) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches. Returns sums (not means) so the group can reduce
         exactly across ranks: metric sums weighted by tokens, plus token and sequence counts."""
         started = time.perf_counter()
@@ -186,7 +211,9 @@ class LearnerWorker:
         return sums
 
     def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor:
-        logits = self.ref_model(input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device)).logits[:, :-1]
+        logits = self.ref_model(
+            input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device)
+        ).logits[:, :-1]
         return token_logprobs(logits, mb.targets.to(self.device))
 
     @torch.no_grad()
@@ -234,7 +261,9 @@ class LearnerWorker:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> str:
-        self.engine.save_checkpoint(directory, tag=tag, client_state={**client_state, "learner_step": self.step})
+        self.engine.save_checkpoint(
+            directory, tag=tag, client_state={**client_state, "learner_step": self.step}
+        )
         return tag
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:

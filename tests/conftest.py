@@ -35,7 +35,11 @@ def ray_cluster():
             namespace="aha-tests",
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "DS_", "TORCH_EXT"))}},
+            runtime_env={
+                "env_vars": {
+                    k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "DS_", "TORCH_EXT"))
+                }
+            },
         )
     yield ray
     ray.shutdown()

@@ -41,8 +41,14 @@ def torch_reference_step(model_dir, samples, algo: AlgorithmConfig) -> dict[str,
     out = compute_loss(
         LossInputs(logprobs, logprobs.detach(), mb.behaviour_logprobs, mb.advantages, mb.loss_mask), algo
     )
-    loss = aggregate(out.per_token, mb.loss_mask, algo.loss_agg, total_tokens=totals.total_tokens,
-                     total_sequences=totals.total_sequences, max_tokens=totals.max_tokens)
+    loss = aggregate(
+        out.per_token,
+        mb.loss_mask,
+        algo.loss_agg,
+        total_tokens=totals.total_tokens,
+        total_sequences=totals.total_sequences,
+        max_tokens=totals.max_tokens,
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -53,11 +59,23 @@ def make_group(model_dir, stage: int, ranks: int = 2, algo: AlgorithmConfig | No
     from learner.group import LearnerGroup
 
     cfg = LearnerConfig(
-        num_ranks=ranks, cpus_per_rank=1, zero_stage=stage, dtype="float32", backend="gloo",
-        micro_batch_size=micro, optimizer=OptimizerConfig(lr=LR), step_timeout_s=300, startup_timeout_s=600,
+        num_ranks=ranks,
+        cpus_per_rank=1,
+        zero_stage=stage,
+        dtype="float32",
+        backend="gloo",
+        micro_batch_size=micro,
+        optimizer=OptimizerConfig(lr=LR),
+        step_timeout_s=300,
+        startup_timeout_s=600,
     )
-    group = LearnerGroup(ModelConfig(path=str(model_dir)), cfg, algo or AlgorithmConfig(loss="pg", off_policy="tis"),
-                         max_tokens=MAX_TOKENS, namespace=f"aha-tests-learner-{stage}")
+    group = LearnerGroup(
+        ModelConfig(path=str(model_dir)),
+        cfg,
+        algo or AlgorithmConfig(loss="pg", off_policy="tis"),
+        max_tokens=MAX_TOKENS,
+        namespace=f"aha-tests-learner-{stage}",
+    )
     group.start()
     return group
 

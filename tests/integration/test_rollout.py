@@ -40,14 +40,18 @@ def state_dict_buckets(model_dir, version, bucket_bytes=64 * 1024):
     from safetensors.torch import load_file
 
     tensors = load_file(f"{model_dir}/model.safetensors")
-    return [pack_bucket(version, i, b) for i, b in enumerate(group_into_buckets(tensors.items(), bucket_bytes))]
+    return [
+        pack_bucket(version, i, b) for i, b in enumerate(group_into_buckets(tensors.items(), bucket_bytes))
+    ]
 
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_model):
     from actors.rollout import RolloutPool
 
-    cfg = RolloutConfig(num_engines=2, samples_per_prompt=3, sampling=SamplingConfig(max_tokens=12), kv_cache_gib=0.25)
+    cfg = RolloutConfig(
+        num_engines=2, samples_per_prompt=3, sampling=SamplingConfig(max_tokens=12), kv_cache_gib=0.25
+    )
     pool = RolloutPool(ModelConfig(path=str(tiny_model), max_model_len=256), cfg, namespace="aha-tests")
     pool.start()
     yield pool
@@ -81,7 +85,9 @@ def test_load_weights_switches_model_and_version(ray_cluster, pool, tiny_model, 
     ray.get(engine.generate.remote([LONG], SamplingConfig(max_tokens=4), 1), timeout=120)
     version = ray.get(engine.load_weights.remote(7, state_dict_buckets(tiny_model_b, 7)), timeout=120)
     assert version == 7 and ray.get(engine.health.remote(), timeout=30)["version"] == 7
-    trajectories = ray.get(engine.generate.remote(PROMPTS + [LONG], SamplingConfig(max_tokens=12), 2), timeout=120)
+    trajectories = ray.get(
+        engine.generate.remote(PROMPTS + [LONG], SamplingConfig(max_tokens=12), 2), timeout=120
+    )
     assert all(t.version == 7 for t in trajectories)
     assert max_diff(tiny_model_b, trajectories) < 1e-3
     assert max_diff(tiny_model, trajectories) > 1e-2  # and not the old model's numbers
@@ -105,7 +111,9 @@ def test_killed_engine_loses_no_prompt(ray_cluster, tiny_model):
 
     from actors.rollout import RolloutPool
 
-    cfg = RolloutConfig(num_engines=2, samples_per_prompt=2, sampling=SamplingConfig(max_tokens=48), kv_cache_gib=0.25)
+    cfg = RolloutConfig(
+        num_engines=2, samples_per_prompt=2, sampling=SamplingConfig(max_tokens=48), kv_cache_gib=0.25
+    )
     pool = RolloutPool(ModelConfig(path=str(tiny_model), max_model_len=256), cfg, namespace="aha-tests-kill")
     pool.start()
     try:

@@ -1,0 +1,40 @@
+"""Batches: next-token alignment of masks and behaviour logprobs, sharding with equal micro-batch counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner.batch import Sample, collate, shard, step_totals
+
+
+def test_collate_aligns_completion_tokens_with_their_predicting_positions():
+    s = Sample(tokens=[10, 11, 12, 20, 21], prompt_len=3, behaviour_logprobs=[-1.0, -2.0], advantage=0.5)
+    mb = collate([s, Sample([10, 20], 1, [-3.0], -1.0)], pad_id=0)
+    assert mb.input_ids.tolist() == [[10, 11, 12, 20, 21], [10, 20, 0, 0, 0]]
+    # position t predicts token t+1: completion tokens 20, 21 are predicted at positions 2 and 3
+    assert mb.targets[0].tolist() == [11, 12, 20, 21]
+    assert mb.loss_mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
+    assert mb.behaviour_logprobs.tolist() == [[0, 0, -1, -2], [-3, 0, 0, 0]]
+    assert mb.advantages.tolist() == [[0, 0, 0.5, 0.5], [-1, 0, 0, 0]]
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_empty_micro_batch_is_one_masked_row():
+    mb = collate([], pad_id=0)
+    assert mb.input_ids.shape[0] == 1 and mb.loss_mask.sum() == 0
+
+
+def test_sample_invariant():
+    with pytest.raises(ValueError, match="2 completion tokens but 1"):
+        Sample([1, 2, 3], 1, [-1.0], 0.0)
+
+
+def test_shard_gives_every_rank_the_same_number_of_micro_batches():
+    samples = [Sample([1] * (2 + i), 1, [-1.0] * (1 + i), 0.0) for i in range(7)]
+    shards = shard(samples, world_size=2, micro_batch_size=2)
+    assert [len(r) for r in shards] == [2, 2]
+    flat = [s for r in shards for mb in r for s in mb]
+    assert sorted(map(id, flat)) == sorted(map(id, samples))  # each sample exactly once
+    assert step_totals(samples, 8).total_tokens == sum(range(1, 8))
+    assert torch.is_tensor(collate(shards[1][1], 0).input_ids)

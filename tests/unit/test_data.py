@@ -1,0 +1,34 @@
+"""Prompt sources: deterministic by index, held-out split disjoint from training, demonstrations correct."""
+
+from __future__ import annotations
+
+import json
+
+from cluster.config import AdditionData, JsonlData
+from cluster.data import AdditionSource, JsonlSource
+
+
+def test_addition_is_deterministic_disjoint_and_correct():
+    src = AdditionSource(AdditionData(digits=3, seed=1, eval_size=50))
+    assert src.train_prompt(17) == AdditionSource(AdditionData(digits=3, seed=1, eval_size=50)).train_prompt(
+        17
+    )
+    held_out = {p.text for p in src.eval_prompts()}
+    assert len(held_out) == 50
+    assert not held_out & {p.text for p in src.train_prompts(0, 2000)}
+    p = src.train_prompt(3)
+    a, b = p.fields["a"], p.fields["b"]
+    assert p.text == f"{a}+{b}=" and p.fields["answer"][::-1] == str(a + b).zfill(4)
+    assert src.demonstrations(2)[0] == (src.train_prompt(0).text, src.train_prompt(0).fields["answer"])
+
+
+def test_jsonl_epochs_reshuffle_and_ids_stay_unique(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": f"Q{i}", "answer": str(i)}) + "\n" for i in range(5))
+    )
+    src = JsonlSource(JsonlData(path=str(path), seed=0))
+    first, second = src.train_prompts(0, 5), src.train_prompts(5, 5)
+    assert sorted(p.text for p in first) == sorted(p.text for p in second) == [f"Q{i}" for i in range(5)]
+    assert len({p.id for p in first + second}) == 10
+    assert first[0].fields["answer"] == first[0].text[1:]
