@@ -118,21 +118,26 @@ class LearnerGroup:
         return self._await(refs, method, timeout_s)
 
     def _await(self, refs: dict[Any, int], what: str, timeout_s: float) -> list[Any]:
+        """Results in rank order. Fails as soon as one rank fails (the others may be blocked in a collective
+        waiting for it), or when the timeout passes, naming the ranks."""
         import ray
 
         what = f"{what} (step {self.steps})"
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
         results: dict[int, Any] = {}
-        for ref in ready:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                names = ", ".join(f"learner-{refs[r]}" for r in pending)
+                raise LearnerError(f"{names} did not finish {what} within {timeout_s:.0f} s")
+            ref = ready[0]
             try:
                 results[refs[ref]] = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 raise LearnerError(f"learner-{refs[ref]} died during {what}: {e}") from e
             except ray.exceptions.RayTaskError as e:
                 raise LearnerError(f"learner-{refs[ref]} failed during {what}: {e}") from e
-        if pending:
-            names = ", ".join(f"learner-{refs[r]}" for r in pending)
-            raise LearnerError(f"{names} did not finish {what} within {timeout_s:.0f} s")
         return [results[r] for r in sorted(results)]
 
     # -- training -----------------------------------------------------------------------------------------------

@@ -55,7 +55,14 @@ def torch_reference_step(model_dir, samples, algo: AlgorithmConfig) -> dict[str,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def make_group(model_dir, stage: int, ranks: int = 2, algo: AlgorithmConfig | None = None, micro: int = 3):
+def make_group(
+    model_dir,
+    stage: int,
+    ranks: int = 2,
+    algo: AlgorithmConfig | None = None,
+    micro: int = 3,
+    namespace: str = "",
+):
     from learner.group import LearnerGroup
 
     cfg = LearnerConfig(
@@ -74,7 +81,7 @@ def make_group(model_dir, stage: int, ranks: int = 2, algo: AlgorithmConfig | No
         cfg,
         algo or AlgorithmConfig(loss="pg", off_policy="tis"),
         max_tokens=MAX_TOKENS,
-        namespace=f"aha-tests-learner-{stage}",
+        namespace=namespace or f"aha-tests-learner-{stage}",
     )
     group.start()
     return group

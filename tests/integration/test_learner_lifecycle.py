@@ -22,7 +22,9 @@ def nll(group, pairs) -> float:
 
 @pytest.fixture(scope="module")
 def group(ray_cluster, tiny_model):
-    g = make_group(tiny_model, stage=2, algo=AlgorithmConfig(loss="pg", advantage="filter", off_policy="none"))
+    g = make_group(
+        tiny_model, stage=2, algo=AlgorithmConfig(loss="pg", advantage="filter", off_policy="none")
+    )
     yield g
     g.shutdown()
 
@@ -36,8 +38,12 @@ def test_imitation_lowers_nll(group):
 
 
 def test_rewarded_sample_gains_probability(group):
-    rewarded = Sample([21, 22, 15, 40, 41, 42], 3, [-4.0, -4.0, -4.0], 1.0)  # advantage 1: the 0-1 filter kept it
-    others = [Sample([25, 26, 15, 50, 51], 3, [-4.0, -4.0], 0.0) for _ in range(3)]  # advantage 0: no gradient
+    rewarded = Sample(
+        [21, 22, 15, 40, 41, 42], 3, [-4.0, -4.0, -4.0], 1.0
+    )  # advantage 1: the 0-1 filter kept it
+    others = [
+        Sample([25, 26, 15, 50, 51], 3, [-4.0, -4.0], 0.0) for _ in range(3)
+    ]  # advantage 0: no gradient
     seq = [rewarded.tokens]
     before = sum(group.sequence_logprobs(seq)[0][2:])
     group.train_step([rewarded, *others])
@@ -74,7 +80,7 @@ def test_dead_rank_is_named(ray_cluster, tiny_model):
 
     from learner.group import LearnerError
 
-    g = make_group(tiny_model, stage=2)
+    g = make_group(tiny_model, stage=2, namespace="aha-tests-dead-rank")
     try:
         ray.kill(g.workers[1], no_restart=True)
         with pytest.raises(LearnerError, match="learner-1 died during train_step"):
