@@ -280,12 +280,13 @@ class RolloutPool:
     def submit(
         self, prompts: list[Prompt], sampling: SamplingConfig | None = None, n: int | None = None
     ) -> None:
-        """Queue prompts; they are split into chunks so every engine gets about two."""
+        """Queue prompts, split into one chunk per live engine: vLLM batches within a call, so one large call
+        per engine is as fast as raw vLLM, while several engines still stream their results independently."""
         if not prompts:
             return
         sampling = sampling or self.cfg.sampling
         n = n or self.cfg.samples_per_prompt
-        chunks = max(1, 2 * len(self.live_engines()))
+        chunks = max(1, len(self.live_engines()))
         size = math.ceil(len(prompts) / chunks)
         for start in range(0, len(prompts), size):
             self._queue.append(_Work(prompts[start : start + size], sampling, n))

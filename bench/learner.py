@@ -329,6 +329,7 @@ def main() -> None:
     }
     text = json.dumps(result)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
 

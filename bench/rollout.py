@@ -119,17 +119,18 @@ def make_prompts(count: int) -> list[Prompt]:
     return [Prompt(f"p{i}", f"{(i * 37) % 1000}+{(i * 91) % 10000}=") for i in range(count)]
 
 
-def summary(runs: list[dict]) -> dict:
-    """Median run by tokens/s, plus every run's rate."""
+def summary(runs: list[dict]) -> tuple[dict, dict]:
+    """The median run by tokens/s (and that run), plus every run's rate."""
     rates = [r["tokens"] / r["seconds"] for r in runs]
     med = statistics.median(rates)
     best = min(runs, key=lambda r: abs(r["tokens"] / r["seconds"] - med))
-    return {
+    out = {
         "tokens_per_s": round(med, 1),
         "tokens": best["tokens"],
         "seconds": round(best["seconds"], 3),
         "runs_tokens_per_s": [round(x, 1) for x in rates],
     }
+    return out, best
 
 
 def bench_raw(model: ModelConfig, cfg: RolloutConfig, prompts, sampling, n, engines, repeats) -> dict:
@@ -164,7 +165,7 @@ def bench_raw(model: ModelConfig, cfg: RolloutConfig, prompts, sampling, n, engi
         ray.wait([a.shutdown.remote() for a in actors], num_returns=len(actors), timeout=60)
         for a in actors:
             ray.kill(a, no_restart=True)
-    out = summary(runs)
+    out, _ = summary(runs)
     out["samples"] = runs[0]["samples"]
     out["torch_threads_per_engine"] = info[0]["torch_threads"]
     return out
@@ -202,8 +203,7 @@ def bench_pool(model: ModelConfig, cfg: RolloutConfig, prompts, sampling, n, eng
         runs = [once() for _ in range(repeats)]
     finally:
         pool.shutdown()
-    out = summary(runs)
-    med_run = min(runs, key=lambda r: abs(r["seconds"] - out["seconds"]))
+    out, med_run = summary(runs)
     out.update(
         samples=runs[0]["samples"],
         startup_s=round(startup_s, 2),
@@ -332,6 +332,7 @@ def main() -> None:
     }
     text = json.dumps(result)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
 
