@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.records import Prompt, Trajectory
-from actors.weights import WeightBucket
+from actors.weights import WeightBucket, broadcast_buffer, open_weight_group, read_shm
 from cluster.config import ModelConfig, RolloutConfig, SamplingConfig
 
 
@@ -138,12 +138,30 @@ class RolloutWorker:
             raise EngineError(
                 f"{self.name}: bucket for v{bucket.version} but update to v{self.updating_to} is open"
             )
+        if bucket.transport == "shm":
+            bucket.buffer = read_shm(bucket)
+        elif bucket.transport == "torch_dist":
+            import torch
+
+            received = broadcast_buffer(self.weight_group, torch.empty(bucket.size, dtype=torch.uint8))
+            bucket.buffer = received.numpy()
         if not bucket.verify():
             self.updating_to = None
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
         # The worker's own reload: on the CPU build a bare model.load_weights leaves the repacked kernels stale.
         self._driver_worker().reload_weights(weights_iterator=bucket.tensors())
         return bucket.nbytes
+
+    def open_weight_group(
+        self, address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str
+    ) -> None:
+        """Join the process group with learner rank 0 used by the torch_dist weight transport."""
+        self.weight_group = open_weight_group(address, port, rank, world_size, timeout_s, backend)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def finish_update(self, version: int) -> int:
         model = self._driver_worker().model_runner.get_model()
@@ -272,6 +290,9 @@ class RolloutPool:
                 ray.kill(e, no_restart=True)
         self.engines = [None] * self.cfg.num_engines
         self.alive = [False] * self.cfg.num_engines
+
+    def alive_indices(self) -> list[int]:
+        return [i for i, ok in enumerate(self.alive) if ok]
 
     def live_engines(self) -> list[tuple[int, Any]]:
         return [(i, e) for i, e in enumerate(self.engines) if self.alive[i]]

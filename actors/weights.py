@@ -11,7 +11,8 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -28,18 +29,32 @@ class TensorEntry:
 
 @dataclass
 class WeightBucket:
+    """One bucket. With the object-store transport it carries its bytes (`buffer`); with the others it is a
+    descriptor and the receiver fetches the bytes itself (`path` in shared memory, or a broadcast)."""
+
     version: int  # policy version these weights are
     index: int  # 0.. within one sync
     entries: list[TensorEntry] = field(default_factory=list)
-    buffer: np.ndarray | None = None  # (nbytes,) uint8
+    buffer: np.ndarray | None = None  # (size,) uint8
     crc32: int = 0
+    size: int = 0  # bytes of the buffer
+    transport: str = "object_store"  # object_store | shm | torch_dist
+    path: str | None = None  # shm: the file holding the buffer
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.buffer is None else int(self.buffer.nbytes)
+        return self.size
+
+    def descriptor(self, transport: str, path: str | None = None) -> WeightBucket:
+        """The same bucket without its bytes, for transports that move the bytes themselves."""
+        return replace(self, buffer=None, transport=transport, path=path)
 
     def verify(self) -> bool:
-        return self.buffer is not None and zlib.crc32(memoryview(self.buffer)) == self.crc32
+        return (
+            self.buffer is not None
+            and self.buffer.nbytes == self.size
+            and zlib.crc32(memoryview(self.buffer)) == self.crc32
+        )
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) views into the buffer, no copy (the receiver copies into its own parameters)."""
@@ -63,7 +78,49 @@ def pack_bucket(version: int, index: int, named: list[tuple[str, torch.Tensor]])
         chunks.append(raw)
         offset += raw.numel()
     buffer = torch.cat(chunks).numpy() if chunks else np.empty(0, dtype=np.uint8)
-    return WeightBucket(version, index, entries, buffer, zlib.crc32(memoryview(buffer)))
+    return WeightBucket(version, index, entries, buffer, zlib.crc32(memoryview(buffer)), int(buffer.nbytes))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transports: how a bucket's bytes travel when not through the object store
+
+
+def shm_path(directory: str, bucket: WeightBucket) -> str:
+    return f"{directory}/v{bucket.version}-b{bucket.index}.bin"
+
+
+def write_shm(bucket: WeightBucket, directory: str) -> WeightBucket:
+    """Write the bytes to a file in shared memory (/dev/shm: RAM, no disk); return the descriptor."""
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    path = shm_path(directory, bucket)
+    assert bucket.buffer is not None
+    bucket.buffer.tofile(path)
+    return bucket.descriptor("shm", path)
+
+
+def read_shm(bucket: WeightBucket) -> np.ndarray:
+    assert bucket.path is not None
+    return np.fromfile(bucket.path, dtype=np.uint8)
+
+
+def open_weight_group(address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):
+    """A process group of learner rank 0 (rank 0, hosts the store) and the engines (ranks 1..N), separate from
+    DeepSpeed's: gloo on CPU, NCCL on GPU. Blocks until every member has joined."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def broadcast_buffer(group, buffer: torch.Tensor) -> torch.Tensor:
+    """Rank 0 sends `buffer`; every other member receives into its `buffer` (same size)."""
+    group.broadcast(buffer, 0).wait()
+    return buffer
 
 
 def module_of(name: str) -> str:

@@ -13,6 +13,7 @@ examples:
   aha validate deploy/examples/cpu_demo.yaml                      check a config, print it resolved
   aha run deploy/examples/cpu_demo.yaml schedule.steps=20         run locally (starts Ray if no address)
   aha run deploy/examples/cpu_demo.yaml --resume                  continue from the last checkpoint
+  aha generate deploy/examples/cpu_demo.yaml generate.prompts=500   sample, score, filter into a dataset
   aha submit deploy/examples/cpu_demo.yaml --address http://HEAD:8265   submit to a Ray cluster (Ray Jobs)
   aha make-tiny-model models/tiny                                 write a tiny random model + tokenizer
   aha convert-smollm2 models/smollm2-135m                         SmolLM2-135M-Instruct as safetensors
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job on this machine's Ray (or cluster.address)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+
+    p = sub.add_parser(
+        "generate", help="sample, score and filter completions into a dataset (JSONL + Parquet)"
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted generate where it stopped")
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster with Ray Jobs (uploads the working dir)")
     _add_config_args(p)
@@ -93,6 +100,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cluster.driver import run
 
         run(cfg, resume=args.resume)
+        return 0
+    if args.verb == "generate":
+        cfg = load_config(args.config, args.overrides)
+        from cluster.generate import generate
+
+        generate(cfg, resume=args.resume)
         return 0
     if args.verb == "submit":
         load_config(args.config, args.overrides)  # fail here, not on the cluster

@@ -11,11 +11,12 @@ bf16; otherwise CPU, gloo and fp32.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -283,9 +284,14 @@ class BufferConfig(Section):
 
 
 class WeightSyncConfig(Section):
-    transport: Literal["auto", "object_store"] = "auto"
-    """How weights travel to engines: object_store (Ray's object store; works on any cluster). auto picks the
-    best available for the devices (today object_store everywhere)."""
+    transport: Literal["auto", "object_store", "shm", "torch_dist"] = "auto"
+    """How weights travel to engines: object_store (Ray's object store; any cluster), shm (files in /dev/shm;
+    engines on learner rank 0's node only), torch_dist (a gloo/NCCL process group between learner rank 0 and
+    the engines). auto = torch_dist with GPU engines, object_store otherwise (measured fastest on CPU:
+    bench/weight_sync.py)."""
+    on_engine_failure: Literal["error", "restart"] = "error"
+    """A sync that fails on an engine either stops the run with an error naming the engine, or restarts that
+    engine and brings it to the current version before it serves again."""
     bucket_mb: float = Field(64.0, gt=0)
     """Bucket size in MB."""
     verify: bool = True
@@ -352,6 +358,99 @@ class ClusterConfig(Section):
     """Placement-group strategy for the learner ranks."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# generated datasets (`aha generate`) and the behaviour monitor
+
+
+class NoFilter(Section):
+    """Keep every sample."""
+
+    type: Literal["none"] = "none"
+    """Selects this filter."""
+
+
+class ThresholdFilter(Section):
+    """Keep every sample whose reward is >= `min_reward`."""
+
+    type: Literal["threshold"] = "threshold"
+    """Selects this filter."""
+    min_reward: float = 1.0
+    """Smallest reward kept."""
+
+
+class BestOfKFilter(Section):
+    """Keep the highest-reward sample of each prompt (ties: the lowest sample index)."""
+
+    type: Literal["best_of_k"] = "best_of_k"
+    """Selects this filter."""
+    min_reward: float | None = None
+    """If set, a prompt's best sample is kept only when its reward is >= this."""
+
+
+class PassFailFilter(Section):
+    """Keep the samples that pass (reward >= `generate.pass_threshold`), or those that fail."""
+
+    type: Literal["pass_fail"] = "pass_fail"
+    """Selects this filter."""
+    keep: Literal["pass", "fail"] = "pass"
+    """pass: keep the passing samples (rejection sampling); fail: keep the failures (e.g. to inspect them)."""
+
+
+FilterConfig = Annotated[
+    NoFilter | ThresholdFilter | BestOfKFilter | PassFailFilter, Field(discriminator="type")
+]
+
+
+class GenerateConfig(Section):
+    """`aha generate`: sample `rollout.samples_per_prompt` completions of training prompts, score, filter, save."""
+
+    prompts: int = Field(100, ge=1)
+    """Training prompts drawn from `data`: indices 0 .. prompts-1."""
+    output: str = Field("data/{name}.jsonl", pattern=r"\.jsonl$")
+    """The kept samples, as JSONL ({name} is the job name). Next to it: <stem>.all.jsonl (every sample, with
+    `kept`), <stem>.parquet and <stem>.all.parquet, <stem>.state.json (resume) and <stem>.summary.json."""
+    batch_prompts: int = Field(32, ge=1)
+    """Prompts per round; a round's samples are written and synced to disk before the next round starts."""
+    pass_threshold: float = 1.0
+    """A sample passes when its reward is >= this: the `passed` field, pass@k and the pass_fail filter."""
+    filter: FilterConfig = Field(default_factory=NoFilter)
+    """Which samples are kept (type: none | threshold | best_of_k | pass_fail)."""
+    dedup: bool = False
+    """Drop a kept sample whose (prompt, completion) text was already kept earlier in the dataset."""
+
+
+class MonitorConfig(Section):
+    """Per-step statistics of the completions that show when new solving behaviour appears."""
+
+    enabled: bool = True
+    """Log the `monitor/*` metrics every training step (and in `aha generate`'s summary)."""
+    phrases: list[str] = Field(
+        default_factory=lambda: ["wait", "let me check", "actually", "double-check", "hmm"]
+    )
+    """Self-verification / backtracking phrases, matched case-insensitively as whole words."""
+    answer_pattern: str | None = r"<answer>.*?</answer>|\\boxed\{|\banswer\s*(?:is|:)"
+    """Regex (searched case-insensitively, `.` matching newlines) that marks a completion as reaching a final
+    answer; None skips the answer metrics. The default matches <answer>...</answer>, \\boxed{ and
+    "answer is" / "answer:"."""
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _valid_regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return pattern
+
+    @field_validator("phrases")
+    @classmethod
+    def _no_empty_phrase(cls, phrases: list[str]) -> list[str]:
+        if any(not p.strip() for p in phrases):
+            raise ValueError("an empty phrase would match every completion: remove it")
+        return phrases
+
+
 class JobConfig(Section):
     name: str = Field("aha-job", pattern=r"^[A-Za-z0-9_.-]+$")
     """Job name: names the run directory and the Ray job."""
@@ -381,6 +480,10 @@ class JobConfig(Section):
     """Run directory, TensorBoard, Ray metrics, progress bar."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Which Ray to use, namespace, runtime environment, placement."""
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    """`aha generate`: prompts to sample, output files, filter and dedup of the dataset."""
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    """Behaviour metrics of the completions (length, self-check phrases, final answers) per step."""
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -408,7 +511,9 @@ class JobConfig(Section):
         if cfg.learner.dtype == "auto":
             cfg.learner.dtype = "bfloat16" if gpu else "float32"
         if cfg.weight_sync.transport == "auto":
-            cfg.weight_sync.transport = "object_store"
+            cfg.weight_sync.transport = (
+                "torch_dist" if gpu and cfg.rollout.gpus_per_engine > 0 else "object_store"
+            )
         return cfg
 
     @property
@@ -454,14 +559,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# `type` values of the discriminated unions: pydantic puts the chosen one in an error's path; the user's
+# YAML has no such level, so it is left out of the reported path.
+_UNION_TAGS = ("addition", "reasoning_gym", "jsonl", "none", "threshold", "best_of_k", "pass_fail")
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(
-            str(p)
-            for p in e["loc"]
-            if not (isinstance(p, str) and p in ("addition", "reasoning_gym", "jsonl"))
-        )
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"

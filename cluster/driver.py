@@ -26,6 +26,7 @@ from actors.records import Prompt, Trajectory
 from cluster.config import JobConfig, dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
 from cluster.metrics import MetricsLogger, write_report
+from cluster.monitor import trajectory_metrics
 from cluster.runtime import apply_base_env
 
 
@@ -94,7 +95,13 @@ class Run:
         self.pool.start()
         self.group.start()
         probes = [self._encode(p) for p in self.source.eval_prompts(cfg.weight_sync.probe_sequences)]
-        self.sync = WeightSync(self.group, self.pool, cfg.weight_sync, [p for p in probes if len(p) >= 2])
+        self.sync = WeightSync(
+            self.group,
+            self.pool,
+            cfg.weight_sync,
+            [p for p in probes if len(p) >= 2],
+            backend=cfg.learner.backend,
+        )
         self.rng = random.Random(cfg.schedule.seed)
         if resume:
             self._restore()
@@ -246,6 +253,7 @@ class Run:
                 "failed_prompts": float(len(self.state.failed_prompts)),
                 "version": float(self.state.version),
             }
+            metrics.update(trajectory_metrics(trajectories, cfg.monitor))  # monitor/*: sample behaviour
             if self.state.step % sched.sync_every == 0 or self.state.step == sched.steps:
                 metrics.update(self._sync())
             if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
@@ -343,6 +351,8 @@ class Run:
                     obj.shutdown()
                 except Exception as e:  # noqa: BLE001 - keep shutting down the rest
                     print(f"aha: shutting down {part}: {e}")
+        if getattr(self, "sync", None) is not None:
+            self.sync.close()
         if getattr(self, "buffer", None) is not None:
             ray.kill(self.buffer)
         if getattr(self, "metrics", None) is not None:

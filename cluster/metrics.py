@@ -67,6 +67,8 @@ PLOTS = (
     ("eval/accuracy", "held-out accuracy"),
     ("rollout_tokens_per_s", "rollout tokens/s"),
     ("step_s", "step time (s)"),
+    ("monitor/phrase_rate", "share with self-check phrases"),
+    ("monitor/len_tokens_p90", "completion length p90 (tokens)"),
 )
 
 
@@ -78,8 +80,10 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir / "metrics.jsonl")
-    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.2))
-    for ax, (key, title) in zip(axes, PLOTS):
+    cols = 3
+    rows = math.ceil(len(PLOTS) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, PLOTS):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             xs, ys = zip(*points)

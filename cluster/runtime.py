@@ -1,4 +1,4 @@
-"""Process environment shared by the driver, every actor and the tests.
+"""Process environment shared by the driver, every actor and the tests; and how a driver joins Ray.
 
 vLLM, DeepSpeed and torch read these at import time, so they are set in `os.environ` of the driver and passed to
 actors through Ray's runtime_env (Ray copies them into each worker process before any import).
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.config import ClusterConfig
 
 
 def cache_dir() -> Path:
@@ -48,3 +51,16 @@ def actor_runtime_env(threads: int = 1, extra: dict[str, str] | None = None) -> 
     env = {**base_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.update(extra or {})
     return {"env_vars": env}
+
+
+def init_ray(cluster: ClusterConfig) -> None:
+    """Connect this process to Ray unless it already is: `cluster.address` if set, else a local Ray (or, under
+    Ray Jobs, the cluster that RAY_ADDRESS names)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cluster.address is None:
+        ray.init(num_cpus=cluster.num_cpus, namespace=cluster.namespace)
+    else:
+        ray.init(address=cluster.address, namespace=cluster.namespace)

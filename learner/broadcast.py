@@ -3,16 +3,25 @@
 One sync to version v:
   1. pause the rollout pool (in-flight chunks finish on the old weights and are handed back to the caller);
   2. every engine opens an update to v;
-  3. rank 0 gathers and packs bucket k (all ranks join the ZeRO-3 gathers) and puts it in the object store;
+  3. rank 0 gathers and packs bucket k (all ranks join the ZeRO-3 gathers) and ships it by the transport;
      every engine loads bucket k while rank 0 prepares bucket k+1 (a streaming Ray generator);
   4. every engine closes the update (re-processes tied heads, drops its prefix cache) and serves v;
   5. verify: each engine's logprobs on fixed probe sequences must equal the learner's own within a tolerance;
   6. resume the pool.
-Each bucket carries a crc32 that the engine checks before loading it. Any failure names the engine.
+Each bucket carries a crc32 that the engine checks before loading it. Any failure names the engine; with
+`on_engine_failure: restart` the failed engines are replaced and synced before they serve again.
+
+Transports (`weight_sync.transport`) differ only in how a bucket's bytes travel; the driver always forwards one
+small object per bucket and engine:
+  object_store  the bucket itself through Ray's object store (zero-copy reads on the engine's node);
+  shm           rank 0 writes the bytes to /dev/shm, engines on the same node read the file;
+  torch_dist    rank 0 broadcasts the bytes over a gloo (CPU) or NCCL (GPU) group it shares with the engines.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -21,56 +30,102 @@ from cluster.config import WeightSyncConfig
 from learner.group import LearnerGroup
 
 
+class SyncError(EngineError):
+    """A sync failed on some engines; `engines` holds their pool indices."""
+
+    def __init__(self, message: str, engines: list[int]):
+        super().__init__(message)
+        self.engines = engines
+
+
 class WeightSync:
     def __init__(
-        self, group: LearnerGroup, pool: RolloutPool, cfg: WeightSyncConfig, probe_ids: list[list[int]]
+        self,
+        group: LearnerGroup,
+        pool: RolloutPool,
+        cfg: WeightSyncConfig,
+        probe_ids: list[list[int]],
+        backend: str = "gloo",
     ):
-        self.group, self.pool, self.cfg, self.probe_ids = group, pool, cfg, probe_ids
+        self.group, self.pool, self.cfg, self.probe_ids, self.backend = group, pool, cfg, probe_ids, backend
+        self.transport = "object_store" if cfg.transport == "auto" else cfg.transport
+        self.shm_dir = (
+            tempfile.mkdtemp(prefix="aha-weights-", dir="/dev/shm") if self.transport == "shm" else None
+        )
+        self._group_members: list[int] | None = None  # engines in the torch_dist group
+        self.corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket in transit
 
+    # -- the sync ------------------------------------------------------------------------------------------------
     def sync(
         self, version: int, engines: list[int] | None = None
     ) -> tuple[dict[str, float], list[Completed]]:
         """Push the learner's current weights as `version`; returns metrics and chunks finished while pausing."""
-
         started = time.perf_counter()
         leftovers = self.pool.pause(self.cfg.timeout_s)
         try:
-            targets = [(i, e) for i, e in self.pool.live_engines() if engines is None or i in engines]
-            deadline = time.monotonic() + self.cfg.timeout_s
-            self._wait(
-                {e.begin_update.remote(version): i for i, e in targets}, deadline, f"begin update v{version}"
-            )
-            loads: dict[Any, int] = {}
-            bytes_moved = buckets = 0
-            for ref in self.group.weight_buckets(
-                version, int(self.cfg.bucket_mb * 2**20), self.cfg.timeout_s
-            ):
-                for i, e in targets:
-                    loads[e.load_bucket.remote(ref)] = (
-                        i  # the engine fetches the bucket from the object store
-                    )
-                buckets += 1
-            sizes = self._wait(loads, deadline, f"load v{version}")
-            bytes_moved = sum(sizes) // max(len(targets), 1)
-            self._wait(
-                {e.finish_update.remote(version): i for i, e in targets},
-                deadline,
-                f"finish update v{version}",
-            )
-            transfer_s = time.perf_counter() - started
-            probe_diff = self.verify([i for i, _ in targets], deadline) if self.cfg.verify else 0.0
+            targets = [i for i, _ in self.pool.live_engines() if engines is None or i in engines]
+            try:
+                metrics = self._push(version, targets)
+            except SyncError as e:
+                if self.cfg.on_engine_failure != "restart":
+                    raise
+                for i in e.engines:  # replace the failed engines, then bring them to this version
+                    self.pool.restart(i)
+                self._group_members = None  # a torch_dist group must be rebuilt with the new processes
+                metrics = self._push(version, targets)  # the others may be mid-update: redo them all
+                metrics["sync_restarted_engines"] = float(len(e.engines))
         finally:
             self.pool.resume()
-        return (
-            {
-                "sync_s": time.perf_counter() - started,
-                "sync_transfer_s": transfer_s,
-                "sync_bytes": float(bytes_moved),
-                "sync_buckets": float(buckets),
-                "sync_probe_max_diff": probe_diff,
-            },
-            leftovers,
+        metrics["sync_s"] = time.perf_counter() - started
+        return metrics, leftovers
+
+    def _push(self, version: int, targets: list[int]) -> dict[str, float]:
+        import ray
+
+        started = time.perf_counter()
+        deadline = started + self.cfg.timeout_s
+        if self.transport == "torch_dist":
+            targets = self.pool.alive_indices()  # every group member joins every broadcast
+        engines = {i: self.pool.engines[i] for i in targets}
+        if self.transport == "shm":
+            self._check_same_node(targets, deadline)
+        if self.transport == "torch_dist" and self._group_members != self.pool.alive_indices():
+            self._open_group(deadline)
+        self._wait(
+            {e.begin_update.remote(version): i for i, e in engines.items()},
+            deadline,
+            f"begin update v{version}",
         )
+        loads: dict[Any, int] = {}
+        buckets = 0
+        stream = self.group.weight_buckets(
+            version, int(self.cfg.bucket_mb * 2**20), self.cfg.timeout_s, self.transport, self.shm_dir
+        )
+        for ref in stream:
+            if buckets == self.corrupt_bucket:
+                ref = ray.put(_corrupted(ray.get(ref)))
+            for i, e in engines.items():
+                loads[e.load_bucket.remote(ref)] = (
+                    i  # the engine fetches the bucket (or receives its broadcast)
+                )
+            buckets += 1
+        sizes = self._wait(loads, deadline, f"load v{version}")
+        self._wait(
+            {e.finish_update.remote(version): i for i, e in engines.items()},
+            deadline,
+            f"finish update v{version}",
+        )
+        transfer_s = time.perf_counter() - started
+        if self.shm_dir:
+            for f in _files(self.shm_dir):
+                f.unlink()
+        probe_diff = self.verify(targets, deadline) if self.cfg.verify else 0.0
+        return {
+            "sync_transfer_s": transfer_s,
+            "sync_bytes": float(sum(sizes) // max(len(engines), 1)),
+            "sync_buckets": float(buckets),
+            "sync_probe_max_diff": probe_diff,
+        }
 
     def verify(self, engine_indices: list[int], deadline: float) -> float:
         """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine."""
@@ -79,31 +134,97 @@ class WeightSync:
         expected = self.group.sequence_logprobs(self.probe_ids)
         refs = {self.pool.engines[i].probe_logprobs.remote(self.probe_ids): i for i in engine_indices}
         results = self._wait(refs, deadline, "probe", keep_order=True)
-        worst = 0.0
+        worst, bad = 0.0, []
         for i, got in zip(sorted(refs.values()), results):
             diff = max((abs(a - b) for g, x in zip(got, expected) for a, b in zip(g, x)), default=0.0)
             if diff > self.cfg.probe_tolerance:
-                raise EngineError(
-                    f"{self.pool.name(i)}: after the weight load its logprobs differ from the learner's by {diff:.3g} "
-                    f"(tolerance {self.cfg.probe_tolerance:g}): the engine is not serving the learner's weights"
-                )
+                bad.append((i, diff))
             worst = max(worst, diff)
+        if bad:
+            detail = ", ".join(f"{self.pool.name(i)} differs by {d:.3g}" for i, d in bad)
+            raise SyncError(
+                f"after the weight load, engine logprobs disagree with the learner's ({detail}; tolerance "
+                f"{self.cfg.probe_tolerance:g}): the engine is not serving the learner's weights",
+                [i for i, _ in bad],
+            )
         return worst
 
+    def close(self) -> None:
+        if self.shm_dir:
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+    # -- transport set-up ----------------------------------------------------------------------------------------
+    def _check_same_node(self, targets: list[int], deadline: float) -> None:
+        import ray
+
+        learner_node = ray.get(
+            self.group.workers[0].node_id.remote(), timeout=max(deadline - time.monotonic(), 1)
+        )
+        nodes = self._wait(
+            {self.pool.engines[i].node_id.remote(): i for i in targets}, deadline, "node_id", True
+        )
+        away = [self.pool.name(i) for i, n in zip(sorted(targets), nodes) if n != learner_node]
+        if away:
+            raise EngineError(
+                f"weight_sync.transport shm needs engines on learner-0's node; {', '.join(away)} run elsewhere "
+                "(use object_store or torch_dist)"
+            )
+
+    def _open_group(self, deadline: float) -> None:
+        """(Re)build the torch_dist group: learner-0 is rank 0 and hosts the store; live engines are 1..N."""
+        import ray
+
+        members = self.pool.alive_indices()
+        address, port = ray.get(
+            self.group.workers[0].address.remote(), timeout=max(deadline - time.monotonic(), 1)
+        )
+        world = len(members) + 1
+        refs = {self.group.workers[0].open_weight_group.remote(port, world, self.cfg.timeout_s): -1}
+        for rank, i in enumerate(members, 1):
+            call = self.pool.engines[i].open_weight_group.remote(
+                address, port, rank, world, self.cfg.timeout_s, self.backend
+            )
+            refs[call] = i
+        self._wait(refs, deadline, "open the weight group")
+        self._group_members = members
+
+    # -- waiting with names --------------------------------------------------------------------------------------
     def _wait(self, refs: dict[Any, int], deadline: float, what: str, keep_order: bool = False) -> list[Any]:
         import ray
+
+        def name(i: int) -> str:
+            return "learner-0" if i < 0 else self.pool.name(i)
 
         ready, pending = ray.wait(
             list(refs), num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0)
         )
         if pending:
-            names = sorted({self.pool.name(refs[r]) for r in pending})
-            raise EngineError(f"{', '.join(names)}: no answer to {what} within {self.cfg.timeout_s:.0f} s")
-        results = {}
-        for ref in ready:
+            failed = sorted({refs[r] for r in pending})
+            raise SyncError(
+                f"{', '.join(name(i) for i in failed)}: no answer to {what} within {self.cfg.timeout_s:.0f} s",
+                [i for i in failed if i >= 0],
+            )
+        results, errors = {}, {}
+        for ref in refs:  # submission order, so an engine's first failure is the one reported
             try:
                 results[ref] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                raise EngineError(f"{self.pool.name(refs[ref])}: {what} failed: {e}") from e
+                cause = getattr(e, "cause", None)
+                errors.setdefault(refs[ref], cause if cause is not None else e)
+        if errors:
+            first = min(errors)
+            raise SyncError(f"{name(first)}: {what} failed: {errors[first]}", [i for i in errors if i >= 0])
         order = sorted(refs, key=lambda r: refs[r]) if keep_order else list(refs)
         return [results[r] for r in order]
+
+
+def _corrupted(bucket):
+    bucket.buffer = bucket.buffer.copy()
+    bucket.buffer[len(bucket.buffer) // 2] ^= 0xFF
+    return bucket
+
+
+def _files(directory: str):
+    from pathlib import Path
+
+    return list(Path(directory).glob("*.bin"))

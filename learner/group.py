@@ -160,11 +160,20 @@ class LearnerGroup:
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._call("sequence_logprobs", token_ids, timeout_s=self.cfg.step_timeout_s)[0]
 
-    def weight_buckets(self, version: int, bucket_bytes: int, timeout_s: float) -> Iterator[Any]:
-        """Object refs of rank 0's packed buckets, yielded as soon as each is ready, so the caller can send
-        bucket k while rank 0 gathers and packs bucket k+1."""
+    def weight_buckets(
+        self,
+        version: int,
+        bucket_bytes: int,
+        timeout_s: float,
+        transport: str = "object_store",
+        shm_dir: str | None = None,
+    ) -> Iterator[Any]:
+        """Object refs of rank 0's buckets (or descriptors), yielded as soon as each is ready, so the caller can
+        send bucket k while rank 0 gathers and packs bucket k+1."""
         gens = [
-            w.weight_buckets.options(num_returns="streaming").remote(version, bucket_bytes)
+            w.weight_buckets.options(num_returns="streaming").remote(
+                version, bucket_bytes, transport, shm_dir
+            )
             for w in self.workers
         ]
         deadline = time.monotonic() + timeout_s

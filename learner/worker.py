@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from actors.weights import WeightBucket, group_into_buckets, pack_bucket
+from actors.weights import (
+    WeightBucket,
+    broadcast_buffer,
+    group_into_buckets,
+    open_weight_group,
+    pack_bucket,
+    write_shm,
+)
 from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from learner.algorithms import LossInputs, aggregate, compute_loss, token_entropy, token_logprobs
 from learner.batch import MicroBatch, Sample, StepTotals, collate
@@ -246,11 +253,39 @@ class LearnerWorker:
             for group in group_into_buckets(named, bucket_bytes):
                 yield [(n, p.detach().to("cpu")) for n, p in group]
 
-    def weight_buckets(self, version: int, bucket_bytes: int) -> Iterator[WeightBucket | None]:
-        """Streaming generator (a Ray generator method): rank 0 yields packed buckets, other ranks only join the
-        gathers and yield None."""
+    def weight_buckets(
+        self, version: int, bucket_bytes: int, transport: str = "object_store", shm_dir: str | None = None
+    ) -> Iterator[WeightBucket | None]:
+        """Streaming generator (a Ray generator method): rank 0 yields one bucket per group of modules, other
+        ranks only join the ZeRO-3 gathers and yield None. object_store: the bucket with its bytes; shm: a
+        descriptor of a file in /dev/shm; torch_dist: a descriptor, then rank 0 broadcasts the bytes to the
+        engines, which receive as they load that bucket."""
         for i, named in enumerate(self._full_parameters(bucket_bytes)):
-            yield pack_bucket(version, i, named) if self.rank == 0 else None
+            if self.rank != 0:
+                yield None
+                continue
+            bucket = pack_bucket(version, i, named)
+            if transport == "object_store":
+                yield bucket
+            elif transport == "shm":
+                yield write_shm(bucket, shm_dir)
+            else:
+                yield bucket.descriptor("torch_dist")
+                buffer = torch.from_numpy(bucket.buffer)
+                broadcast_buffer(
+                    self.weight_group, buffer.to(self.device) if self.device.type == "cuda" else buffer
+                )
+
+    def open_weight_group(self, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins (and hosts) the process group it shares with the engines for the torch_dist transport."""
+        self.weight_group = open_weight_group(
+            node_address(), port, 0, world_size, timeout_s, self.cfg.backend
+        )
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor] | None:
         state = {}

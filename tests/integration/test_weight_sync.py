@@ -1,6 +1,9 @@
-"""Learner -> engines: after a training step and a sync, engines compute exactly the learner's logprobs."""
+"""Learner -> engines: after a training step and a sync, engines compute exactly the learner's logprobs;
+every transport; corruption, a silent engine and engine restarts."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -13,35 +16,111 @@ pytestmark = pytest.mark.integration
 PROBES = [[21, 22, 23, 15, 24, 25, 26, 33, 40, 41], [5, 6, 7, 8, 9, 10, 11, 12]]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_sync_after_step_serves_learner_weights(ray_cluster, tiny_model, stage):
-    import ray
-
+def make_pool(model_dir, namespace: str):
     from actors.rollout import RolloutPool
-    from learner.broadcast import WeightSync
 
-    group = make_group(tiny_model, stage)
     pool = RolloutPool(
-        ModelConfig(path=str(tiny_model), max_model_len=256),
+        ModelConfig(path=str(model_dir), max_model_len=256),
         RolloutConfig(num_engines=2, kv_cache_gib=0.25, sampling=SamplingConfig(max_tokens=8)),
-        namespace=f"aha-tests-sync-{stage}",
+        namespace=namespace,
     )
     pool.start()
+    return pool
+
+
+def max_diff(a, b) -> float:
+    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+
+
+def assert_engines_serve(pool, group, version: int) -> None:
+    import ray
+
+    expected = group.sequence_logprobs(PROBES)
+    for engine in pool.engines:
+        assert ray.get(engine.health.remote(), timeout=30)["version"] == version
+        assert max_diff(ray.get(engine.probe_logprobs.remote(PROBES), timeout=60), expected) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def stack(ray_cluster, tiny_model):
+    group = make_group(tiny_model, 2, namespace="aha-tests-sync-stack")
+    pool = make_pool(tiny_model, "aha-tests-sync-stack")
+    yield group, pool
+    pool.shutdown()
+    group.shutdown()
+
+
+def sync_with(stack, **cfg):
+    from learner.broadcast import WeightSync
+
+    group, pool = stack
+    return WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5, **cfg), PROBES)
+
+
+@pytest.mark.parametrize("transport", ["object_store", "shm", "torch_dist"])
+def test_every_transport_delivers_the_learner_weights(stack, transport):
+    group, pool = stack
+    before = group.sequence_logprobs(PROBES)
+    group.train_step(make_samples(8))
+    assert max_diff(before, group.sequence_logprobs(PROBES)) > 1e-3  # the weights moved
+    sync = sync_with(stack, transport=transport)
     try:
-        before = group.sequence_logprobs(PROBES)
+        version = group.steps
+        metrics, leftovers = sync.sync(version)
+    finally:
+        sync.close()
+    assert leftovers == [] and metrics["sync_buckets"] > 1 and metrics["sync_probe_max_diff"] < 1e-3
+    assert metrics["sync_bytes"] > 0
+    assert_engines_serve(pool, group, version)
+    assert {t.version for t in pool.generate_all([Prompt("p", "12+34=")]).trajectories} == {version}
+
+
+def test_corrupted_bucket_is_detected_and_named(stack):
+    from learner.broadcast import SyncError
+
+    group, pool = stack
+    sync = sync_with(stack)
+    sync.corrupt_bucket = 1
+    with pytest.raises(
+        SyncError, match=r"rollout-0: load v\d+ failed: .*bucket 1 of v\d+ failed its checksum"
+    ):
+        sync.sync(group.steps + 100)
+    sync.corrupt_bucket = None
+    sync.sync(group.steps)  # a clean sync repairs the half-loaded engines
+    assert_engines_serve(pool, group, group.steps)
+
+
+def test_silent_engine_fails_the_sync_within_the_timeout(stack):
+    from learner.broadcast import SyncError
+
+    group, pool = stack
+    pool.engines[1].__ray_call__.remote(lambda self: time.sleep(12))  # the engine stops answering
+    started = time.monotonic()
+    with pytest.raises(SyncError, match="rollout-1: no answer to begin update") as err:
+        sync_with(stack, timeout_s=4).sync(group.steps)
+    assert time.monotonic() - started < 10 and err.value.engines == [1]
+    time.sleep(12)  # let it wake up before the next test
+
+
+def test_failed_engine_is_restarted_and_synced_before_serving(stack):
+    group, pool = stack
+    group.train_step(make_samples(4, seed=5))
+    pool.engines[1].__ray_call__.remote(lambda self: time.sleep(60))
+    metrics, _ = sync_with(stack, timeout_s=6, on_engine_failure="restart").sync(group.steps)
+    assert metrics["sync_restarted_engines"] == 1
+    assert_engines_serve(pool, group, group.steps)
+
+
+def test_zero3_sync_to_two_engines(ray_cluster, tiny_model):
+    from learner.broadcast import WeightSync
+
+    group = make_group(tiny_model, 3, namespace="aha-tests-sync-z3")
+    pool = make_pool(tiny_model, "aha-tests-sync-z3")
+    try:
         group.train_step(make_samples(8))
-        after = group.sequence_logprobs(PROBES)
-        assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 1e-3  # weights moved
-        # Small buckets: several per sync, each a whole module.
-        sync = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5, probe_tolerance=1e-3), PROBES)
-        metrics, leftovers = sync.sync(version=1)
-        assert leftovers == [] and metrics["sync_buckets"] > 1 and metrics["sync_probe_max_diff"] < 1e-3
-        for engine in pool.engines:
-            assert ray.get(engine.health.remote(), timeout=30)["version"] == 1
-            got = ray.get(engine.probe_logprobs.remote(PROBES), timeout=60)
-            assert max(abs(a - b) for x, y in zip(got, after) for a, b in zip(x, y)) < 1e-3
-        trajectories = pool.generate_all([Prompt("p", "12+34=")]).trajectories
-        assert {t.version for t in trajectories} == {1}
+        metrics, _ = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5), PROBES).sync(1)
+        assert metrics["sync_buckets"] > 1
+        assert_engines_serve(pool, group, 1)
     finally:
         pool.shutdown()
         group.shutdown()
