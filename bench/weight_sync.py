@@ -1,11 +1,11 @@
-"""Weight sync: `WeightSync.sync` (learner -> N engines over the object store) vs moving the same bytes raw.
+"""Weight sync: `WeightSync.sync` (learner -> N engines, --transport) vs moving the same bytes raw.
 
 For a random Qwen2 (~50M params by default) trained by a 1-rank `LearnerGroup` (ZeRO-2; `--stage 3` for ZeRO-3)
 and served by `RolloutPool` engines, per engine count N:
   - sync_s: end-to-end `WeightSync.sync` to N engines, with verify off and on (median of --repeats);
-  - raw_s: the same bytes over the same transport: one `ray.put` of a flat uint8 numpy buffer of that size, then
-    N tiny actors (same resources and env as an engine) each `ray.get` it (zero-copy) and copy it into their own
-    preallocated buffer, timed end to end from the driver;
+  - raw_s: the same bytes over the same transport as one flat uint8 buffer to N tiny actors (same resources and
+    env as an engine): object_store = one `ray.put`, each actor `ray.get`s it (zero-copy) and copies it;
+    shm = one file in /dev/shm, each actor reads it; torch_dist = one gloo broadcast from a sender actor;
   - ratio_sync_over_raw = sync_s (verify off) / raw_s (target <= 1.5);
   - breakdown: gather_pack_s (rank 0 gathers, packs and puts every bucket: the streaming generator drained with
     no engine loading), load_s (begin_update + load_bucket of already-packed buckets + finish_update on N
@@ -60,16 +60,42 @@ from learner.group import LearnerGroup  # noqa: E402
 
 
 class Sink:
-    """Stands in for an engine on the raw path: receives a buffer from the object store and copies it in."""
+    """Stands in for an engine (or, as rank 0, for the learner) on the raw path of each transport."""
 
     def __init__(self) -> None:
         self.dest: np.ndarray | None = None
+        self.group = None
 
     def receive(self, buffer: np.ndarray) -> int:
+        """object_store: the buffer arrives as an argument (zero-copy get), copied into our own."""
         if self.dest is None or self.dest.nbytes != buffer.nbytes:
             self.dest = np.empty_like(buffer)
         np.copyto(self.dest, buffer)
         return int(self.dest.nbytes)
+
+    def read_file(self, path: str) -> int:
+        """shm: read the file written to /dev/shm."""
+        return self.receive(np.fromfile(path, dtype=np.uint8))
+
+    def address(self) -> tuple[str, int]:
+        from learner.worker import free_port, node_address
+
+        return node_address(), free_port()
+
+    def open_group(self, address: str, port: int, rank: int, world: int) -> None:
+        from actors.weights import open_weight_group
+
+        self.group = open_weight_group(address, port, rank, world, 600, "gloo")
+
+    def broadcast(self, nbytes: int, send: bool = False) -> int:
+        """torch_dist: rank 0 sends the buffer it received before, the others receive `nbytes` into a fresh
+        tensor."""
+        import torch
+
+        from actors.weights import broadcast_buffer
+
+        tensor = torch.from_numpy(self.dest) if send else torch.empty(nbytes, dtype=torch.uint8)
+        return int(broadcast_buffer(self.group, tensor).numel())
 
 
 class Memory:
@@ -109,6 +135,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--engines", type=int, nargs="+", help="engine counts (default 1 2; --quick: 1)")
     p.add_argument("--stage", type=int, default=2, choices=[1, 2, 3], help="ZeRO stage of the 1-rank learner")
     p.add_argument("--bucket-mb", type=float, default=64.0)
+    p.add_argument(
+        "--transport",
+        default="object_store",
+        choices=["object_store", "shm", "torch_dist"],
+        help="weight transport (torch_dist syncs every engine: run it once per engine count)",
+    )
     p.add_argument("--probes", type=int, default=2, help="probe sequences for verify")
     p.add_argument("--probe-len", type=int, default=16, help="tokens per probe sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
@@ -139,7 +171,12 @@ class SyncBench:
 
     def __init__(self, group: LearnerGroup, pool: RolloutPool, sinks: list, args, probes: list[list[int]]):
         self.group, self.pool, self.sinks, self.args = group, pool, sinks, args
-        base = {"bucket_mb": args.bucket_mb, "timeout_s": 900, "probe_tolerance": 1e-3}
+        base = {
+            "bucket_mb": args.bucket_mb,
+            "timeout_s": 900,
+            "probe_tolerance": 1e-3,
+            "transport": args.transport,
+        }
         self.sync_on = WeightSync(group, pool, WeightSyncConfig(verify=True, **base), probes)
         self.sync_off = WeightSync(group, pool, WeightSyncConfig(verify=False, **base), probes)
         self.bucket_bytes = int(args.bucket_mb * 2**20)
@@ -147,6 +184,7 @@ class SyncBench:
         self.packed: list = []  # refs of buckets packed once, for the engine-side load measurement
         self.packed_version = 0
         self.flat: np.ndarray | None = None
+        self.raw_group = 0  # torch_dist raw path: receivers in the current group
 
     def sync(self, verify: bool, engines: list[int] | None, metrics: list | None = None) -> None:
         self.version += 1
@@ -189,12 +227,36 @@ class SyncBench:
         ray.get([e.finish_update.remote(v) for e in engines], timeout=900)
 
     def raw(self, n: int) -> None:
-        """The same bytes over the same transport: one put, n actors get and copy it."""
+        """The same bytes over the same transport, as one flat buffer to n sinks."""
         assert self.flat is not None
-        ref = ray.put(self.flat)
-        got = ray.get([s.receive.remote(ref) for s in self.sinks[:n]], timeout=900)
+        sinks = self.sinks[:n]
+        if self.args.transport == "shm":
+            path = f"/dev/shm/aha-bench-raw-{os.getpid()}.bin"
+            self.flat.tofile(path)
+            got = ray.get([s.read_file.remote(path) for s in sinks], timeout=900)
+            os.unlink(path)
+        elif self.args.transport == "torch_dist":
+            if self.raw_group != n:  # the sender is the last sink; the group is sender + n receivers
+                sender = self.sinks[-1]
+                address, port = ray.get(sender.address.remote(), timeout=60)
+                members = [sender, *sinks]
+                ray.get(
+                    [m.open_group.remote(address, port, r, n + 1) for r, m in enumerate(members)], timeout=300
+                )
+                ray.get(
+                    sender.receive.remote(self.flat), timeout=300
+                )  # the sender holds the bytes, like rank 0
+                self.raw_group = n
+            nbytes = self.flat.nbytes
+            refs = [self.sinks[-1].broadcast.remote(nbytes, True)] + [
+                s.broadcast.remote(nbytes) for s in sinks
+            ]
+            got = ray.get(refs, timeout=900)[1:]
+        else:
+            ref = ray.put(self.flat)
+            got = ray.get([s.receive.remote(ref) for s in sinks], timeout=900)
+            del ref
         assert got == [self.flat.nbytes] * n
-        del ref
 
     def engines(self, n: int) -> dict:
         repeats, idx = self.args.repeats, list(range(n))
@@ -297,7 +359,7 @@ def main() -> None:
             pool.start()
             pool_startup_s = time.perf_counter() - started
             sink_cls = ray.remote(Sink).options(num_cpus=1, runtime_env=actor_runtime_env(1), max_restarts=0)
-            sinks = [sink_cls.remote() for _ in range(max_n)]
+            sinks = [sink_cls.remote() for _ in range(max_n + 1)]  # + a sender for the torch_dist raw path
             memory.sample()
             # One training step, so the engines' start-up weights differ from the learner's (verify means it).
             batch = [
@@ -343,7 +405,7 @@ def main() -> None:
             "dtype": "float32",
             "tied_embeddings": True,
         },
-        "transport": "object_store",
+        "transport": args.transport,
         "learner": {"ranks": 1, "zero_stage": args.stage, "startup_s": round(group_startup_s, 1)},
         "engines_startup_s": round(pool_startup_s, 1),
         "bucket_mb": args.bucket_mb,

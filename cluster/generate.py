@@ -86,7 +86,7 @@ def sample_row(
     traj: Trajectory, prompt_index: int, model: str, sampling: dict[str, Any], pass_threshold: float
 ) -> dict[str, Any]:
     """One dataset row of a scored trajectory (`kept` is decided later, by `select`)."""
-    reward = float(traj.reward if traj.reward is not None else float("nan"))
+    reward = float(traj.reward)  # the reward pool scores every sample (error_reward when scoring failed)
     return {
         "id": f"{traj.prompt_id}/{traj.sample_index}",
         "prompt_id": traj.prompt_id,
@@ -254,7 +254,13 @@ class DatasetFiles:
                     "same settings, or write to another generate.output (or drop --resume to start over)"
                 )
             for which in ("kept", "all"):
-                with open(self.jsonl(which), "a+b") as f:
+                path = self.jsonl(which)
+                if not path.is_file() or path.stat().st_size < state.bytes[which]:
+                    raise ConfigError(
+                        f"{path} is missing or shorter than the {state.bytes[which]} bytes {self.state} "
+                        "committed: it was changed outside aha generate; start over without --resume"
+                    )
+                with open(path, "r+b") as f:
                     f.truncate(state.bytes[which])
             return state
         if resume:

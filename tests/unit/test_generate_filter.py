@@ -118,6 +118,9 @@ def test_files_resume_at_the_committed_size(tmp_path):
     assert [r["id"] for r in files.read("kept")] == ["p0/1", "p0/2"]
     with pytest.raises(ConfigError, match="different dedup"):
         files.open({**settings, "dedup": True}, resume=True)
+    files.all.write_bytes(b"")  # a file shorter than its committed size cannot be resumed
+    with pytest.raises(ConfigError, match="shorter than"):
+        files.open(settings, resume=True)
     fresh = files.open(settings, resume=False)  # without --resume: start over
     assert fresh.cursor == 0 and files.read("all") == [] and files.read("kept") == []
 

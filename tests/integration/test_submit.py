@@ -1,0 +1,280 @@
+"""`aha submit` against a real Ray cluster: a head started with `ray start --head` on explicit ports, a private
+temp dir and token authentication; the tiny CPU job goes through Ray Jobs, reaches SUCCEEDED, writes its run
+outputs, and its metrics reach the node's Prometheus endpoint under the names the Grafana dashboard queries.
+
+Only this test's own cluster is stopped afterwards: every process in the session of its `ray start`, plus any
+process whose command line names its temp dir, and their descendants (never `ray stop`, which stops every Ray
+on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the venv's bin: aha, ray
+DEMO = ROOT / "deploy" / "examples" / "cpu_demo.yaml"
+DASHBOARD_JSON = ROOT / "deploy" / "grafana" / "aha-dashboard.json"
+TINY = [
+    "imitation.steps=2",
+    "schedule.steps=2",
+    "schedule.prompts_per_step=8",
+    "schedule.eval_prompts=8",
+    "rollout.num_engines=1",
+    "reward.num_workers=1",
+    "learner.num_ranks=1",
+    "logging.progress=false",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_range(size: int = 100) -> tuple[int, int]:
+    """A block of free ports below the kernel's ephemeral range, for Ray's worker processes."""
+    for _ in range(50):
+        low = random.randrange(20_000, 30_000 - size)
+        if all(_port_is_free(p) for p in range(low, low + size)):
+            return low, low + size - 1
+    raise RuntimeError("no free block of worker ports")
+
+
+class RayHead:
+    """A Ray head of our own, and a way to stop exactly it."""
+
+    def __init__(self, work: Path):
+        self.temp_dir = tempfile.mkdtemp(prefix="aha-ray-")  # short: Ray's socket paths must stay < 108 chars
+        self.token = secrets.token_hex(32)
+        self.dashboard_port, self.metrics_port = _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        low, high = _free_range()
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's entrypoint `aha` is found here
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+        }
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={_free_port()}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
+            "--num-cpus=8",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
+        self.log = (work / "ray-start.log").open("w")
+        # Its own session: every daemon it starts inherits the session id, which is how teardown finds them.
+        self.starter = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.sid = self.starter.pid
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        request = urllib.request.Request(
+            f"{self.address}/api/version", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"Ray dashboard at {self.address} did not answer within {timeout_s:.0f} s")
+
+    def processes(self) -> set[psutil.Process]:
+        found = set()
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                mine = os.getsid(p.pid) == self.sid or any(
+                    self.temp_dir in arg for arg in p.info["cmdline"] or []
+                )
+                if mine:
+                    found.add(p)
+                    found.update(p.children(recursive=True))
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
+        return {p for p in found if p.pid != os.getpid()}
+
+    def stop(self) -> list[int]:
+        """Terminate this cluster's processes, then kill what is left; returns the pids still alive."""
+        for _ in range(3):
+            procs = self.processes()
+            if not procs:
+                break
+            for p in procs:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except psutil.Error:
+                    pass
+            _, alive = psutil.wait_procs(list(procs), timeout=15)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=10)
+        self.log.close()
+        left = sorted(p.pid for p in self.processes())
+        if not left:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    head = RayHead(tmp_path)
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        left = head.stop()
+        assert not left, f"processes of the test cluster still alive: {left}"
+
+
+def _aha(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "aha"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def _dashboard_metrics() -> set[str]:
+    dashboard = json.loads(DASHBOARD_JSON.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    return {m for e in exprs for m in re.findall(r"\bray_aha_\w+", e)}
+
+
+def test_submit_tiny_job_to_a_real_cluster(ray_head, tmp_path):
+    from cluster.models import make_tiny_model
+
+    # The uploaded folder holds only the config and the tiny model: `aha` itself is installed on the cluster.
+    work = tmp_path / "job"
+    work.mkdir()
+    shutil.copy(DEMO, work / "cpu_demo.yaml")
+    make_tiny_model(work / "models" / "tiny-addition", seed=0)
+    run_dir = tmp_path / "outputs"
+    overrides = [*TINY, f"logging.run_dir={run_dir}"]
+
+    client_env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_MODE"}  # aha finds the token itself
+    started = time.monotonic()
+    done = _aha(
+        "submit",
+        str(work / "cpu_demo.yaml"),
+        *overrides,
+        "--address",
+        ray_head.address,
+        "--working-dir",
+        str(work),
+        "--wait",
+        env=client_env,
+        timeout=300,
+    )
+    elapsed = time.monotonic() - started
+    out = done.stdout
+    assert done.returncode == 0, f"{out[-4000:]}\n{done.stderr[-4000:]}"
+    job_id = re.search(r"^submitted (\S+)", out, re.M).group(1)
+    assert job_id.startswith("cpu-demo-")
+    assert "cluster.address=auto" in out  # joins the cluster it runs on, never a local Ray
+    assert f"{job_id}: SUCCEEDED" in out
+    assert '"steps": 2' in out  # the job's own summary, streamed back by --wait
+    print(f"submit --wait took {elapsed:.0f} s")
+
+    # The run's outputs, where logging.run_dir put them.
+    for name in ("metrics.jsonl", "summary.json", "report.png", "config.yaml", "final_model/config.json"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["imitation_steps"], summary["failed_prompts"]) == (2, 2, 0)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["cluster"]["address"] == "auto"
+
+    # The other verbs, and Ray's own CLI as the docs show it (it needs RAY_AUTH_MODE=token to send the token).
+    status = _aha("status", job_id, "--address", ray_head.address, env=client_env)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout, status.stderr
+    logs = _aha("logs", job_id, "--address", ray_head.address, env=client_env)
+    assert '"final_model"' in logs.stdout, logs.stderr[-2000:]
+    stop = _aha("stop", job_id, "--address", ray_head.address, env=client_env)
+    assert stop.returncode == 0 and "already finished" in stop.stdout, stop.stderr
+    ray_status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", job_id, "--address", ray_head.address],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "SUCCEEDED" in ray_status.stdout + ray_status.stderr, ray_status.stderr[-2000:]
+
+    # Metrics: every key of metrics.jsonl is exported as a Prometheus gauge `ray_aha_<key>` with the job's name
+    # as a tag, and every metric the Grafana dashboard queries is among them. Metrics are reported every few
+    # seconds, so poll.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    keys = {k for r in records for k in r if k not in ("step", "time_s")}
+    expected = {"ray_aha_" + re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in keys}
+    deadline = time.monotonic() + 60
+    while True:
+        text = _scrape(ray_head.metrics_port)
+        exported = set(re.findall(r'^(ray_aha_\w+)\{[^}]*\bjob="cpu-demo"', text, re.M))
+        if expected <= exported or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert expected <= exported, f"not exported: {sorted(expected - exported)}"
+    assert _dashboard_metrics() <= exported, f"dashboard queries unknown metrics: {_dashboard_metrics() - exported}"
+
+    # docs/operations.md documents every metric the run wrote (names with <...> stand for a family).
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    undocumented = sorted(k for k in keys if f"`{k}`" not in documented and not _family_documented(k, documented))
+    assert not undocumented, f"metrics missing from docs/operations.md: {undocumented}"
+
+
+def _family_documented(key: str, text: str) -> bool:
+    """`monitor/phrase/wait` is covered by a documented `monitor/phrase/<phrase>`."""
+    head = key.rsplit("/", 1)[0]
+    return re.search(rf"`{re.escape(head)}/<\w+>`", text) is not None
