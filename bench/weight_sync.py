@@ -351,6 +351,7 @@ def main() -> None:
             namespace=f"aha-bench-sync-pool-{pid}",
         )
         sinks: list = []
+        bench = None
         try:
             started = time.perf_counter()
             group.start()
@@ -385,6 +386,9 @@ def main() -> None:
             try:
                 for s in sinks:
                     ray.kill(s, no_restart=True)
+                if bench is not None:
+                    bench.sync_on.close()
+                    bench.sync_off.close()
                 pool.shutdown()  # engines first: vLLM leaks shared memory if Ray goes down under it
             finally:
                 try:

@@ -232,6 +232,7 @@ class Run:
             if sched.mode == "async":
                 self._submit_prompts(sched.prompts_per_step)  # the next step generates while this one trains
             trajectories = [t for g in groups for t in g]
+            self._log_prompts([g[0].prompt_id for g in groups])
             rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
             group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
             advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
@@ -269,14 +270,19 @@ class Run:
                 self.checkpoint()
         progress.close()
 
+    def _log_prompts(self, prompt_ids: list[str]) -> None:
+        """prompts.jsonl: which prompts each step trained on (an audit trail for resumes)."""
+        with (self.run_dir / "prompts.jsonl").open("a") as f:
+            f.write(json.dumps({"step": self.state.step + 1, "prompts": prompt_ids}) + "\n")
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
         directory = self.run_dir / "checkpoints"
         tag = f"step-{self.state.step:06d}-v{self.state.version}"
-        if self.pool.pending():
-            raise RuntimeError(
-                "checkpoint with prompts in flight: async checkpoints happen between steps only"
-            )
+        while (
+            self.pool.pending()
+        ):  # async: prompts in flight are finished and stored, so none is lost on resume
+            self._score_and_store(self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2))
         self.state.rng = self.rng.getstate()
         buffer_state = self._get(self.buffer.state_dict.remote(), "state_dict")
         self.group.save_checkpoint(
