@@ -27,7 +27,7 @@ from cluster.config import JobConfig, dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
 from cluster.metrics import MetricsLogger, write_report
 from cluster.monitor import trajectory_metrics
-from cluster.runtime import apply_base_env
+from cluster.runtime import apply_base_env, init_ray
 
 
 @dataclass
@@ -69,11 +69,7 @@ class Run:
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        if not ray.is_initialized():
-            if cfg.cluster.address is None:  # local Ray (or the cluster named by RAY_ADDRESS under Ray Jobs)
-                ray.init(num_cpus=cfg.cluster.num_cpus, namespace=cfg.cluster.namespace)
-            else:
-                ray.init(address=cfg.cluster.address, namespace=cfg.cluster.namespace)
+        init_ray(cfg.cluster)
         self.namespace = cfg.cluster.namespace
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name)

@@ -143,7 +143,7 @@ def test_help_is_instant_and_complete():
         [sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 0
-    for verb in ("validate", "run", "submit", "make-tiny-model", "convert-smollm2"):
+    for verb in ("validate", "run", "submit", "generate", "make-tiny-model", "convert-smollm2"):
         assert verb in proc.stdout
 
 
