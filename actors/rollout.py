@@ -8,11 +8,13 @@ generate call on the same engine; the pool additionally stops dispatching while 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +151,10 @@ class RolloutWorker:
             self.updating_to = None
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
         # The worker's own reload: on the CPU build a bare model.load_weights leaves the repacked kernels stale.
-        self._driver_worker().reload_weights(weights_iterator=bucket.tensors())
+        # A bucket holds some modules only, so vLLM warns about every other module ("Failed to load weights",
+        # "not loaded from checkpoint"): expected here, and silenced; the probe after the sync checks the result.
+        with _quiet_reload_logs():
+            self._driver_worker().reload_weights(weights_iterator=bucket.tensors())
         return bucket.nbytes
 
     def open_weight_group(
@@ -190,6 +195,23 @@ class RolloutWorker:
                 self.llm = None
                 del llm
                 gc.collect()
+
+
+@contextmanager
+def _quiet_reload_logs():
+    names = (
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+    )
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------------------------
