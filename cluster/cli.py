@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
     p.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish and exit with its status")
+    p.add_argument("--resume", action="store_true", help="the job continues from its latest checkpoint")
 
     for verb, text in (
         ("status", "show a submitted job's status"),
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=text)
         p.add_argument("job_id")
         p.add_argument("--address", required=True, help="Ray dashboard URL")
+        if verb == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model with a character tokenizer")
     p.add_argument("path")
@@ -111,10 +114,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         load_config(args.config, args.overrides)  # fail here, not on the cluster
         from cluster.jobs import submit
 
-        return submit(args.config, args.overrides, args.address, args.working_dir, wait=args.wait)
+        return submit(
+            args.config, args.overrides, args.address, args.working_dir, wait=args.wait, resume=args.resume
+        )
     if args.verb in ("status", "logs", "stop"):
         from cluster import jobs
 
+        if args.verb == "logs":
+            return jobs.job_logs(args.job_id, args.address, follow=args.follow)
         return getattr(jobs, f"job_{args.verb}")(args.job_id, args.address)
     if args.verb == "make-tiny-model":
         from cluster.models import make_tiny_model

@@ -62,8 +62,11 @@ def _excluded(path: str, patterns: list[str]) -> str | None:
     return None
 
 
-def job_request(config: str, overrides: list[str], working_dir: str = ".") -> JobRequest:
-    """Validate the config and build the Ray Jobs request: raises ConfigError naming what would break remotely."""
+def job_request(
+    config: str, overrides: list[str], working_dir: str = ".", resume: bool = False
+) -> JobRequest:
+    """Validate the config and build the Ray Jobs request: raises ConfigError naming what would break remotely.
+    `resume` runs `aha run --resume` (continue from the checkpoint in logging.run_dir)."""
     cfg = load_config(config, overrides)
     root = Path(working_dir).resolve()
     if not root.is_dir():
@@ -103,7 +106,8 @@ def job_request(config: str, overrides: list[str], working_dir: str = ".") -> Jo
         )
     # `cluster.address=auto`: join the cluster the job runs on (Ray Jobs sets RAY_ADDRESS), never a local Ray,
     # and never pass cluster.num_cpus, which Ray refuses when connecting to an existing cluster.
-    entrypoint = shlex.join(["aha", "run", str(config_rel), *overrides, "cluster.address=auto"])
+    argv = ["aha", "run", str(config_rel), *overrides, "cluster.address=auto"]
+    entrypoint = shlex.join([*argv, "--resume"] if resume else argv)
     return JobRequest(
         submission_id=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
         entrypoint=entrypoint,
@@ -120,10 +124,10 @@ def job_request(config: str, overrides: list[str], working_dir: str = ".") -> Jo
 def auth_token() -> str | None:
     """The Ray auth token of this machine, unless RAY_AUTH_MODE=disabled.
 
-    Since Ray 2.5x, `ray start --head` on a machine that has a token turns on token authentication for the
-    dashboard, and `ray.init()` creates one in ~/.ray/auth_token. Ray's own clients send it only when
-    RAY_AUTH_MODE=token is set; aha sends it whenever one exists: RAY_AUTH_TOKEN, else the file named by
-    RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. A cluster without authentication ignores it.
+    With Ray 2.60 (the pinned version), `ray start --head` on a machine that has a token turns on token
+    authentication for the dashboard, and `ray.init()` creates one in ~/.ray/auth_token. Ray's own clients
+    send it only when RAY_AUTH_MODE=token is set; aha sends it whenever one exists: RAY_AUTH_TOKEN, else the
+    file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. A cluster without authentication ignores it.
     """
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return None
@@ -151,11 +155,16 @@ def _client(address: str):
 
 
 def submit(
-    config: str, overrides: list[str], address: str, working_dir: str = ".", wait: bool = False
+    config: str,
+    overrides: list[str],
+    address: str,
+    working_dir: str = ".",
+    wait: bool = False,
+    resume: bool = False,
 ) -> int:
     """`aha submit`: upload the working dir and start `aha run`; with `wait`, stream the logs until the job ends
     and return 0 only if it SUCCEEDED."""
-    req = job_request(config, overrides, working_dir)
+    req = job_request(config, overrides, working_dir, resume=resume)
     for note in req.notes:
         print(f"aha: note: {note}", file=sys.stderr)
     client = _client(address)

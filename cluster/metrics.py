@@ -46,10 +46,11 @@ class MetricsLogger:
         from ray.util.metrics import Gauge
 
         for k, v in values.items():
+            # tag "aha_job", not "job": Prometheus renames a scraped "job" label to "exported_job"
             name = "aha_" + re.sub(r"[^a-zA-Z0-9_]", "_", k)
             if name not in self._gauges:
-                self._gauges[name] = Gauge(name, description=f"aha metric {k}", tag_keys=("job",))
-            self._gauges[name].set(v, tags={"job": self.job})
+                self._gauges[name] = Gauge(name, description=f"aha metric {k}", tag_keys=("aha_job",))
+            self._gauges[name].set(v, tags={"aha_job": self.job})
 
     def close(self) -> None:
         self.file.close()

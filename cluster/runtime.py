@@ -60,7 +60,9 @@ def init_ray(cluster: ClusterConfig) -> None:
 
     if ray.is_initialized():
         return
-    if cluster.address is None:
-        ray.init(num_cpus=cluster.num_cpus, namespace=cluster.namespace)
+    if cluster.address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=cluster.num_cpus, namespace=cluster.namespace)  # a local Ray of this size
+    elif cluster.address is None:  # under Ray Jobs or on a cluster node: join it, its size is its own
+        ray.init(namespace=cluster.namespace)
     else:
         ray.init(address=cluster.address, namespace=cluster.namespace)

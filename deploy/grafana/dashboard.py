@@ -3,9 +3,8 @@
     python deploy/grafana/dashboard.py > deploy/grafana/aha-dashboard.json     (a test checks the file is current)
 
 aha's driver sets one Ray Gauge per metric (cluster/metrics.py): `aha_<metric, non-alphanumerics -> _>` with the
-tag `job` = the job's name. Ray exports it to Prometheus as `ray_aha_<...>`. Ray's scrape config names its scrape
-job `ray` and does not honour target labels, so Prometheus stores aha's `job` tag as `exported_job`; the
-dashboard filters on that label. tests/integration/test_submit.py checks that every metric queried here is
+tag `aha_job` = the job's name. Ray exports it to Prometheus as `ray_aha_<...>`. The tag is not called `job`
+because Prometheus renames a scraped `job` label to `exported_job`; the dashboard filters on `aha_job`. tests/integration/test_submit.py checks that every metric queried here is
 exported by a real run.
 """
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-JOB_LABEL = "exported_job"
+JOB_LABEL = "aha_job"
 """The Prometheus label that holds the aha job's name (see the module docstring)."""
 
 # (title, unit, [(metric, legend)], description) per panel; rows of three.

@@ -389,6 +389,10 @@ def test_submit_request_runs_aha_run_on_the_uploaded_config(job_dir):
     assert req.metadata == {"aha_job": "cpu-demo", "aha_config": "job.yaml"}
     assert re.fullmatch(r"cpu-demo-\d{8}-\d{6}-[0-9a-f]{4}", req.submission_id)
     assert req.notes == []  # run_dir is absolute
+    resumed = job_request(
+        str(job_dir / "job.yaml"), ["logging.run_dir=/data/{name}"], str(job_dir), resume=True
+    )
+    assert shlex.split(resumed.entrypoint)[-2:] == ["cluster.address=auto", "--resume"]
 
 
 def test_submit_request_keeps_the_users_runtime_env_and_warns_about_relative_run_dirs(job_dir):
