@@ -67,3 +67,14 @@ def test_run_finishes_with_versions_and_bounded_staleness(ray_cluster, tiny_mode
     )
     assert all(r["sync_probe_max_diff"] < 1e-3 for r in steps)
     assert any("eval/accuracy" in r for r in records)
+
+
+def test_sync_mode_is_reproducible_with_a_seed(ray_cluster, tiny_model, tmp_path):
+    small = ["rollout.num_engines=1", "reward.num_workers=1", "learner.num_ranks=1", "schedule.steps=3"]
+    curves = []
+    for attempt in ("a", "b"):
+        _, records = run_job(tmp_path / attempt, tiny_model, "sync", small)
+        # what the engines sampled (lengths, logprobs) and what the learner computed on it, step by step
+        keys = ("completion_len", "train/logprob", "train/entropy", "reward_mean", "train/loss")
+        curves.append([tuple(r[k] for k in keys) for r in records if "reward_mean" in r])
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
