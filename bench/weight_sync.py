@@ -9,8 +9,8 @@ and served by `RolloutPool` engines, per engine count N:
   - ratio_sync_over_raw = sync_s (verify off) / raw_s (target <= 1.5);
   - breakdown: gather_pack_s (rank 0 gathers, packs and puts every bucket: the streaming generator drained with
     no engine loading), load_s (begin_update + load_bucket of already-packed buckets + finish_update on N
-    engines: object-store get, crc32 check, reload_weights, prefix-cache reset), probe_s (`WeightSync.verify`:
-    learner and engine logprobs on the probe sequences), crc32_s (one crc32 over all buckets, on the driver).
+    engines: object-store get, checksum check, reload_weights, prefix-cache reset), probe_s (`WeightSync.verify`:
+    learner and engine logprobs on the probe sequences), checksum_s (one checksum over all buckets, on the driver).
 
     .venv/bin/python bench/weight_sync.py                     # ~52M params, 1 and 2 engines
     .venv/bin/python bench/weight_sync.py --stage 3
@@ -35,7 +35,6 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -43,6 +42,7 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from actors.rollout import RolloutPool  # noqa: E402
+from actors.weights import checksum  # noqa: E402
 from cluster.config import (  # noqa: E402
     AlgorithmConfig,
     LearnerConfig,
@@ -207,8 +207,8 @@ class SyncBench:
         nbytes = sum(b.nbytes for b in buckets)
         started = time.perf_counter()
         for b in buckets:
-            zlib.crc32(memoryview(b.buffer))
-        crc32_s = time.perf_counter() - started
+            checksum(b.buffer)
+        checksum_s = time.perf_counter() - started
         del buckets
         self.flat = np.frombuffer(np.random.default_rng(0).bytes(nbytes), dtype=np.uint8)
         return {
@@ -216,7 +216,7 @@ class SyncBench:
             "buckets": len(self.packed),
             "gather_pack_s": median(gather_pack),
             "gather_pack_runs_s": [round(x, 4) for x in gather_pack],
-            "crc32_s_all_buckets": round(crc32_s, 4),
+            "checksum_s_all_buckets": round(checksum_s, 4),
         }
 
     def load(self, n: int) -> None:

@@ -295,7 +295,8 @@ class WeightSyncConfig(Section):
     bucket_mb: float = Field(64.0, gt=0)
     """Bucket size in MB."""
     verify: bool = True
-    """After a load, each engine reports a checksum of its weights that the learner compares with its own."""
+    """After a load, compare each engine's logprobs on the probe sequences with the learner's and fail, naming
+    the engine, beyond probe_tolerance. (Every bucket's checksum is checked regardless.)"""
     timeout_s: float = Field(120.0, gt=0)
     """Limit for one sync to all engines."""
     probe_tolerance: float = Field(1e-3, gt=0)

@@ -8,7 +8,7 @@ One sync to version v:
   4. every engine closes the update (re-processes tied heads, drops its prefix cache) and serves v;
   5. verify: each engine's logprobs on fixed probe sequences must equal the learner's own within a tolerance;
   6. resume the pool.
-Each bucket carries a crc32 that the engine checks before loading it. Any failure names the engine; with
+Each bucket carries a checksum (xxh3-64) that the engine checks before loading it. Any failure names the engine; with
 `on_engine_failure: restart` the failed engines are replaced and synced before they serve again.
 
 Transports (`weight_sync.transport`) differ only in how a bucket's bytes travel; the driver always forwards one
