@@ -96,6 +96,7 @@ class WeightSync:
             deadline,
             f"begin update v{version}",
         )
+        began = time.perf_counter()
         loads: dict[Any, int] = {}
         buckets = 0
         stream = self.group.weight_buckets(
@@ -109,7 +110,9 @@ class WeightSync:
                     i  # the engine fetches the bucket (or receives its broadcast)
                 )
             buckets += 1
+        streamed = time.perf_counter()
         sizes = self._wait(loads, deadline, f"load v{version}")
+        loaded = time.perf_counter()
         self._wait(
             {e.finish_update.remote(version): i for i, e in engines.items()},
             deadline,
@@ -122,6 +125,11 @@ class WeightSync:
         probe_diff = self.verify(targets, deadline) if self.cfg.verify else 0.0
         return {
             "sync_transfer_s": transfer_s,
+            "sync_begin_s": began - started,  # open the update on every engine (and any transport set-up)
+            "sync_stream_s": streamed
+            - began,  # until rank 0 produced the last bucket (engines load meanwhile)
+            "sync_load_tail_s": loaded - streamed,  # engines finishing the loads after the last bucket
+            "sync_finish_s": started + transfer_s - loaded,  # close the update: tied head, prefix cache
             "sync_bytes": float(sum(sizes) // max(len(engines), 1)),
             "sync_buckets": float(buckets),
             "sync_probe_max_diff": probe_diff,
