@@ -198,6 +198,16 @@ class Run:
         self.state.cursor += count
         self.pool.submit(prompts)
 
+    def _prefetch_next_step(self) -> None:
+        """Keep exactly one step of prompts ahead: in flight or already buffered, never more (more would only
+        go stale and be dropped)."""
+        if self.pool.pending():
+            return
+        buffered = self._get(self.buffer.num_ready.remote(self.state.version), "num_ready")
+        missing = self.cfg.schedule.prompts_per_step - buffered
+        if missing > 0:
+            self._submit_prompts(missing)
+
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
         """Generate and score until the buffer holds `num_groups` fresh complete groups; take them."""
         started = time.perf_counter()
@@ -222,11 +232,9 @@ class Run:
         progress = _progress(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
         while self.state.step < sched.steps:
             step_started = time.perf_counter()
-            if sched.mode == "async" and not self.pool.pending():
-                self._submit_prompts(sched.prompts_per_step)
             groups, gen_metrics = self._collect(sched.prompts_per_step)
             if sched.mode == "async":
-                self._submit_prompts(sched.prompts_per_step)  # the next step generates while this one trains
+                self._prefetch_next_step()  # the next step generates while this one trains
             trajectories = [t for g in groups for t in g]
             self._log_prompts([g[0].prompt_id for g in groups])
             rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
