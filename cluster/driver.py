@@ -47,6 +47,7 @@ class Run:
         self.cfg = cfg.resolved()
         self.run_dir = self.cfg.run_dir
         self.state = RunState()
+        self.tokens_generated = 0  # completion tokens scored and stored so far (for throughput metrics)
         self.source: PromptSource = make_source(self.cfg.data)
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class Run:
             self.state.failed_prompts += list(done.failed)
         if not done.trajectories:
             return 0
+        self.tokens_generated += sum(len(t.completion_ids) for t in done.trajectories)
         scored = self.rewards.score(done.trajectories)
         self._get(self.buffer.add.remote(scored), "add")
         return len(scored)
@@ -211,17 +213,15 @@ class Run:
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
         """Generate and score until the buffer holds `num_groups` fresh complete groups; take them."""
         started = time.perf_counter()
-        tokens = 0
         per_step = self.cfg.schedule.prompts_per_step
         while self._get(self.buffer.num_ready.remote(self.state.version), "num_ready") < num_groups:
             if not self.pool.pending():
                 self._submit_prompts(per_step)  # first submission, or a refill after drops (dynamic sampling)
             done = self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2)
-            tokens += sum(len(t.completion_ids) for t in done.trajectories)
             self._score_and_store(done)
         groups = self._get(self.buffer.take.remote(num_groups, self.state.version), "take")
         elapsed = time.perf_counter() - started
-        return groups, {"generate_score_s": elapsed, "rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
+        return groups, {"generate_score_s": elapsed}
 
     def train(self) -> None:
         from learner.algorithms import AdvantageInputs, compute_advantages
@@ -231,7 +231,7 @@ class Run:
         sched = cfg.schedule
         progress = _progress(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
         while self.state.step < sched.steps:
-            step_started = time.perf_counter()
+            step_started, tokens_before = time.perf_counter(), self.tokens_generated
             groups, gen_metrics = self._collect(sched.prompts_per_step)
             if sched.mode == "async":
                 self._prefetch_next_step()  # the next step generates while this one trains
@@ -265,6 +265,10 @@ class Run:
                 metrics.update(self.evaluate())
             metrics.update(self._get(self.buffer.stats.remote(), "stats"))
             metrics["step_s"] = time.perf_counter() - step_started
+            # completion tokens whose generation finished during this step, per second of the step (in async mode
+            # they belong to the next step's batch)
+            metrics["rollout_tokens"] = float(self.tokens_generated - tokens_before)
+            metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / metrics["step_s"]
             self.metrics.log(self.state.version, metrics)
             progress.update(1)
             progress.set_postfix(
