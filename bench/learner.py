@@ -68,8 +68,9 @@ class TorchReference:
         """One optimizer step in micro-batches of `micro`; mirrors LearnerWorker.train_step (metric sums too)."""
         import torch
 
-        from learner.algorithms import LossInputs, aggregate, compute_loss, token_entropy, token_logprobs
+        from learner.algorithms import token_logprobs
         from learner.batch import collate
+        from learner.worker import micro_batch_loss
 
         started = time.perf_counter()
         algo = self.algo
@@ -81,29 +82,8 @@ class TorchReference:
             mb = collate(ordered[start : start + micro], pad_id)
             logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
             logprobs = token_logprobs(logits, mb.targets)
-            mask = mb.loss_mask
-            with torch.no_grad():
-                entropy = token_entropy(logits) if algo.entropy_coef == 0 else None
-            if algo.entropy_coef > 0:
-                entropy = token_entropy(logits)
-            inputs = LossInputs(
-                logprobs=logprobs,
-                old_logprobs=logprobs.detach(),
-                behaviour_logprobs=mb.behaviour_logprobs,
-                advantages=mb.advantages,
-                mask=mask,
-                ref_logprobs=None,
-                entropy=entropy,
-            )
-            out = compute_loss(inputs, algo)
-            loss = aggregate(
-                out.per_token,
-                mask,
-                algo.loss_agg,
-                total_tokens=totals.total_tokens,
-                total_sequences=totals.total_sequences,
-                max_tokens=totals.max_tokens,
-            )
+            loss, out = micro_batch_loss(logprobs, logits, mb, totals, algo)
+            mask = out.mask
             loss.backward()
             sums["loss"] += loss.item()
             sums["tokens"] += mask.sum().item()

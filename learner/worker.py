@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,49 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+@dataclass
+class MicroBatchLoss:
+    per_token: torch.Tensor  # (B, T) the algorithm's masked per-token loss
+    metrics: dict[str, torch.Tensor]  # name -> (B, T)
+    mask: torch.Tensor  # (B, T)
+    behaviour_logprobs: torch.Tensor  # (B, T)
+
+
+def micro_batch_loss(
+    logprobs: torch.Tensor,
+    logits: torch.Tensor,
+    mb: MicroBatch,
+    totals: StepTotals,
+    algo: AlgorithmConfig,
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MicroBatchLoss]:
+    """This micro-batch's share of the step's loss (normalised by the whole step's counts), from the policy's
+    logprobs (B, T) and logits (B, T, V). Shared by the DeepSpeed rank and the plain-torch benchmark."""
+    device = logprobs.device
+    mask = mb.loss_mask.to(device)
+    # the entropy is a metric unless it is also a bonus; only then does it need a graph
+    entropy = token_entropy(logits if algo.entropy_coef > 0 else logits.detach())
+    inputs = LossInputs(
+        logprobs=logprobs,
+        old_logprobs=logprobs.detach(),  # one update per batch: the proximal policy is the current one
+        behaviour_logprobs=mb.behaviour_logprobs.to(device),
+        advantages=mb.advantages.to(device),
+        mask=mask,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
+    )
+    out = compute_loss(inputs, algo)
+    loss = aggregate(
+        out.per_token,
+        mask,
+        algo.loss_agg,
+        total_tokens=totals.total_tokens,
+        total_sequences=totals.total_sequences,
+        max_tokens=totals.max_tokens,
+    )
+    return loss, MicroBatchLoss(out.per_token, out.metrics, mask, inputs.behaviour_logprobs)
 
 
 class LearnerWorker:
@@ -175,30 +219,10 @@ class LearnerWorker:
             mb = collate(samples, self.pad_id)
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             logprobs, logits = self._forward(mb)
-            mask = mb.loss_mask.to(self.device)
             with torch.no_grad():
-                entropy = token_entropy(logits) if algo.entropy_coef == 0 else None
                 ref = self._ref_logprobs(mb) if self.ref_model is not None else None
-            if algo.entropy_coef > 0:
-                entropy = token_entropy(logits)
-            inputs = LossInputs(
-                logprobs=logprobs,
-                old_logprobs=logprobs.detach(),  # one update per batch: the proximal policy is the current one
-                behaviour_logprobs=mb.behaviour_logprobs.to(self.device),
-                advantages=mb.advantages.to(self.device),
-                mask=mask,
-                ref_logprobs=ref,
-                entropy=entropy,
-            )
-            out = compute_loss(inputs, algo)
-            loss = aggregate(
-                out.per_token,
-                mask,
-                algo.loss_agg,
-                total_tokens=totals.total_tokens,
-                total_sequences=totals.total_sequences,
-                max_tokens=totals.max_tokens,
-            )
+            loss, out = micro_batch_loss(logprobs, logits, mb, totals, algo, ref_logprobs=ref)
+            mask = out.mask
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += loss.item()
             sums["tokens"] += mask.sum().item()
@@ -207,7 +231,7 @@ class LearnerWorker:
                 sums[name] = sums.get(name, 0.0) + float((value * mask).sum())
             sums["logprob"] = sums.get("logprob", 0.0) + float((logprobs.detach() * mask).sum())
             sums["engine_logprob_diff"] = sums.get("engine_logprob_diff", 0.0) + float(
-                ((logprobs.detach() - inputs.behaviour_logprobs).abs() * mask).sum()
+                ((logprobs.detach() - out.behaviour_logprobs).abs() * mask).sum()
             )
         self.engine.step()
         self.step += 1
