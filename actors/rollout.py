@@ -11,6 +11,8 @@ import gc
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ class RolloutWorker:
         self.model_cfg = model
         self.version = 0
         self.updating_to: int | None = None
+        self.reload: _StreamingReload | None = None
         started = time.perf_counter()
         self.llm = LLM(
             model=model.path,
@@ -132,29 +135,32 @@ class RolloutWorker:
 
     # -- weights ----------------------------------------------------------------------------------------------
     def begin_update(self, version: int) -> None:
+        """Open an update to `version`: one vLLM reload pass starts in a background thread and loads buckets
+        as `load_bucket` hands them over, so receiving bucket k+1 overlaps loading bucket k."""
+        if self.reload is not None:  # an update that never finished (its sync failed): end it first
+            self.reload.finish()
         self.updating_to = version
+        self.reload = _StreamingReload(self._driver_worker())
 
     def load_bucket(self, bucket: WeightBucket) -> int:
-        """Load one bucket in place. Returns its byte count. Raises if the bucket is corrupted."""
-        if self.updating_to != bucket.version:
+        """Check one bucket and queue it for loading. Returns its byte count. Raises if it is corrupted."""
+        if self.updating_to != bucket.version or self.reload is None:
             raise EngineError(
                 f"{self.name}: bucket for v{bucket.version} but update to v{self.updating_to} is open"
             )
         if bucket.transport == "shm":
-            bucket.buffer = read_shm(bucket)
+            read_shm(bucket)
         elif bucket.transport == "torch_dist":
             import torch
 
             received = broadcast_buffer(self.weight_group, torch.empty(bucket.size, dtype=torch.uint8))
-            bucket.buffer = received.numpy()
+            bucket.fill_from_flat(received.numpy())
         if not bucket.verify():
             self.updating_to = None
+            self.reload, reload = None, self.reload
+            reload.finish()  # end the pass: modules already loaded keep the new weights, the rest the old
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
-        # The worker's own reload: on the CPU build a bare model.load_weights leaves the repacked kernels stale.
-        # A bucket holds some modules only, so vLLM warns about every other module ("Failed to load weights",
-        # "not loaded from checkpoint"): expected here, and silenced; the probe after the sync checks the result.
-        with _quiet_reload_logs():
-            self._driver_worker().reload_weights(weights_iterator=bucket.tensors())
+        self.reload.feed(bucket)
         return bucket.nbytes
 
     def open_weight_group(
@@ -169,6 +175,13 @@ class RolloutWorker:
         return ray.get_runtime_context().get_node_id()
 
     def finish_update(self, version: int) -> int:
+        if self.reload is not None:
+            self.reload, reload = None, self.reload
+            try:
+                reload.finish()
+            except Exception as e:
+                self.updating_to = None
+                raise EngineError(f"{self.name}: loading weights v{version} failed: {e}") from e
         model = self._driver_worker().model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
         if lm_head is not None and getattr(model.config, "tie_word_embeddings", False):
@@ -212,6 +225,45 @@ def _quiet_reload_logs():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+class _StreamingReload:
+    """One in-place vLLM reload pass over a whole update, fed bucket by bucket.
+
+    `reload_weights` walks every module of the model before and after it loads (to swap in fresh tensors, then
+    repack them for the CPU kernels), so one pass per update, not per bucket. It runs in a thread that pulls
+    buckets from a queue as they arrive; the actor's own thread keeps receiving and checking the next bucket.
+    Generation is paused meanwhile (the pool sends no work during a sync, and `generate` refuses while an update
+    is open)."""
+
+    def __init__(self, worker) -> None:
+        self.queue: queue.SimpleQueue[WeightBucket | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(worker,), name="weight-reload", daemon=True)
+        self.thread.start()
+
+    def _tensors(self) -> Iterator[tuple[str, Any]]:
+        while (bucket := self.queue.get()) is not None:
+            yield from bucket.tensors()
+
+    def _run(self, worker) -> None:
+        # vLLM warns that a tied lm_head got no tensor of its own ("Failed to load weights"): expected
+        # (`finish_update` re-processes it), silenced; the probe after the sync checks the result.
+        try:
+            with _quiet_reload_logs():
+                worker.reload_weights(weights_iterator=self._tensors())
+        except BaseException as e:  # handed to the actor thread by finish()
+            self.error = e
+
+    def feed(self, bucket: WeightBucket) -> None:
+        self.queue.put(bucket)
+
+    def finish(self) -> None:
+        """End the pass (no more buckets) and wait for it; re-raise its error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 # ---------------------------------------------------------------------------------------------------------------

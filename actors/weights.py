@@ -1,10 +1,9 @@
-"""Weights in transit: named tensors packed into flat, checksummed buckets.
+"""Weights in transit: named tensors grouped into checksummed buckets.
 
-A bucket is one contiguous uint8 numpy buffer plus a table of (name, dtype, shape, offset). numpy (not torch)
-so the Ray object store hands engines a zero-copy view; the checksum (xxh3-64, ~15 GB/s here, 6x crc32) lets the
-receiver detect a corrupted bucket
-before loading it. Buckets never split one module's parameters (vLLM fuses q/k/v and gate/up into one kernel
-per module and processes a module once all its weights have arrived).
+A bucket is a table of (name, dtype, shape, offset) plus the tensors' bytes as uint8 numpy arrays: numpy (not
+torch) so the Ray object store hands engines zero-copy views; the checksum (xxh3-64, ~15 GB/s here, 6x crc32) lets
+the receiver detect a corrupted bucket before loading it. Buckets never split one module's parameters (vLLM fuses
+q/k/v and gate/up into one kernel per module and processes a module once all its weights have arrived).
 """
 
 from __future__ import annotations
@@ -19,8 +18,12 @@ import torch
 import xxhash
 
 
-def checksum(buffer: np.ndarray) -> int:
-    return xxhash.xxh3_64_intdigest(memoryview(buffer))
+def checksum(arrays: Iterable[np.ndarray]) -> int:
+    """xxh3-64 over the arrays' bytes, in order (the same value for the per-tensor and the flat form)."""
+    digest = xxhash.xxh3_64()
+    for array in arrays:
+        digest.update(memoryview(array))
+    return digest.intdigest()
 
 
 @dataclass
@@ -28,23 +31,25 @@ class TensorEntry:
     name: str
     dtype: str  # torch dtype name, e.g. "float32", "bfloat16"
     shape: tuple[int, ...]
-    offset: int  # bytes into the bucket's buffer
+    offset: int  # bytes into the bucket's flat form
     nbytes: int
 
 
 @dataclass
 class WeightBucket:
-    """One bucket. With the object-store transport it carries its bytes (`buffer`); with the others it is a
-    descriptor and the receiver fetches the bytes itself (`path` in shared memory, or a broadcast)."""
+    """One bucket. With the object-store transport it carries its bytes (`arrays`, one uint8 array per tensor:
+    Ray writes each straight into the object store, so packing costs no extra copy); with the others it is a
+    descriptor and the receiver fetches the bytes itself (`path` in shared memory, or a broadcast), as one flat
+    buffer laid out by the entries' offsets."""
 
     version: int  # policy version these weights are
     index: int  # 0.. within one sync
     entries: list[TensorEntry] = field(default_factory=list)
-    buffer: np.ndarray | None = None  # (size,) uint8
-    checksum: int = 0  # xxh3-64 of the buffer
-    size: int = 0  # bytes of the buffer
+    arrays: list[np.ndarray] | None = None  # the bytes of each entry, (nbytes,) uint8
+    checksum: int = 0  # xxh3-64 of the bytes
+    size: int = 0  # bytes in all
     transport: str = "object_store"  # object_store | shm | torch_dist
-    path: str | None = None  # shm: the file holding the buffer
+    path: str | None = None  # shm: the file holding the flat form
 
     @property
     def nbytes(self) -> int:
@@ -52,38 +57,49 @@ class WeightBucket:
 
     def descriptor(self, transport: str, path: str | None = None) -> WeightBucket:
         """The same bucket without its bytes, for transports that move the bytes themselves."""
-        return replace(self, buffer=None, transport=transport, path=path)
+        return replace(self, arrays=None, transport=transport, path=path)
+
+    def flat(self) -> np.ndarray:
+        """All bytes in one buffer (a copy), for the transports that move one buffer."""
+        assert self.arrays is not None
+        return np.concatenate(self.arrays) if self.arrays else np.empty(0, dtype=np.uint8)
+
+    def fill_from_flat(self, buffer: np.ndarray) -> WeightBucket:
+        """Take the bytes from a received flat buffer (views, no copy)."""
+        self.arrays = [buffer[e.offset : e.offset + e.nbytes] for e in self.entries]
+        return self
 
     def verify(self) -> bool:
         return (
-            self.buffer is not None
-            and self.buffer.nbytes == self.size
-            and checksum(self.buffer) == self.checksum
+            self.arrays is not None
+            and len(self.arrays) == len(self.entries)
+            and all(a.nbytes == e.nbytes for a, e in zip(self.arrays, self.entries))
+            and checksum(self.arrays) == self.checksum
         )
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) views into the buffer, no copy (the receiver copies into its own parameters)."""
-        assert self.buffer is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zero-copy buffers from the object store are read-only
-            flat = torch.from_numpy(self.buffer)
-        for e in self.entries:
-            raw = flat[e.offset : e.offset + e.nbytes]
+        """(name, tensor) views of the bytes, no copy (the receiver copies into its own parameters)."""
+        assert self.arrays is not None
+        for e, array in zip(self.entries, self.arrays):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zero-copy arrays from the object store are read-only
+                raw = torch.from_numpy(array)
             yield e.name, raw.view(getattr(torch, e.dtype)).view(e.shape)
 
 
 def pack_bucket(version: int, index: int, named: list[tuple[str, torch.Tensor]]) -> WeightBucket:
-    entries, chunks, offset = [], [], 0
+    """Describe the tensors as one bucket. The arrays are views of the (CPU) tensors, not copies: ship or copy
+    the bucket before the tensors change."""
+    entries, arrays, offset = [], [], 0
     for name, tensor in named:
         t = tensor.detach().contiguous().cpu()
         raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         entries.append(
             TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel())
         )
-        chunks.append(raw)
+        arrays.append(raw.numpy())
         offset += raw.numel()
-    buffer = torch.cat(chunks).numpy() if chunks else np.empty(0, dtype=np.uint8)
-    return WeightBucket(version, index, entries, buffer, checksum(buffer), int(buffer.nbytes))
+    return WeightBucket(version, index, entries, arrays, checksum(arrays), offset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,14 +116,16 @@ def write_shm(bucket: WeightBucket, directory: str) -> WeightBucket:
 
     os.makedirs(directory, exist_ok=True)
     path = shm_path(directory, bucket)
-    assert bucket.buffer is not None
-    bucket.buffer.tofile(path)
+    assert bucket.arrays is not None
+    with open(path, "wb") as f:
+        for array in bucket.arrays:
+            f.write(memoryview(array))
     return bucket.descriptor("shm", path)
 
 
-def read_shm(bucket: WeightBucket) -> np.ndarray:
+def read_shm(bucket: WeightBucket) -> WeightBucket:
     assert bucket.path is not None
-    return np.fromfile(bucket.path, dtype=np.uint8)
+    return bucket.fill_from_flat(np.fromfile(bucket.path, dtype=np.uint8))
 
 
 def open_weight_group(address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):

@@ -6,7 +6,9 @@ steps after the first `--skip` warm-up steps):
   step_s              wall time of one training step as the driver sees it;
   generate_score_s    time the driver waited for rollouts + rewards (async: only what did not overlap);
   train_s             the learner's optimizer step (train/step_s);
-  sync_s              the weight broadcast, including waiting for in-flight chunks (pause).
+  sync_s              the weight broadcast, including waiting for in-flight chunks (pause); of it
+                      sync_transfer_s (begin, stream, load, finish) and sync_verify_s (the rest: the probe,
+                      pause and resume).
 Derived: async_speedup = sync step_s / async step_s; overlap_ratio = async step_s / max(generation, training),
 with generation and training measured in sync mode, where they do not overlap (target <= 1.1).
 
@@ -88,6 +90,11 @@ def run_mode(mode: str, model: Path, root: Path, args) -> dict[str, float]:
         "generate_score_s": med("generate_score_s"),
         "train_s": med("train/step_s"),
         "sync_s": med("sync_s"),
+        "sync_transfer_s": med("sync_transfer_s"),
+        "sync_finish_s": med("sync_finish_s"),
+        "sync_verify_s": round(
+            statistics.median(r.get("sync_s", 0.0) - r.get("sync_transfer_s", 0.0) for r in steps), 4
+        ),
         "rollout_tokens_per_s": med("rollout_tokens_per_s"),
         "staleness_max": max(r["staleness_max"] for r in steps),
         "steps_measured": len(steps),

@@ -76,7 +76,7 @@ def samples_per_s(function: str, workers: int, data: list[Trajectory], batch_siz
 
 def main() -> None:
     apply_base_env()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         match, code = match_set(), code_set()
         result = {

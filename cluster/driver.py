@@ -210,6 +210,12 @@ class Run:
         if missing > 0:
             self._submit_prompts(missing)
 
+    def _store_in_flight(self) -> None:
+        """Wait for every chunk in flight, score it and store it. Async mode runs this while the learner trains,
+        so neither scoring nor the sync's pause waits behind the optimizer step."""
+        while self.pool.pending():
+            self._score_and_store(self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2))
+
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
         """Generate and score until the buffer holds `num_groups` fresh complete groups; take them."""
         started = time.perf_counter()
@@ -241,7 +247,9 @@ class Run:
             group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
             advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
             samples = samples_from_trajectories(trajectories, advantages.tolist())
-            train_metrics = self.group.train_step(samples)
+            train_metrics = self.group.train_step(
+                samples, while_training=self._store_in_flight if sched.mode == "async" else None
+            )
             self.state.step += 1
             self.state.version += 1
             staleness = [self.state.version - 1 - t.version for t in trajectories]
@@ -287,10 +295,7 @@ class Run:
     def checkpoint(self) -> Path:
         directory = self.run_dir / "checkpoints"
         tag = f"step-{self.state.step:06d}-v{self.state.version}"
-        while (
-            self.pool.pending()
-        ):  # async: prompts in flight are finished and stored, so none is lost on resume
-            self._score_and_store(self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2))
+        self._store_in_flight()  # async: prompts in flight are finished and stored, so none is lost on resume
         self.state.rng = self.rng.getstate()
         buffer_state = self._get(self.buffer.state_dict.remote(), "state_dict")
         self.group.save_checkpoint(

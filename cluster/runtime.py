@@ -36,6 +36,9 @@ def base_env() -> dict[str, str]:
         ),  # DeepSpeed's JIT-compiled comm op (~70 s once)
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
         "TOKENIZERS_PARALLELISM": "false",
+        # torch backs CPU tensors of 2 MB and more with huge pages: a fresh 200 MB tensor (a weight load, a
+        # bucket) then costs 100 page faults instead of 50,000; measured: a 200 MB clone 0.10 -> 0.055 s
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
         "RAY_DEDUP_LOGS": "0",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }

@@ -139,8 +139,8 @@ class WeightSync:
         """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine."""
         if not self.probe_ids:
             return 0.0
-        expected = self.group.sequence_logprobs(self.probe_ids)
         refs = {self.pool.engines[i].probe_logprobs.remote(self.probe_ids): i for i in engine_indices}
+        expected = self.group.sequence_logprobs(self.probe_ids)  # while the engines compute theirs
         results = self._wait(refs, deadline, "probe", keep_order=True)
         worst, bad = 0.0, []
         for i, got in zip(sorted(refs.values()), results):
@@ -227,8 +227,9 @@ class WeightSync:
 
 
 def _corrupted(bucket):
-    bucket.buffer = bucket.buffer.copy()
-    bucket.buffer[len(bucket.buffer) // 2] ^= 0xFF
+    middle = len(bucket.arrays) // 2
+    bucket.arrays[middle] = bucket.arrays[middle].copy()
+    bucket.arrays[middle][len(bucket.arrays[middle]) // 2] ^= 0xFF
     return bucket
 
 

@@ -7,7 +7,7 @@ the call with an error that names it and the step, never a silent hang.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig
@@ -142,20 +142,28 @@ class LearnerGroup:
 
     # -- training -----------------------------------------------------------------------------------------------
     def train_step(
-        self, samples: list[Sample], loss: str | None = None, lr: float | None = None
+        self,
+        samples: list[Sample],
+        loss: str | None = None,
+        lr: float | None = None,
+        while_training: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """One optimizer step on `samples` across all ranks; returns batch-level metrics."""
+        """One optimizer step on `samples` across all ranks; returns batch-level metrics. `while_training` runs on
+        the caller's thread once the ranks have the batch (async mode scores new rollouts meanwhile)."""
         if not samples:
             raise ValueError("train_step needs at least one sample")
         totals = step_totals(samples, self.max_tokens)
         shards = shard(samples, self.world_size, self.cfg.micro_batch_size)
         if lr is not None:
             self._call("set_lr", lr, timeout_s=60)
-        started = time.perf_counter()
-        sums = self._call("train_step", totals, loss, timeout_s=self.cfg.step_timeout_s, per_rank=shards)
-        elapsed = time.perf_counter() - started
+        started = time.monotonic()
+        refs = {w.train_step.remote(shards[r], totals, loss): r for r, w in enumerate(self.workers)}
+        if while_training is not None:
+            while_training()
+        remaining = self.cfg.step_timeout_s - (time.monotonic() - started)
+        sums = self._await(refs, "train_step", max(remaining, 1.0))
         self.steps += 1
-        return reduce_metrics(sums, elapsed)
+        return reduce_metrics(sums)
 
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._call("sequence_logprobs", token_ids, timeout_s=self.cfg.step_timeout_s)[0]
@@ -214,9 +222,11 @@ def _stream(gen, deadline: float, name: str, what: str) -> Iterator[Any]:
         yield ref
 
 
-def reduce_metrics(per_rank: list[dict[str, float]], elapsed_s: float) -> dict[str, float]:
-    """Sums from every rank -> batch metrics: token metrics are token-weighted means over the whole batch."""
+def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Sums from every rank -> batch metrics: token metrics are token-weighted means over the whole batch; the
+    step time is the slowest rank's own (the optimizer step, not the wait for it)."""
     total = {k: sum(r.get(k, 0.0) for r in per_rank) for k in per_rank[0]}
+    elapsed_s = max(r["step_s"] for r in per_rank)
     tokens = max(total["tokens"], 1.0)
     metrics = {
         "loss": total["loss"],

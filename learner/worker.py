@@ -295,7 +295,7 @@ class LearnerWorker:
                 yield write_shm(bucket, shm_dir)
             else:
                 yield bucket.descriptor("torch_dist")
-                buffer = torch.from_numpy(bucket.buffer)
+                buffer = torch.from_numpy(bucket.flat())
                 broadcast_buffer(
                     self.weight_group, buffer.to(self.device) if self.device.type == "cuda" else buffer
                 )

@@ -99,8 +99,8 @@ def test_corrupted_bucket_is_rejected(pool, tiny_model):
     import ray
 
     buckets = state_dict_buckets(tiny_model, 3)
-    buckets[1].buffer = buckets[1].buffer.copy()
-    buckets[1].buffer[0] ^= 0xFF
+    buckets[1].arrays[0] = buckets[1].arrays[0].copy()
+    buckets[1].arrays[0][0] ^= 0xFF
     with pytest.raises(ray.exceptions.RayTaskError, match="rollout-1: bucket 1 of v3 failed its checksum"):
         ray.get(pool.engines[1].load_weights.remote(3, buckets), timeout=120)
     assert ray.get(pool.engines[1].health.remote(), timeout=30)["version"] == 0
