@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,8 +137,10 @@ class RolloutWorker:
     def begin_update(self, version: int) -> None:
         """Open an update to `version`: one vLLM reload pass starts in a background thread and loads buckets
         as `load_bucket` hands them over, so receiving bucket k+1 overlaps loading bucket k."""
-        if self.reload is not None:  # an update that never finished (its sync failed): end it first
-            self.reload.finish()
+        if self.reload is not None:  # an update that never finished (its sync failed and was reported)
+            self.reload, stale = None, self.reload
+            with suppress(Exception):
+                stale.finish()
         self.updating_to = version
         self.reload = _StreamingReload(self._driver_worker())
 

@@ -81,6 +81,9 @@ class WeightBucket:
         """(name, tensor) views of the bytes, no copy (the receiver copies into its own parameters)."""
         assert self.arrays is not None
         for e, array in zip(self.entries, self.arrays):
+            if not e.nbytes:  # an empty byte view cannot be reinterpreted
+                yield e.name, torch.empty(e.shape, dtype=getattr(torch, e.dtype))
+                continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zero-copy arrays from the object store are read-only
                 raw = torch.from_numpy(array)
