@@ -160,7 +160,8 @@ class RolloutWorker:
         if not bucket.verify():
             self.updating_to = None
             self.reload, reload = None, self.reload
-            reload.finish()  # end the pass: modules already loaded keep the new weights, the rest the old
+            with suppress(Exception):  # the checksum is the error to report
+                reload.finish()  # end the pass: modules already loaded keep the new weights, the rest the old
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
         self.reload.feed(bucket)
         return bucket.nbytes
