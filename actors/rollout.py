@@ -137,10 +137,8 @@ class RolloutWorker:
     def begin_update(self, version: int) -> None:
         """Open an update to `version`: one vLLM reload pass starts in a background thread and loads buckets
         as `load_bucket` hands them over, so receiving bucket k+1 overlaps loading bucket k."""
-        if self.reload is not None:  # an update that never finished (its sync failed and was reported)
-            self.reload, stale = None, self.reload
-            with suppress(Exception):
-                stale.finish()
+        with suppress(Exception):  # an update that never finished: its sync already failed and said why
+            self._end_reload()
         self.updating_to = version
         self.reload = _StreamingReload(self._driver_worker())
 
@@ -159,12 +157,17 @@ class RolloutWorker:
             bucket.fill_from_flat(received.numpy())
         if not bucket.verify():
             self.updating_to = None
-            self.reload, reload = None, self.reload
             with suppress(Exception):  # the checksum is the error to report
-                reload.finish()  # end the pass: modules already loaded keep the new weights, the rest the old
+                self._end_reload()  # modules already loaded keep the new weights, the rest the old
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
         self.reload.feed(bucket)
         return bucket.nbytes
+
+    def _end_reload(self) -> None:
+        """End the open reload pass, if any, and wait for it; re-raises its error."""
+        reload, self.reload = self.reload, None
+        if reload is not None:
+            reload.finish()
 
     def open_weight_group(
         self, address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str
@@ -178,13 +181,11 @@ class RolloutWorker:
         return ray.get_runtime_context().get_node_id()
 
     def finish_update(self, version: int) -> int:
-        if self.reload is not None:
-            self.reload, reload = None, self.reload
-            try:
-                reload.finish()
-            except Exception as e:
-                self.updating_to = None
-                raise EngineError(f"{self.name}: loading weights v{version} failed: {e}") from e
+        try:
+            self._end_reload()
+        except Exception as e:
+            self.updating_to = None
+            raise EngineError(f"{self.name}: loading weights v{version} failed: {e}") from e
         model = self._driver_worker().model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
         if lm_head is not None and getattr(model.config, "tie_word_embeddings", False):

@@ -110,12 +110,18 @@ class LearnerGroup:
         ranks: list[int] | None = None,
         per_rank: list | None = None,
     ) -> list[Any]:
+        return self._await(self._submit(method, *args, ranks=ranks, per_rank=per_rank), method, timeout_s)
+
+    def _submit(
+        self, method: str, *args, ranks: list[int] | None = None, per_rank: list | None = None
+    ) -> dict[Any, int]:
+        """Start `method` on the ranks (each gets its `per_rank` item first); returns ref -> rank."""
         ranks = list(range(self.world_size)) if ranks is None else ranks
         refs = {}
         for r in ranks:
             call_args = (per_rank[r], *args) if per_rank is not None else args
             refs[getattr(self.workers[r], method).remote(*call_args)] = r
-        return self._await(refs, method, timeout_s)
+        return refs
 
     def _await(self, refs: dict[Any, int], what: str, timeout_s: float) -> list[Any]:
         """Results in rank order. Fails as soon as one rank fails (the others may be blocked in a collective
@@ -157,7 +163,7 @@ class LearnerGroup:
         if lr is not None:
             self._call("set_lr", lr, timeout_s=60)
         started = time.monotonic()
-        refs = {w.train_step.remote(shards[r], totals, loss): r for r, w in enumerate(self.workers)}
+        refs = self._submit("train_step", totals, loss, per_rank=shards)
         if while_training is not None:
             while_training()
         remaining = self.cfg.step_timeout_s - (time.monotonic() - started)
