@@ -29,6 +29,7 @@ from actors.weights import (
 from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from learner.algorithms import LossInputs, aggregate, compute_loss, token_entropy, token_logprobs
 from learner.batch import MicroBatch, Sample, StepTotals, collate
+from learner.ops import build_deepspeed_ops
 
 
 def free_port() -> int:
@@ -158,6 +159,7 @@ class LearnerWorker:
         self.device = torch.device("cuda", 0) if self.cfg.gpus_per_rank else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        build_deepspeed_ops()  # before init_distributed loads it, so a stale build lock cannot hang the rank
         deepspeed.init_distributed(
             dist_backend=self.cfg.backend, timeout=timedelta(seconds=self.cfg.step_timeout_s), verbose=False
         )
