@@ -13,6 +13,7 @@ uses the behaviour logprobs.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -301,7 +302,11 @@ class Run:
         self.group.save_checkpoint(
             str(directory), tag, {"run": _state_dict(self.state), "buffer": buffer_state}
         )
-        (directory / "latest_run").write_text(tag)
+        marker = (
+            directory / "latest_run"
+        )  # names the newest complete checkpoint: replaced whole, never half-written
+        marker.with_suffix(".tmp").write_text(tag)
+        os.replace(marker.with_suffix(".tmp"), marker)
         tags = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
         for old in tags[: -self.cfg.checkpoint.keep]:
             shutil.rmtree(directory / old, ignore_errors=True)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import string
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
@@ -22,6 +27,24 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+@contextmanager
+def model_folder(path: Path) -> Iterator[Path]:
+    """Write a model folder in a temporary sibling, then move its files into `path`, `config.json` last.
+
+    Scripts and `convert_smollm2` take a folder with `config.json` as complete; written in place, a write cut off
+    half-way (Ctrl-C, a killed job) would leave one with the config and no weights, and every later run would
+    fail to load it instead of writing it again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield staging
+        path.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(file, path / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_char_tokenizer(vocab_size: int):
@@ -70,7 +93,6 @@ def make_tiny_model(
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer(vocab_size)
     config = Qwen2Config(
         vocab_size=vocab_size,
@@ -91,8 +113,9 @@ def make_tiny_model(
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    with model_folder(path) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return path
 
 
@@ -129,10 +152,10 @@ def convert_smollm2(path: str | Path, dtype: str = "float32") -> Path:
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise RuntimeError(f"SmolLM2 conversion: missing {missing}, unexpected {unexpected}")
     model.to(getattr(torch, dtype))
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    (path / "aha_source.json").write_text(
-        json.dumps({"source": str(gguf), "format": "gguf Q4_1, dequantized"})
-    )
+    with model_folder(path) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "aha_source.json").write_text(
+            json.dumps({"source": str(gguf), "format": "gguf Q4_1, dequantized"})
+        )
     return path

@@ -27,6 +27,7 @@ from actors.weights import (
     write_shm,
 )
 from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cluster.models import model_folder
 from learner.algorithms import LossInputs, aggregate, compute_loss, token_entropy, token_logprobs
 from learner.batch import MicroBatch, Sample, StepTotals, collate
 from learner.ops import build_deepspeed_ops
@@ -341,14 +342,13 @@ class LearnerWorker:
             return None
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
         config = AutoConfig.from_pretrained(self.model_cfg.path)
         with torch.device("meta"):
             shell = AutoModelForCausalLM.from_config(config)
-        shell.save_pretrained(path, state_dict=state, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        return str(path)
+        with model_folder(Path(directory)) as staging:  # a cut export never looks complete
+            shell.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+        return directory
 
     def shutdown(self) -> None:
         import torch.distributed as dist
