@@ -13,7 +13,6 @@ uses the behaviour logprobs.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ import torch
 from actors.records import Prompt, Trajectory
 from cluster.config import JobConfig, dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
+from cluster.files import write_atomic
 from cluster.metrics import MetricsLogger, write_report
 from cluster.monitor import trajectory_metrics
 from cluster.runtime import apply_base_env, init_ray
@@ -302,11 +302,7 @@ class Run:
         self.group.save_checkpoint(
             str(directory), tag, {"run": _state_dict(self.state), "buffer": buffer_state}
         )
-        marker = (
-            directory / "latest_run"
-        )  # names the newest complete checkpoint: replaced whole, never half-written
-        marker.with_suffix(".tmp").write_text(tag)
-        os.replace(marker.with_suffix(".tmp"), marker)
+        write_atomic(directory / "latest_run", tag)  # names the newest complete checkpoint
         tags = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
         for old in tags[: -self.cfg.checkpoint.keep]:
             shutil.rmtree(directory / old, ignore_errors=True)

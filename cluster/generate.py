@@ -42,6 +42,7 @@ from cluster.config import (
     RolloutConfig,
     ThresholdFilter,
 )
+from cluster.files import write_atomic
 from cluster.monitor import behaviour_metrics, pass_at_k
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,12 +288,7 @@ class DatasetFiles:
         self.commit(state)
 
     def commit(self, state: GenerateState) -> None:
-        tmp = self.state.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state)
+        write_atomic(self.state, json.dumps(asdict(state), indent=1))
 
     def read(self, which: str) -> list[dict[str, Any]]:
         with open(self.jsonl(which)) as f:
