@@ -11,7 +11,9 @@ bf16; otherwise CPU, gloo and fp32.
 
 from __future__ import annotations
 
+import math
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +22,107 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: .inf / .nan are rejected in every float field (a rate, a weight, a timeout or a
+    # threshold that is not finite is always a mistake).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
+
+
+# Counts are strict integers (YAML `true` or `2.5` is an error, not 1 or 2) with an upper bound, so a typo of
+# a few digits is rejected up front instead of asking Ray for a billion actors.
+MAX_ACTORS = 4096
+MAX_ITEMS = 10_000_000
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+Seed = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
+"""A random seed: engines and numpy take unsigned 32-bit seeds."""
+Seconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+"""A time limit: positive and at most a week."""
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """repr of a value, cut to `limit` characters: a bad 1 MB value is named, not echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
+
+
+def run_dir_problem(run_dir: str) -> str | None:
+    """Why a (formatted) run directory must not be used, or None. `aha run` replaces its run dir on a new run, so
+    a folder that holds other things (the root, a home, the project itself) is refused outright."""
+    if run_dir.startswith("~"):
+        return "~ is not expanded: write the full path"
+    path = Path(run_dir).absolute()
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if len(resolved.parts) <= 2:
+        return f"{resolved} is the root or a folder directly under it: use a folder of its own, e.g. runs/{{name}}"
+    if resolved in (Path.home().resolve(), *[Path(p) for p in ("/root",)]) or resolved.parent == Path("/home"):
+        return f"{resolved} is a home folder: use a folder of its own, e.g. runs/{{name}}"
+    if resolved == cwd or resolved in cwd.parents:
+        return f"{resolved} is the working directory or one of its parents: use a folder of its own"
+    return None
+
+
+def check_template(template: str, allowed: tuple[str, ...]) -> str:
+    """A str.format template whose only placeholders are `allowed` ({name}), else ValueError."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    for _, field, spec, conversion in parts:
+        if field is not None and (field not in allowed or spec or conversion):
+            known = ", ".join(f"{{{a}}}" for a in allowed)
+            raise ValueError(f"unknown placeholder {shorten('{' + field + '}', 40)}: only {known} is replaced")
+    return template
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` is not a usable regular expression, or None. Besides syntax errors this finds the shape
+    whose backtracking is exponential: an unbounded repeat inside another unbounded repeat, e.g. `(a+)+$`,
+    `(\\d*)*` or `(.*,)*` (a heuristic: other slow shapes, such as overlapping alternatives, pass)."""
+    import re._constants as c
+    import re._parser as parser
+
+    try:
+        parsed = parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return f"not a valid regular expression: {e}"
+
+    def unbounded(op, av) -> bool:
+        return op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[1] == c.MAXREPEAT
+
+    def children(op, av) -> list:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            return [av[2]]
+        if op is c.SUBPATTERN:
+            return [av[3]]
+        if op is c.BRANCH:
+            return list(av[1])
+        if op in (c.ASSERT, c.ASSERT_NOT):
+            return [av[1]]
+        if op is c.ATOMIC_GROUP:
+            return [av]
+        if op is c.GROUPREF_EXISTS:
+            return [p for p in av[1:] if p is not None]
+        return []
+
+    def nested(items, inside: bool) -> bool:
+        for op, av in items:
+            if op in (c.POSSESSIVE_REPEAT, c.ATOMIC_GROUP):
+                continue  # no backtracking into these
+            here = unbounded(op, av)
+            if here and inside:
+                return True
+            if any(nested(sub, inside or here) for sub in children(op, av)):
+                return True
+        return False
+
+    if nested(parsed, False):
+        return (
+            "nested unbounded repeats (like `(a+)+`) make matching take exponential time on some texts: "
+            "rewrite it without a repeat inside a repeat"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -28,12 +130,12 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str
+    path: str = Field(min_length=1, max_length=4096)
     """Folder of a Hugging Face causal LM (config.json, safetensors, tokenizer). Relative paths are relative to
     the working directory. `aha make-tiny-model` and `aha convert-smollm2` write such folders."""
     chat_template: bool = False
     """Wrap each prompt in the tokenizer's chat template before generation."""
-    max_model_len: int = Field(512, ge=16)
+    max_model_len: int = Field(512, ge=16, le=1 << 21, strict=True)
     """Longest prompt + completion, in tokens (engines and learner)."""
 
 
@@ -42,12 +144,24 @@ class AdditionData(Section):
 
     type: Literal["addition"] = "addition"
     """Selects this kind of prompt source."""
-    digits: int = Field(3, ge=1, le=9)
+    digits: int = Field(3, ge=1, le=9, strict=True)
     """Digits per operand."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the generator: the same seed gives the same prompts, in the same order."""
-    eval_size: int = Field(200, ge=0)
-    """Held-out prompts (disjoint from training prompts) used for evaluation."""
+    eval_size: int = Field(200, ge=0, le=MAX_ITEMS, strict=True)
+    """Held-out prompts (disjoint from training prompts) used for evaluation; fewer than half the distinct
+    problems of `digits`, so that training prompts remain."""
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> AdditionData:
+        low = 10 ** (self.digits - 1) if self.digits > 1 else 0
+        problems = (10**self.digits - low) ** 2
+        if self.eval_size * 2 > problems:
+            raise ValueError(
+                f"data.eval_size {self.eval_size} is more than half of the {problems} distinct {self.digits}-digit "
+                "problems: held-out prompts would leave (almost) none for training; lower it or raise data.digits"
+            )
+        return self
 
 
 class ReasoningGymData(Section):
@@ -57,16 +171,21 @@ class ReasoningGymData(Section):
     """Selects this kind of prompt source."""
     task: str = "basic_arithmetic"
     """reasoning-gym dataset name, e.g. basic_arithmetic, chain_sum, countdown, gsm_symbolic."""
-    size: int = Field(10_000, ge=1)
+    size: int = Field(10_000, ge=1, le=MAX_ITEMS, strict=True)
     """Training prompts generated."""
-    eval_size: int = Field(100, ge=0)
+    eval_size: int = Field(100, ge=0, le=MAX_ITEMS, strict=True)
     """Held-out prompts generated with a different seed."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the training prompts (the held-out split uses a different one)."""
     task_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the reasoning-gym dataset constructor."""
-    prompt_template: str = "{question}\nGive only the final answer.\nAnswer:"
+    prompt_template: str = Field("{question}\nGive only the final answer.\nAnswer:", max_length=100_000)
     """Format string with {question}."""
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _question_only(cls, template: str) -> str:
+        return check_template(template, ("question",))
 
 
 class JsonlData(Section):
@@ -74,11 +193,11 @@ class JsonlData(Section):
 
     type: Literal["jsonl"] = "jsonl"
     """Selects this kind of prompt source."""
-    path: str
+    path: str = Field(min_length=1, max_length=4096)
     """Training prompts. Other keys of each line (answer, tests, ...) are passed to the reward functions."""
-    eval_path: str | None = None
+    eval_path: str | None = Field(None, min_length=1, max_length=4096)
     """Held-out prompts in the same format."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the shuffle of the training prompts."""
 
 
@@ -90,46 +209,53 @@ DataConfig = Annotated[AdditionData | ReasoningGymData | JsonlData, Field(discri
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
     """0 means greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass (1 = off)."""
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=1 << 20, strict=True)
     """-1 disables top-k."""
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int = Field(64, ge=1, le=1 << 21, strict=True)
     """Longest completion, in tokens."""
     stop: list[str] = Field(default_factory=list)
     """Stop strings (not included in the completion)."""
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
+            raise ValueError("an empty stop string would end every completion at once: remove it")
+        return stop
+
 
 class RolloutConfig(Section):
-    num_engines: int = Field(1, ge=1)
+    num_engines: int = Field(1, ge=1, le=MAX_ACTORS, strict=True)
     """vLLM engines, one Ray actor each (`rollout-<i>`)."""
-    cpus_per_engine: float = Field(1.0, gt=0)
+    cpus_per_engine: float = Field(1.0, gt=0, le=4096)
     """Logical CPUs reserved per engine actor."""
-    gpus_per_engine: float = Field(0.0, ge=0)
+    gpus_per_engine: float = Field(0.0, ge=0, le=64)
     """GPUs per engine; equals tensor_parallel_size on GPU clusters."""
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, le=64, strict=True)
     """GPUs one engine shards the model over (GPU only)."""
-    threads_per_engine: int = Field(1, ge=1)
+    threads_per_engine: int = Field(1, ge=1, le=1024, strict=True)
     """torch CPU threads inside each engine (CPU only; match free cores)."""
-    samples_per_prompt: int = Field(4, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, le=4096, strict=True)
     """Completions per prompt: the group that group-relative advantages compare."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Sampling for training rollouts."""
     eval_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0))
     """Sampling used for evaluation (greedy by default)."""
-    kv_cache_gib: float = Field(1.0, gt=0)
+    kv_cache_gib: float = Field(1.0, gt=0, le=1 << 14)
     """KV-cache memory per engine (required by the CPU build)."""
     enforce_eager: bool = True
     """Skip torch.compile / CUDA graphs (faster start, and no slower on CPU)."""
-    seed: int = 0
+    seed: Seed = 0
     """Engine seed; engine i uses seed + i."""
-    startup_timeout_s: float = Field(300.0, gt=0)
+    startup_timeout_s: Seconds = 300.0
     """Limit for an engine to load its model and answer."""
-    generate_timeout_s: float = Field(600.0, gt=0)
+    generate_timeout_s: Seconds = 600.0
     """Limit for one generate call on one engine."""
-    max_retries: int = Field(1, ge=0)
+    max_retries: int = Field(1, ge=0, le=100, strict=True)
     """Times a failed request is retried on another engine before it is reported as failed."""
 
 
@@ -148,22 +274,42 @@ class RewardFunctionConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments passed on every call."""
 
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, spec: str) -> str:
+        target, sep, name = spec.rpartition(":")
+        if not sep or not target.strip() or not name.isidentifier():
+            raise ValueError("expected 'module:function' or 'path/to/file.py:function'")
+        if not target.endswith(".py") and not all(part.isidentifier() for part in target.split(".")):
+            raise ValueError(f"{shorten(target, 60)} is neither a dotted module name nor a .py file")
+        return spec
+
     @property
     def display_name(self) -> str:
         return self.name or self.function.rsplit(":", 1)[-1]
 
 
 class RewardConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=MAX_ACTORS, strict=True)
     """Reward actors (`reward-<i>`)."""
-    cpus_per_worker: float = Field(0.5, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0, le=4096)
     """Logical CPUs reserved per reward actor."""
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     """Reward functions; the total reward is their weighted sum."""
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: Seconds = 30.0
     """Limit for scoring one sample; past it the sample gets `error_reward`."""
     error_reward: float = 0.0
     """Reward given to a sample whose scoring failed (raised, hung, returned NaN or a non-number)."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RewardConfig:
+        names = [f.display_name for f in self.functions]
+        doubles = sorted({n for n in names if names.count(n) > 1})
+        if doubles:
+            raise ValueError(
+                f"reward.functions: two functions are named {doubles[0]!r} in the metrics: set `name:` on one"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,28 +317,28 @@ class RewardConfig(Section):
 
 
 class OptimizerConfig(Section):
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(1e-5, gt=0, le=1.0)
     """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW moment decay rates."""
-    eps: float = Field(1e-8, gt=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """AdamW moment decay rates, each in [0, 1)."""
+    eps: float = Field(1e-8, gt=0, le=1.0)
     """AdamW denominator epsilon."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
     """Linear warm-up of the learning rate, in optimizer steps."""
 
 
 class LearnerConfig(Section):
-    num_ranks: int = Field(1, ge=1)
+    num_ranks: int = Field(1, ge=1, le=MAX_ACTORS, strict=True)
     """DeepSpeed ranks, one Ray actor each (`learner-<rank>`)."""
-    cpus_per_rank: float = Field(1.0, gt=0)
+    cpus_per_rank: float = Field(1.0, gt=0, le=4096)
     """Logical CPUs reserved per learner rank (one placement-group bundle each)."""
-    gpus_per_rank: float = Field(0.0, ge=0)
+    gpus_per_rank: float = Field(0.0, ge=0, le=64)
     """GPUs per rank; > 0 selects CUDA, NCCL and bf16 by default."""
-    threads_per_rank: int = Field(1, ge=1)
+    threads_per_rank: int = Field(1, ge=1, le=1024, strict=True)
     """torch CPU threads per rank (CPU only)."""
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(2, ge=0, le=3, strict=True)
     """DeepSpeed ZeRO stage (0 = plain data parallel)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Training dtype; auto = bfloat16 on GPU, float32 on CPU."""
@@ -200,19 +346,21 @@ class LearnerConfig(Section):
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     """AdamW settings."""
-    micro_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(8, ge=1, le=1 << 20, strict=True)
     """Sequences per forward/backward on one rank; a rank's share of a batch is split into such micro-batches."""
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
     """Clip the global gradient norm to this."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time)."""
-    step_timeout_s: float = Field(600.0, gt=0)
+    step_timeout_s: Seconds = 600.0
     """Limit for one training step (all ranks); also the timeout of every collective."""
-    startup_timeout_s: float = Field(600.0, gt=0)
+    startup_timeout_s: Seconds = 600.0
     """Limit for starting the group (includes DeepSpeed's one-time op compilation)."""
 
 
 ADVANTAGE_NAMES = ("filter", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+"""Estimators that compare the samples of one prompt: one sample per prompt gives advantage 0."""
 LOSS_NAMES = ("pg", "ppo", "sft")
 
 
@@ -258,15 +406,15 @@ class AlgorithmConfig(Section):
 class ImitationConfig(Section):
     """Supervised fine-tuning on demonstrations before trial and error (same learner, NLL loss)."""
 
-    steps: int = Field(0, ge=0)
+    steps: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
     """Optimizer steps of imitation (0 = skip)."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=1 << 20, strict=True)
     """Demonstrations per step."""
-    demonstrations: int = Field(1000, ge=1)
+    demonstrations: int = Field(1000, ge=1, le=MAX_ITEMS, strict=True)
     """Demonstrations drawn from the data source (generators) or read from `path`."""
-    path: str | None = None
+    path: str | None = Field(None, min_length=1, max_length=4096)
     """JSONL of {prompt, completion}; default: demonstrations from the task generator."""
-    lr: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0, le=1.0)
     """Learning rate for imitation (default: learner.optimizer.lr)."""
 
 
@@ -275,9 +423,9 @@ class ImitationConfig(Section):
 
 
 class BufferConfig(Section):
-    capacity: int = Field(4096, ge=1)
+    capacity: int = Field(4096, ge=1, le=1 << 30, strict=True)
     """Samples held; when full, the oldest complete groups are evicted first."""
-    max_staleness: int = Field(1, ge=0)
+    max_staleness: int = Field(1, ge=0, le=MAX_ITEMS, strict=True)
     """Samples generated more than this many versions before the learner's current version are dropped."""
     drop_zero_variance: bool = False
     """Drop groups whose rewards are all equal (no learning signal) and refill (dynamic sampling)."""
@@ -292,17 +440,17 @@ class WeightSyncConfig(Section):
     on_engine_failure: Literal["error", "restart"] = "error"
     """A sync that fails on an engine either stops the run with an error naming the engine, or restarts that
     engine and brings it to the current version before it serves again."""
-    bucket_mb: float = Field(64.0, gt=0)
+    bucket_mb: float = Field(64.0, gt=0, le=1 << 20)
     """Bucket size in MB."""
     verify: bool = True
     """After a load, compare each engine's logprobs on the probe sequences with the learner's and fail, naming
     the engine, beyond probe_tolerance. (Every bucket's checksum is checked regardless.)"""
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: Seconds = 120.0
     """Limit for one sync to all engines."""
-    probe_tolerance: float = Field(1e-3, gt=0)
+    probe_tolerance: float = Field(1e-3, gt=0, le=1e3)
     """Largest allowed |engine logprob - learner logprob| on the probe sequences after a load (fp32: 1e-3;
     bf16 needs about 5e-2)."""
-    probe_sequences: int = Field(2, ge=0)
+    probe_sequences: int = Field(2, ge=0, le=1024, strict=True)
     """Held-out prompts used as probe sequences (0 disables the logprob probe; bucket checksums stay on)."""
 
 
@@ -310,34 +458,42 @@ class ScheduleConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     """sync: generate with v, score, train, broadcast v+1 (on-policy). async: engines keep generating while
     the learner trains; staleness is bounded by buffer.max_staleness."""
-    steps: int = Field(10, ge=0)
+    steps: int = Field(10, ge=0, le=MAX_ITEMS, strict=True)
     """Training steps of trial and error."""
-    prompts_per_step: int = Field(8, ge=1)
+    prompts_per_step: int = Field(8, ge=1, le=1 << 20, strict=True)
     """Prompts per training step (x rollout.samples_per_prompt samples)."""
-    sync_every: int = Field(1, ge=1)
+    sync_every: int = Field(1, ge=1, le=MAX_ITEMS, strict=True)
     """Push weights to the engines every k training steps."""
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
     """Evaluate on the held-out split every k steps (0 = only at start and end)."""
-    eval_prompts: int = Field(100, ge=0)
+    eval_prompts: int = Field(100, ge=0, le=MAX_ITEMS, strict=True)
     """Held-out prompts per evaluation (0 = no evaluation)."""
     eval_threshold: float = 1.0
     """An evaluated completion counts as correct when its total reward is >= this."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the driver (imitation batch order)."""
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0)
+    every: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
     """Save every k steps (0 = only at the end)."""
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1, le=10_000, strict=True)
     """Checkpoints kept on disk."""
     export_hf: bool = True
     """Also write the final weights as a Hugging Face folder (safetensors + tokenizer)."""
 
 
 class LoggingConfig(Section):
-    run_dir: str = "runs/{name}"
-    """Run directory (metrics.jsonl, TensorBoard, checkpoints, report); {name} is the job name."""
+    run_dir: str = Field("runs/{name}", min_length=1, max_length=4096)
+    """Run directory (metrics.jsonl, TensorBoard, checkpoints, report); {name} is the job name, the only
+    placeholder. `aha run` creates it and marks it as its own (a `.aha-run` file); it replaces a marked folder
+    on a new run, and refuses an existing non-empty folder it did not create unless `--overwrite` is given.
+    `/`, folders directly under `/`, home folders and the working directory or its parents are refused."""
+
+    @field_validator("run_dir")
+    @classmethod
+    def _name_only(cls, run_dir: str) -> str:
+        return check_template(run_dir, ("name",))
     tensorboard: bool = True
     """Write TensorBoard scalars to run_dir/tensorboard."""
     progress: bool = True
@@ -346,12 +502,31 @@ class LoggingConfig(Section):
     """Export metrics through Ray's metrics API (Prometheus, the dashboard)."""
 
 
+_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
 class ClusterConfig(Section):
     address: str | None = None
-    """Ray address to join; None starts a local Ray inside `aha run`."""
+    """Ray address to join: `auto` (the cluster this machine belongs to), `HOST:PORT` (the GCS port, 6379 by
+    default) or `ray://HOST:PORT` (Ray Client); None starts a local Ray inside `aha run`."""
+
+    @field_validator("address")
+    @classmethod
+    def _ray_address(cls, address: str | None) -> str | None:
+        if address is None or address in ("auto", "local"):
+            return address
+        if address.startswith(("http://", "https://")):
+            raise ValueError(
+                "an http:// address is the dashboard's: `aha submit --address` takes it; cluster.address is "
+                "the GCS address HOST:PORT (or auto)"
+            )
+        m = _RAY_ADDRESS.match(address)
+        if not m or not 0 < int(m.group(3)) < 65536:
+            raise ValueError("expected auto, HOST:PORT or ray://HOST:PORT (port 1-65535)")
+        return address
     namespace: str = "aha"
     """Ray namespace of the job's named actors."""
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(None, ge=1, le=1 << 20, strict=True)
     """Logical CPUs of the local Ray (None = the machine's); may exceed physical cores."""
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     """Ray runtime_env for the job (pip packages, env_vars, ...), used by `aha submit`."""
@@ -405,12 +580,12 @@ FilterConfig = Annotated[
 class GenerateConfig(Section):
     """`aha generate`: sample `rollout.samples_per_prompt` completions of training prompts, score, filter, save."""
 
-    prompts: int = Field(100, ge=1)
+    prompts: int = Field(100, ge=1, le=MAX_ITEMS, strict=True)
     """Training prompts drawn from `data`: indices 0 .. prompts-1."""
-    output: str = Field("data/{name}.jsonl", pattern=r"\.jsonl$")
+    output: str = Field("data/{name}.jsonl", pattern=r"\.jsonl$", max_length=4096)
     """The kept samples, as JSONL ({name} is the job name). Next to it: <stem>.all.jsonl (every sample, with
     `kept`), <stem>.parquet and <stem>.all.parquet, <stem>.state.json (resume) and <stem>.summary.json."""
-    batch_prompts: int = Field(32, ge=1)
+    batch_prompts: int = Field(32, ge=1, le=1 << 20, strict=True)
     """Prompts per round; a round's samples are written and synced to disk before the next round starts."""
     pass_threshold: float = 1.0
     """A sample passes when its reward is >= this: the `passed` field, pass@k and the pass_fail filter."""
@@ -418,6 +593,11 @@ class GenerateConfig(Section):
     """Which samples are kept (type: none | threshold | best_of_k | pass_fail)."""
     dedup: bool = False
     """Drop a kept sample whose (prompt, completion) text was already kept earlier in the dataset."""
+
+    @field_validator("output")
+    @classmethod
+    def _name_only(cls, output: str) -> str:
+        return check_template(output, ("name",))
 
 
 class MonitorConfig(Section):
@@ -437,11 +617,9 @@ class MonitorConfig(Section):
     @field_validator("answer_pattern")
     @classmethod
     def _valid_regex(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"not a valid regular expression: {e}") from None
+        problem = None if pattern is None else regex_problem(pattern)
+        if problem:
+            raise ValueError(problem)
         return pattern
 
     @field_validator("phrases")
@@ -453,7 +631,7 @@ class MonitorConfig(Section):
 
 
 class JobConfig(Section):
-    name: str = Field("aha-job", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("aha-job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
     """Job name: names the run directory and the Ray job."""
     model: ModelConfig
     """The policy: a Hugging Face model folder, served by the engines and trained by the learner."""
@@ -498,6 +676,50 @@ class JobConfig(Section):
             raise ValueError("reward.functions is empty: trial and error needs at least one reward function")
         return self
 
+    @model_validator(mode="after")
+    def _runs_to_the_end(self) -> JobConfig:
+        """Combinations that would validate field by field but never finish, or learn nothing."""
+        if self.name in (".", ".."):
+            raise ValueError(f"name {self.name!r} is not a name: it would make run_dir a parent folder")
+        problem = run_dir_problem(self.logging.run_dir.format(name=self.name))
+        if problem:
+            raise ValueError(f"logging.run_dir {shorten(self.logging.run_dir)}: {problem}")
+        roll, sched = self.rollout, self.schedule
+        for key in ("sampling", "eval_sampling"):
+            max_tokens = getattr(roll, key).max_tokens
+            if max_tokens >= self.model.max_model_len:
+                raise ValueError(
+                    f"rollout.{key}.max_tokens ({max_tokens}) must be below model.max_model_len "
+                    f"({self.model.max_model_len}), which also holds the prompt: lower it or raise max_model_len"
+                )
+        if sched.steps == 0:
+            return self
+        group_based = self.algorithm.advantage in GROUP_ADVANTAGES and self.algorithm.loss != "sft"
+        if group_based and roll.samples_per_prompt < 2:
+            raise ValueError(
+                f"rollout.samples_per_prompt is 1 but algorithm.advantage {self.algorithm.advantage} compares the "
+                "samples of a prompt with each other: every advantage would be 0. Use 2 or more (e.g. 8)"
+            )
+        if group_based and roll.sampling.temperature == 0:
+            raise ValueError(
+                f"rollout.sampling.temperature is 0 (greedy): the {roll.samples_per_prompt} samples of a prompt "
+                f"would be identical and every {self.algorithm.advantage} advantage 0. Sample with temperature > 0"
+            )
+        one_step = sched.prompts_per_step * roll.samples_per_prompt
+        if self.buffer.capacity < one_step:
+            raise ValueError(
+                f"buffer.capacity ({self.buffer.capacity}) is smaller than one step (schedule.prompts_per_step x "
+                f"rollout.samples_per_prompt = {one_step} samples): a step could never be filled"
+            )
+        if sched.sync_every > self.buffer.max_staleness + 1:
+            raise ValueError(
+                f"schedule.sync_every ({sched.sync_every}) > buffer.max_staleness + 1 "
+                f"({self.buffer.max_staleness + 1}): between weight syncs every new sample would be too stale "
+                "for the buffer and the run would wait forever. Raise buffer.max_staleness to at least "
+                f"{sched.sync_every - 1} or lower schedule.sync_every"
+            )
+        return self
+
     # -- derived settings ---------------------------------------------------------------------------------------
     @property
     def device(self) -> Literal["cpu", "cuda"]:
@@ -530,18 +752,128 @@ class ConfigError(Exception):
     """A config problem, already phrased for the user (field path, value, what is wrong)."""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A job file is a few KB; anything over 1 MiB is refused before it is parsed."""
+MAX_YAML_NODES = 100_000
+"""YAML nodes after expanding aliases (an alias bomb of a few KB expands to billions)."""
+MAX_YAML_DEPTH = 64
+"""Nesting of mappings and lists (a job is about 4 levels deep)."""
+
+
+class _Composed(yaml.SafeLoader):
+    """PyYAML's safe loader, used in two stages: compose the node graph, check it, then construct."""
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse recursive aliases, alias bombs, deep nesting and duplicate keys, on the node graph (aliases are
+    shared nodes there, so this costs one visit per distinct node)."""
+    sizes: dict[int, int] = {}  # id(node) -> nodes after expansion
+    active: set[int] = set()  # nodes on the current path (an alias back to one of them is a cycle)
+
+    def where(node: yaml.Node) -> str:
+        return f"{source}, line {node.start_mark.line + 1}"
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{where(node)}: a recursive YAML alias (a value that contains itself)")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where(node)}: nested more than {MAX_YAML_DEPTH} levels deep")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            _no_duplicate_keys(node, where)
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"{where(node)}: expands to more than {MAX_YAML_NODES} values (aliases included): "
+                    "not a job config"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
+def _no_duplicate_keys(node: yaml.MappingNode, where) -> None:
+    seen: dict[tuple[str, str], yaml.Node] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        ident = (key.tag, key.value)
+        if ident in seen:
+            raise ConfigError(
+                f"{where(key)}: duplicate key {shorten(key.value, 60)} (also on line "
+                f"{seen[ident].start_mark.line + 1}); a later value would silently replace the earlier one"
+            )
+        seen[ident] = key
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python data, with the checks above; every failure is a ConfigError."""
+    loader = _Composed(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, source)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {shorten(str(e), 600)[1:-1]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - any other failure on user content is a config error, not a crash
+        raise ConfigError(f"{source} could not be read as YAML: {type(e).__name__}: {shorten(str(e))}") from None
+    finally:
+        loader.dispose()
+
+
+def read_config_text(path: Path) -> str:
+    """The file's text: UTF-8 (a BOM is allowed), at most MAX_CONFIG_BYTES; ConfigError otherwise."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is {size} bytes: a job config is at most {MAX_CONFIG_BYTES}")
+        data = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except OSError as e:
+        raise ConfigError(f"config {path} cannot be read: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise ConfigError(f"config {path} is not UTF-8 text (UTF-16, or binary): save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so 4 is an int and [1,2] a list)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        raise ConfigError(f"override {shorten(item)} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
-        raise ConfigError(f"override {item!r} has an empty key segment")
+        raise ConfigError(f"override {shorten(item)} has an empty key segment")
+    if len(item) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"override {shorten(item)} is longer than {MAX_CONFIG_BYTES} characters")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"override {shorten(key, 60)}") if raw.strip() else ""
+    except ConfigError as e:
+        if "not valid YAML" not in str(e):
+            raise
+        value = raw  # not YAML: taken as the plain string it is
     return path, value
 
 
@@ -554,7 +886,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[:-1])} is not a section")
+                raise ConfigError(f"override {shorten(item)}: {'.'.join(path[:-1])} is not a section")
             node = child
         node[path[-1]] = value
     return raw
@@ -563,30 +895,43 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # `type` values of the discriminated unions: pydantic puts the chosen one in an error's path; the user's
 # YAML has no such level, so it is left out of the reported path.
 _UNION_TAGS = ("addition", "reasoning_gym", "jsonl", "none", "threshold", "best_of_k", "pass_fail")
+MAX_ERRORS_SHOWN = 20
 
 
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        loc = ".".join(
+            shorten(p, 60) if isinstance(p, str) and len(p) > 60 else str(p)
+            for p in e["loc"]
+            if not (isinstance(p, str) and p in _UNION_TAGS)
+        )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"
         value = e.get("input")
-        shown = "" if e["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+        shown = "" if e["type"] in ("missing",) or isinstance(value, dict) else f" (got {shorten(value)})"
+        # A check across fields has no single location: its message starts with the field names itself.
+        lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read a job YAML, apply dotted overrides, validate. Raises ConfigError with a readable message."""
+    """Read a job YAML, apply dotted overrides, validate. Raises ConfigError with a readable message.
+
+    Only the file's content is checked here; whether the files and functions it names exist is
+    `cluster.preflight`'s job (`aha validate` runs both)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not path.is_file():
+        raise ConfigError(f"config {path} is not a file")
+    raw = parse_yaml(read_config_text(path), f"config {path}")
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
@@ -594,6 +939,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         return JobConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(e, str(path))) from None
+    except (RecursionError, MemoryError, OverflowError) as e:  # pathological values inside an Any field
+        raise ConfigError(f"invalid config {path}: {type(e).__name__}") from None
 
 
 def dump_config(cfg: JobConfig) -> str:
