@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from cluster.config import ConfigError, dump_config, load_config
+from cluster.preflight import check_references, run_dir_refusal
 
 EXAMPLES = """\
 examples:
@@ -39,12 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = sub.add_parser("validate", help="validate a job config and print it with every default resolved")
+    p = sub.add_parser(
+        "validate",
+        help="validate a job config (values, then the files and functions it names) and print it resolved",
+    )
     _add_config_args(p)
+    p.add_argument(
+        "--no-check-files",
+        action="store_true",
+        help="skip the model, data and reward-file checks (a config meant for another machine)",
+    )
 
     p = sub.add_parser("run", help="run a job on this machine's Ray (or cluster.address)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the contents of an existing run dir that `aha run` did not create",
+    )
 
     p = sub.add_parser(
         "generate", help="sample, score and filter completions into a dataset (JSONL + Parquet)"
@@ -95,23 +109,38 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "validate":
-        cfg = load_config(args.config, args.overrides).resolved()
-        print(dump_config(cfg), end="")
+        cfg = load_config(args.config, args.overrides)
+        try:
+            check_references(cfg, files=not args.no_check_files)
+        except ConfigError as e:
+            hint = (
+                ""
+                if args.no_check_files
+                else "\n(files are checked on this machine; --no-check-files skips that)"
+            )
+            raise ConfigError(f"{e}{hint}") from None
+        print(dump_config(cfg.resolved()), end="")
         return 0
     if args.verb == "run":
         cfg = load_config(args.config, args.overrides)
+        check_references(cfg)
+        refusal = run_dir_refusal(cfg.run_dir, args.resume, args.overwrite)
+        if refusal:
+            raise ConfigError(refusal)
         from cluster.driver import run
 
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)  # checks the cluster's resources first
         return 0
     if args.verb == "generate":
         cfg = load_config(args.config, args.overrides)
+        check_references(cfg)
         from cluster.generate import generate
 
         generate(cfg, resume=args.resume)
         return 0
     if args.verb == "submit":
-        load_config(args.config, args.overrides)  # fail here, not on the cluster
+        # fail here, not on the cluster: files are checked against the upload by `job_request`
+        check_references(load_config(args.config, args.overrides), files=False)
         from cluster.jobs import submit
 
         return submit(

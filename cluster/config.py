@@ -11,7 +11,6 @@ bf16; otherwise CPU, gloo and fp32.
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from pathlib import Path
@@ -56,7 +55,9 @@ def run_dir_problem(run_dir: str) -> str | None:
     cwd = Path.cwd().resolve()
     if len(resolved.parts) <= 2:
         return f"{resolved} is the root or a folder directly under it: use a folder of its own, e.g. runs/{{name}}"
-    if resolved in (Path.home().resolve(), *[Path(p) for p in ("/root",)]) or resolved.parent == Path("/home"):
+    if resolved in (Path.home().resolve(), *[Path(p) for p in ("/root",)]) or resolved.parent == Path(
+        "/home"
+    ):
         return f"{resolved} is a home folder: use a folder of its own, e.g. runs/{{name}}"
     if resolved == cwd or resolved in cwd.parents:
         return f"{resolved} is the working directory or one of its parents: use a folder of its own"
@@ -72,7 +73,9 @@ def check_template(template: str, allowed: tuple[str, ...]) -> str:
     for _, field, spec, conversion in parts:
         if field is not None and (field not in allowed or spec or conversion):
             known = ", ".join(f"{{{a}}}" for a in allowed)
-            raise ValueError(f"unknown placeholder {shorten('{' + field + '}', 40)}: only {known} is replaced")
+            raise ValueError(
+                f"unknown placeholder {shorten('{' + field + '}', 40)}: only {known} is replaced"
+            )
     return template
 
 
@@ -494,6 +497,7 @@ class LoggingConfig(Section):
     @classmethod
     def _name_only(cls, run_dir: str) -> str:
         return check_template(run_dir, ("name",))
+
     tensorboard: bool = True
     """Write TensorBoard scalars to run_dir/tensorboard."""
     progress: bool = True
@@ -524,6 +528,7 @@ class ClusterConfig(Section):
         if not m or not 0 < int(m.group(3)) < 65536:
             raise ValueError("expected auto, HOST:PORT or ray://HOST:PORT (port 1-65535)")
         return address
+
     namespace: str = "aha"
     """Ray namespace of the job's named actors."""
     num_cpus: int | None = Field(None, ge=1, le=1 << 20, strict=True)
@@ -532,6 +537,9 @@ class ClusterConfig(Section):
     """Ray runtime_env for the job (pip packages, env_vars, ...), used by `aha submit`."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Placement-group strategy for the learner ranks."""
+    autoscaler: bool = False
+    """The cluster adds nodes on demand (Ray autoscaler, KubeRay): `aha run` then skips its start-up check that
+    the cluster already holds every CPU and GPU the job asks for."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -664,6 +672,19 @@ class JobConfig(Section):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     """Behaviour metrics of the completions (length, self-check phrases, final answers) per step."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_types(cls, raw: Any) -> Any:
+        """`data:` and `generate.filter:` without `type:` are the default kind (addition, none), so that an
+        override such as `data.seed=3` on a config without a data section means what it says."""
+        if isinstance(raw, dict):
+            if isinstance(raw.get("data"), dict) and "type" not in raw["data"]:
+                raw = {**raw, "data": {"type": "addition", **raw["data"]}}
+            gen = raw.get("generate")
+            if isinstance(gen, dict) and isinstance(gen.get("filter"), dict) and "type" not in gen["filter"]:
+                raw = {**raw, "generate": {**gen, "filter": {"type": "none", **gen["filter"]}}}
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         if self.learner.backend == "nccl" and self.learner.gpus_per_rank == 0:
@@ -767,22 +788,27 @@ class _Composed(yaml.SafeLoader):
 def _check_nodes(root: yaml.Node, source: str) -> None:
     """Refuse recursive aliases, alias bombs, deep nesting and duplicate keys, on the node graph (aliases are
     shared nodes there, so this costs one visit per distinct node)."""
-    sizes: dict[int, int] = {}  # id(node) -> nodes after expansion
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes after expansion, levels below it)
     active: set[int] = set()  # nodes on the current path (an alias back to one of them is a cycle)
 
     def where(node: yaml.Node) -> str:
         return f"{source}, line {node.start_mark.line + 1}"
 
-    def size(node: yaml.Node, depth: int) -> int:
+    def size(node: yaml.Node, depth: int) -> tuple[int, int]:
         key = id(node)
-        if key in sizes:
-            return sizes[key]
         if key in active:
             raise ConfigError(f"{where(node)}: a recursive YAML alias (a value that contains itself)")
+        if key not in sizes:
+            sizes[key] = expand(node, depth)
+        if depth + sizes[key][1] > MAX_YAML_DEPTH:  # also through aliases, whose sizes are remembered
+            raise ConfigError(f"{where(node)}: nested more than {MAX_YAML_DEPTH} levels deep")
+        return sizes[key]
+
+    def expand(node: yaml.Node, depth: int) -> tuple[int, int]:
         if depth > MAX_YAML_DEPTH:
             raise ConfigError(f"{where(node)}: nested more than {MAX_YAML_DEPTH} levels deep")
-        active.add(key)
-        total = 1
+        active.add(id(node))
+        total, height = 1, 0
         if isinstance(node, yaml.SequenceNode):
             children = node.value
         elif isinstance(node, yaml.MappingNode):
@@ -791,15 +817,15 @@ def _check_nodes(root: yaml.Node, source: str) -> None:
         else:
             children = []
         for child in children:
-            total += size(child, depth + 1)
+            child_size, child_height = size(child, depth + 1)
+            total, height = total + child_size, max(height, child_height + 1)
             if total > MAX_YAML_NODES:
                 raise ConfigError(
                     f"{where(node)}: expands to more than {MAX_YAML_NODES} values (aliases included): "
                     "not a job config"
                 )
-        active.discard(key)
-        sizes[key] = total
-        return total
+        active.discard(id(node))
+        return total, height
 
     size(root, 0)
 
@@ -820,8 +846,9 @@ def _no_duplicate_keys(node: yaml.MappingNode, where) -> None:
 
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> Python data, with the checks above; every failure is a ConfigError."""
-    loader = _Composed(text)
+    loader = None
     try:
+        loader = _Composed(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -834,9 +861,12 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply") from None
     except Exception as e:  # noqa: BLE001 - any other failure on user content is a config error, not a crash
-        raise ConfigError(f"{source} could not be read as YAML: {type(e).__name__}: {shorten(str(e))}") from None
+        raise ConfigError(
+            f"{source} could not be read as YAML: {type(e).__name__}: {shorten(str(e))}"
+        ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_config_text(path: Path) -> str:
@@ -855,7 +885,9 @@ def read_config_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})"
+        ) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

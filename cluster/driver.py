@@ -28,6 +28,7 @@ from cluster.data import PromptSource, make_source, read_demonstrations
 from cluster.files import write_atomic
 from cluster.metrics import MetricsLogger, write_report
 from cluster.monitor import trajectory_metrics
+from cluster.preflight import check_cluster_resources, prepare_run_dir
 from cluster.runtime import apply_base_env, init_ray
 
 
@@ -52,7 +53,7 @@ class Run:
         self.source: PromptSource = make_source(self.cfg.data)
 
     # -- setup ---------------------------------------------------------------------------------------------------
-    def start(self, resume: bool) -> None:
+    def start(self, resume: bool, overwrite: bool = False) -> None:
         import ray
         from transformers import AutoTokenizer
 
@@ -67,11 +68,10 @@ class Run:
             raise FileNotFoundError(
                 f"model.path {cfg.model.path!r} has no config.json (make one with `aha make-tiny-model {cfg.model.path}`)"
             )
-        if self.run_dir.exists() and not resume:
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         init_ray(cfg.cluster)
+        check_cluster_resources(cfg)  # seconds, naming the actors: before any starts or a file is touched
+        prepare_run_dir(self.run_dir, resume, overwrite)  # deletes only a folder aha created (or --overwrite)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.namespace = cfg.cluster.namespace
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name)
@@ -395,12 +395,12 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     )
 
 
-def run(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
+def run(cfg: JobConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """`aha run`: start Ray (local unless cluster.address), the actors, and run imitation then trial and error."""
     apply_base_env()
     job = Run(cfg)
     try:
-        job.start(resume)
+        job.start(resume, overwrite)
         summary = job.execute()
     finally:
         job.shutdown()

@@ -27,7 +27,7 @@ PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 RUN = [
     r"aha --help",
     r"aha [\w-]+ --help",
-    r"aha validate \S+\.yaml( \S+=\S+)*",
+    r"aha validate \S+\.yaml( \S+=\S+)*( --no-check-files)?",
     r"aha make-tiny-model \S+",
 ]
 SLOW_RUN = [r"aha convert-smollm2 \S+"]  # runs here too, in the slow set (it writes a 0.5 GB model)
@@ -173,10 +173,22 @@ def test_docs_have_commands_and_every_one_is_run_or_covered():
         assert why
 
 
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """models/ as the README's demo leaves it (`aha make-tiny-model models/tiny-addition`): `aha validate`
+    checks that the model folder a config names exists."""
+    from cluster.models import make_tiny_model
+
+    models = tmp_path_factory.mktemp("demo") / "models"
+    make_tiny_model(models / "tiny-addition", seed=0)
+    return models
+
+
 @pytest.fixture
-def scratch(tmp_path):
-    """A folder where documented commands may write; deploy/ is the repository's."""
+def scratch(tmp_path, demo_models):
+    """A folder where documented commands may write; deploy/ is the repository's, models/ the demo's."""
     (tmp_path / "deploy").symlink_to(ROOT / "deploy")
+    (tmp_path / "models").symlink_to(demo_models)
     return tmp_path
 
 

@@ -1,0 +1,369 @@
+"""Checks before anything starts, so that a job either fails in seconds with exit 2 or runs to the end.
+
+- `reference_problems`: what the config names exists and fits: reward functions import and accept their
+  kwargs, the model folder has config.json, data and demonstration files are readable JSONL. No Ray.
+  `aha validate`, `aha run` and `aha generate` run it (`aha validate --no-check-files` skips the file checks,
+  for a config meant for another machine).
+- `run_dir_refusal` / `prepare_run_dir`: `aha run` never deletes a folder it did not create. Folders it
+  creates hold a `.aha-run` marker; an existing non-empty folder without it is refused unless `--overwrite`.
+- `resource_problems`: the job's resource totals against the Ray cluster's (after `ray.init`, before any actor
+  starts), naming which actors ask for what. Without an autoscaler, a request the cluster cannot hold would
+  otherwise wait for a start-up timeout and then fail without saying why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.config import (
+    AdditionData,
+    ConfigError,
+    JobConfig,
+    JsonlData,
+    ReasoningGymData,
+    regex_problem,
+    shorten,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def file_problem(path: str) -> str | None:
+    """Why `path` is not a readable regular file, or None. A folder or a device is "not a file", not "not found"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, pipe or socket)"
+    if not os.access(path, os.R_OK):
+        return "is not readable"
+    return None
+
+
+def model_problem(path: str) -> str | None:
+    if not os.path.exists(path):
+        return f"not found (make one with `aha make-tiny-model {path}`, or point model.path at a Hugging Face model folder)"
+    if not os.path.isdir(path):
+        return "is not a folder: model.path names a Hugging Face model folder"
+    if file_problem(os.path.join(path, "config.json")) is not None:
+        return "has no config.json: not a Hugging Face model folder"
+    return None
+
+
+MAX_FIRST_LINE = 10 << 20
+
+
+def first_record(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The first JSON object of a JSONL file, or (None, why not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if len(line) > MAX_FIRST_LINE:
+                    return None, f"its first line is longer than {MAX_FIRST_LINE} characters"
+                if line.strip():
+                    row = json.loads(line)
+                    return (
+                        (row, None)
+                        if isinstance(row, dict)
+                        else (None, "its first line is not a JSON object")
+                    )
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return None, f"its first line is not JSON ({e.msg})"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror})"
+    return None, "is empty"
+
+
+def _jsonl_problem(path: str, needs: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None]:
+    problem = file_problem(path)
+    if problem:
+        return None, problem
+    row, problem = first_record(path)
+    if problem:
+        return None, problem
+    missing = [k for k in needs if k not in row]
+    if missing:
+        return row, f"its first record has no {', '.join(repr(k) for k in missing)}"
+    return row, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward functions
+
+# Fields every reward call gets besides the prompt's own (actors/reward.py: `RewardScorer._score_one`).
+CALL_FIELDS = {"finish_reason", "completion_tokens"}
+
+
+def prompt_fields(cfg: JobConfig, files: bool) -> set[str] | None:
+    """Names of the fields the data source gives each prompt (None: not known without reading the data)."""
+    if isinstance(cfg.data, AdditionData):
+        return {"answer", "a", "b"}
+    if isinstance(cfg.data, ReasoningGymData):
+        return {"task", "entry", "answer"}
+    if isinstance(cfg.data, JsonlData) and files:
+        row, _ = first_record(cfg.data.path)
+        if row is not None:
+            return set(row) - {"prompt", "id"}
+    return None
+
+
+def kwargs_problem(fn: Any, kwargs: dict[str, Any], fields: set[str] | None) -> str | None:
+    """Why `fn(prompt, completion, **fields, **kwargs)` would fail or ignore a kwarg, or None.
+
+    A kwarg must name a keyword parameter of the function. A function whose catch-all is `**_` ignores other
+    keywords (the built-ins take `**_` for the prompt fields they do not use), so a kwarg that lands there does
+    nothing and is refused; a catch-all with another name (`**fields`) is taken to read what it is given."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin or C callable without a signature: nothing to compare
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if len(positional) < 2 and not var_pos:
+        return "must take (prompt, completion, /, **fields)"
+    if len([p for p in positional if p.default is p.empty]) > 2:
+        return "takes more than two required positional parameters (prompt, completion)"
+    keywords = {p.name: p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    catch_all = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+    for key in kwargs:
+        if key in keywords:
+            continue
+        if catch_all is None:
+            return f"kwargs.{_key(key)}: the function has no parameter of that name ({_names(keywords)})"
+        if catch_all == "_":
+            return (
+                f"kwargs.{_key(key)}: not a parameter of the function ({_names(keywords)}); "
+                "it would be ignored"
+            )
+    given = set(kwargs) | CALL_FIELDS | (fields or set())
+    missing = [n for n, p in keywords.items() if p.default is p.empty and n not in given]
+    if missing and fields is not None:
+        return (
+            f"needs {', '.join(missing)}: neither in its kwargs nor a field of the prompts "
+            f"({', '.join(sorted(fields)) or 'none'})"
+        )
+    if catch_all is None and fields is not None:
+        extra = sorted((fields | CALL_FIELDS) - set(keywords) - set(kwargs))
+        if extra:
+            return f"would be called with fields it does not take ({', '.join(extra)}): add **_ to its parameters"
+    return None
+
+
+def _key(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _names(keywords: dict[str, Any]) -> str:
+    return "parameters: " + (", ".join(keywords) or "none")
+
+
+REGEX_KWARGS = {"actors.rewards.match:exact_match": "extract", "actors.rewards.match:regex_match": "pattern"}
+
+
+def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
+    from actors.reward import load_function
+
+    fields = prompt_fields(cfg, files)
+    problems = []
+    for i, f in enumerate(cfg.reward.functions):
+        key = f"reward.functions.{i}"
+        if not files and f.function.rsplit(":", 1)[0].endswith(".py"):
+            continue
+        try:
+            fn = load_function(f.function)
+        except BaseException as e:  # noqa: BLE001 - an import may raise anything, even SystemExit
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            problems.append(
+                f"{key}.function {shorten(f.function)}: {type(e).__name__}: {shorten(str(e), 300)[1:-1]}"
+            )
+            continue
+        problem = kwargs_problem(fn, f.kwargs, fields)
+        if problem:
+            problems.append(f"{key} ({f.display_name}): {problem}")
+        regex_key = REGEX_KWARGS.get(f.function)
+        value = f.kwargs.get(regex_key) if regex_key else None
+        if isinstance(value, str) and (why := regex_problem(value)):
+            problems.append(f"{key}.kwargs.{regex_key}: {why}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# everything the config names
+
+
+def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
+    """Every problem with what the config names, each starting with the field. `files=False` skips the model and
+    data files (and reward .py files), for a config that will run on another machine."""
+    problems = reward_problems(cfg, files)
+    if not files:
+        return problems
+    if problem := model_problem(cfg.model.path):
+        problems.append(f"model.path {shorten(cfg.model.path)}: {problem}")
+    if isinstance(cfg.data, JsonlData):
+        imitate_from_data = cfg.imitation.steps > 0 and not cfg.imitation.path
+        needs = ("prompt", "answer") if imitate_from_data else ("prompt",)
+        _, problem = _jsonl_problem(cfg.data.path, needs)
+        if problem:
+            problems.append(f"data.path {shorten(cfg.data.path)}: {problem}")
+        if cfg.data.eval_path:
+            _, problem = _jsonl_problem(cfg.data.eval_path, ("prompt",))
+            if problem:
+                problems.append(f"data.eval_path {shorten(cfg.data.eval_path)}: {problem}")
+    if cfg.imitation.path and cfg.imitation.steps > 0:
+        _, problem = _jsonl_problem(cfg.imitation.path, ("prompt", "completion"))
+        if problem:
+            problems.append(f"imitation.path {shorten(cfg.imitation.path)}: {problem}")
+    if isinstance(cfg.data, ReasoningGymData):
+        if problem := _gym_task_problem(cfg.data.task):
+            problems.append(f"data.task {shorten(cfg.data.task)}: {problem}")
+    return problems
+
+
+def _gym_task_problem(task: str) -> str | None:
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        return "reasoning-gym is not installed"
+    if task not in DATASETS:
+        return "not a reasoning-gym dataset (see reasoning_gym.factory.DATASETS)"
+    return None
+
+
+def check_references(cfg: JobConfig, files: bool = True) -> None:
+    problems = reference_problems(cfg, files)
+    if problems:
+        raise ConfigError(
+            "the config names things that are missing or do not fit:\n  " + "\n  ".join(problems)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run directory
+
+RUN_MARKER = ".aha-run"
+"""Written into every run directory `aha run` creates; only such folders are ever deleted by it."""
+
+
+def run_dir_refusal(path: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why `aha run` must not use `path` as its run directory, or None."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"logging.run_dir {path} exists and is not a folder"
+    if resume or overwrite or (path / RUN_MARKER).is_file() or not any(path.iterdir()):
+        return None
+    return (
+        f"logging.run_dir {path} exists, is not empty and was not created by `aha run` (no {RUN_MARKER} in it): "
+        "aha deletes only folders it created. Pick another run_dir, or pass --overwrite to replace its contents"
+    )
+
+
+def prepare_run_dir(path: Path, resume: bool, overwrite: bool = False) -> None:
+    """Create the run directory, marked as aha's. A new run replaces a folder aha created (or, with
+    `overwrite`, one it did not); `resume` keeps everything."""
+    refusal = run_dir_refusal(path, resume, overwrite)
+    if refusal:
+        raise ConfigError(refusal)
+    if path.exists() and not resume and any(path.iterdir()):
+        for child in path.iterdir():  # the folder itself stays: it may be a mount point
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).write_text("created by aha run; `aha run` replaces this folder on a new run\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resources
+
+
+@dataclass(frozen=True)
+class Demand:
+    """`count` actors named `names`, each asking Ray for `each` (resource -> amount)."""
+
+    names: str
+    count: int
+    each: dict[str, float]
+
+
+def job_demands(cfg: JobConfig) -> list[Demand]:
+    """What the job's actors ask Ray for (actors/rollout.py, actors/reward.py, learner/group.py)."""
+    r, w, lr = cfg.rollout, cfg.reward, cfg.learner
+    return [
+        Demand(
+            f"rollout-0..{r.num_engines - 1}",
+            r.num_engines,
+            {"CPU": r.cpus_per_engine, "GPU": r.gpus_per_engine},
+        ),
+        Demand(f"reward-0..{w.num_workers - 1}", w.num_workers, {"CPU": w.cpus_per_worker}),
+        Demand(
+            f"learner-0..{lr.num_ranks - 1}", lr.num_ranks, {"CPU": lr.cpus_per_rank, "GPU": lr.gpus_per_rank}
+        ),
+    ]
+
+
+def resource_problems(
+    demands: list[Demand], totals: dict[str, float], nodes: list[dict[str, float]], strict_pack: bool = False
+) -> list[str]:
+    """What the cluster (`totals`, and each alive node's resources) cannot hold: a total over the cluster's, one
+    actor larger than every node, or (STRICT_PACK) the learner's bundles together larger than every node. The
+    learner is the last demand."""
+    problems = []
+    for resource in ("CPU", "GPU"):
+        asks = [(d, d.each.get(resource, 0.0)) for d in demands if d.each.get(resource, 0.0) > 0]
+        need = sum(d.count * amount for d, amount in asks)
+        have = totals.get(resource, 0.0)
+        if need > have + 1e-9:
+            parts = "; ".join(f"{d.names}: {d.count} x {amount:g}" for d, amount in asks)
+            problems.append(f"the job asks for {need:g} {resource} ({parts}) but the cluster has {have:g}")
+            continue
+        biggest = max((n.get(resource, 0.0) for n in nodes), default=0.0)
+        learner = demands[-1]
+        if strict_pack and learner.count * learner.each.get(resource, 0.0) > biggest + 1e-9:
+            problems.append(
+                f"{learner.names} ask for {learner.count} x {learner.each[resource]:g} {resource} on one node "
+                f"(cluster.placement_strategy STRICT_PACK) but the largest node has {biggest:g}"
+            )
+        for d, amount in asks:
+            if amount > biggest + 1e-9:
+                problems.append(
+                    f"each of {d.names} asks for {amount:g} {resource} but the largest node has {biggest:g}"
+                )
+    return problems
+
+
+def check_cluster_resources(cfg: JobConfig) -> None:
+    """After `ray.init`, before any actor: refuse a job the connected cluster cannot hold (ConfigError)."""
+    if cfg.cluster.autoscaler:
+        return
+    import ray
+
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    strict_pack = cfg.cluster.placement_strategy == "STRICT_PACK"
+    problems = resource_problems(job_demands(cfg), dict(ray.cluster_resources()), nodes, strict_pack)
+    if problems:
+        raise ConfigError(
+            "the Ray cluster cannot hold this job (nothing was started):\n  "
+            + "\n  ".join(problems)
+            + "\nLower the counts or per-actor resources (rollout.*, reward.*, learner.*), raise cluster.num_cpus "
+            "for a local Ray, or add nodes (set cluster.autoscaler=true if the cluster adds them on demand)"
+        )
