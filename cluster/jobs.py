@@ -4,6 +4,12 @@ The folder (`--working-dir`, default `.`) is zipped, uploaded through the dashbo
 the job uses; the job's driver and all its actors start inside it. So the config and every relative path in it
 (model.path, data files, reward files) must lie inside that folder. Large models belong on storage that every
 node can read, named by an absolute path. `job_request` checks all of this before anything is uploaded.
+
+Ray's upload leaves out what `runtime_env.excludes`, `.rayignore` and `.gitignore` files name. What the job
+reads is checked against Ray's own walk of the folder (`uploaded_files`): a file the job needs that only a
+`.gitignore` leaves out (the README's `models/tiny-addition`: `models/` is gitignored) is uploaded anyway: the
+upload then ignores `.gitignore` files and excludes every other gitignored path explicitly, so exactly the needed
+files are added. A needed file left out by `excludes` or `.rayignore` is refused (exit 2, naming it).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, JobConfig, JsonlData, load_config
+from cluster.preflight import file_problem, model_problem
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+IGNORE_GITIGNORE = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
 DEFAULT_EXCLUDES = [".venv", ".cache", "runs", ".git", "__pycache__", "*.pyc"]
 """Left out of the upload unless `cluster.runtime_env.excludes` says otherwise."""
 
@@ -35,6 +43,8 @@ class JobRequest:
     runtime_env: dict[str, Any]
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    ignore_gitignore: bool = False
+    """Upload with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 (gitignored paths the job does not need are in excludes)."""
 
 
 def _relative_paths(cfg: JobConfig) -> list[tuple[str, str]]:
@@ -83,21 +93,30 @@ def job_request(
     runtime_env = {"working_dir": str(root), **cfg.cluster.runtime_env}
     runtime_env.setdefault("excludes", list(DEFAULT_EXCLUDES))
 
-    problems = []
+    problems, needed = [], {"the config": str(config_rel)}
     for key, path in _relative_paths(cfg):
         pattern = _excluded(path, runtime_env["excludes"])
+        local = root / path
         if pattern is not None:
             problems.append(f"{key}: {path} is excluded from the upload by {pattern!r}")
-        elif not (root / path).exists():
+        elif not local.exists():
             problems.append(f"{key}: {path} does not exist in {root}")
+        elif problem := (model_problem if key == "model.path" else file_problem)(str(local)):
+            problems.append(f"{key}: {path} {problem}")
+        elif not local.resolve().is_relative_to(root):
+            problems.append(f"{key}: {path} is outside the working dir {root}")
+        else:
+            needed[key] = str(local.resolve().relative_to(root))
     if problems:
         raise ConfigError(
             "relative paths are read inside the uploaded working dir, and these would be missing there:\n  "
             + "\n  ".join(problems)
             + "\n(move them into the working dir, or use absolute paths that exist on every node)"
         )
+    extra_excludes, notes = upload_plan(root, needed, runtime_env["excludes"])
+    if extra_excludes is not None:
+        runtime_env["excludes"] = [*runtime_env["excludes"], *extra_excludes]
 
-    notes = []
     if not Path(cfg.logging.run_dir).is_absolute():
         notes.append(
             f"logging.run_dir {cfg.logging.run_dir!r} is relative: the outputs land in the job's unpacked copy of "
@@ -114,7 +133,113 @@ def job_request(
         runtime_env=runtime_env,
         metadata={"aha_job": cfg.name, "aha_config": str(config_rel)},
         notes=notes,
+        ignore_gitignore=extra_excludes is not None,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what Ray's working-dir upload takes
+
+
+def uploaded_files(root: Path, excludes: list[str], gitignore: bool = True) -> set[str]:
+    """Paths (relative to `root`) of the files Ray's working-dir upload takes, by Ray's own walk: `excludes`,
+    `.rayignore` files and, with `gitignore`, `.gitignore` files (each applying from its own folder down)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    found: set[str] = set()
+
+    def take(path: Path) -> None:
+        if path.is_file():
+            found.add(str(path.relative_to(root)))
+
+    _dir_travel(root, [_get_excludes(root, excludes)], take, include_gitignore=gitignore)
+    return found
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _anchored(rel: str) -> str:
+    """A gitwildmatch pattern matching exactly this path below the working dir (wildcards escaped)."""
+    escaped = "".join(f"[{c}]" if c in "*?[]\\" else c for c in rel)
+    return "/" + escaped
+
+
+def upload_plan(
+    root: Path, needed: dict[str, str], excludes: list[str]
+) -> tuple[list[str] | None, list[str]]:
+    """(extra excludes, notes). None: Ray's usual upload already takes every needed file. A list: upload with
+    `.gitignore` files ignored plus these excludes, which leave out every gitignored path except the needed
+    ones. ConfigError when a needed file would be missing either way (`excludes`, `.rayignore`)."""
+    everything = uploaded_files(root, excludes, gitignore=False)
+    honoured = os.environ.get(IGNORE_GITIGNORE, "0") != "1"  # Ray's client reads the same variable
+    with_gitignore = uploaded_files(root, excludes, gitignore=True) if honoured else everything
+    missing, refused = {}, []
+    for key, rel in needed.items():
+        files = sorted(f for f in everything if _under(f, rel))
+        if not files:
+            refused.append(
+                f"{key}: {rel} is left out of the upload by a .rayignore file or runtime_env.excludes"
+            )
+            continue
+        skipped = [f for f in files if f not in with_gitignore]
+        if skipped:
+            missing[key] = (rel, skipped)
+    if refused:
+        raise ConfigError(
+            "the job needs files that Ray's upload of the working dir would leave out:\n  "
+            + "\n  ".join(refused)
+            + "\n(remove them from .rayignore / cluster.runtime_env.excludes, or use absolute paths that exist "
+            "on every node)"
+        )
+    if not missing:
+        return None, []
+    keep = {f for rel, files in missing.values() for f in files}
+    dropped = everything - with_gitignore - keep
+    extra = _cover(dropped, everything)
+    # The plan must be what Ray will do: walk again with it.
+    planned = uploaded_files(root, [*excludes, *extra], gitignore=False)
+    if planned != with_gitignore | keep:
+        raise ConfigError(
+            "the job needs gitignored files ("
+            + ", ".join(rel for rel, _ in missing.values())
+            + ") and aha could not express the rest of .gitignore as upload excludes: use absolute paths that "
+            "exist on every node"
+        )
+    notes = [
+        f"{key}: {rel} is gitignored, which Ray's upload would skip; it is uploaded anyway "
+        f"({len(files)} file(s)), and the other gitignored files stay out"
+        for key, (rel, files) in missing.items()
+    ]
+    return extra, notes
+
+
+def _cover(dropped: set[str], everything: set[str]) -> list[str]:
+    """The fewest anchored patterns that match exactly the `dropped` files among `everything`: a folder whose
+    files are all dropped is one pattern."""
+    total: dict[str, int] = {}
+    gone: dict[str, int] = {}
+    for f in everything:
+        parts = f.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            total[folder] = total.get(folder, 0) + 1
+            if f in dropped:
+                gone[folder] = gone.get(folder, 0) + 1
+    patterns = set()
+    for f in dropped:
+        parts = f.split("/")
+        top = next(
+            (
+                "/".join(parts[:i])
+                for i in range(1, len(parts))
+                if gone.get("/".join(parts[:i])) == total["/".join(parts[:i])]
+            ),
+            f,
+        )
+        patterns.add(_anchored(top))
+    return sorted(patterns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,12 +293,21 @@ def submit(
     for note in req.notes:
         print(f"aha: note: {note}", file=sys.stderr)
     client = _client(address)
-    job_id = client.submit_job(
-        entrypoint=req.entrypoint,
-        submission_id=req.submission_id,
-        runtime_env=req.runtime_env,
-        metadata=req.metadata,
-    )
+    saved = os.environ.get(IGNORE_GITIGNORE)
+    if req.ignore_gitignore:  # read by Ray's client when it packs the working dir
+        os.environ[IGNORE_GITIGNORE] = "1"
+    try:
+        job_id = client.submit_job(
+            entrypoint=req.entrypoint,
+            submission_id=req.submission_id,
+            runtime_env=req.runtime_env,
+            metadata=req.metadata,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(IGNORE_GITIGNORE, None)
+        else:
+            os.environ[IGNORE_GITIGNORE] = saved
     base = address.rstrip("/")
     print(f"submitted {job_id}")
     print(f"  entrypoint: {req.entrypoint}")

@@ -178,9 +178,11 @@ def ray_head(tmp_path):
         assert not left, f"processes of the test cluster still alive: {left}"
 
 
-def _aha(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+def _aha(
+    *args: str, env: dict[str, str], timeout: float = 60, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "aha"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [str(BIN / "aha"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
 
 
@@ -198,27 +200,31 @@ def _dashboard_metrics() -> set[str]:
 def test_submit_tiny_job_to_a_real_cluster(ray_head, tmp_path):
     from cluster.models import make_tiny_model
 
-    # The uploaded folder holds only the config and the tiny model: `aha` itself is installed on the cluster.
-    work = tmp_path / "job"
-    work.mkdir()
-    shutil.copy(DEMO, work / "cpu_demo.yaml")
+    # The README's example, from a checkout as the README leaves it: the repository's .gitignore (which lists
+    # `models/`), the example config at its path, and `models/tiny-addition` made by `aha make-tiny-model`.
+    # Ray's upload skips gitignored files; aha uploads the model the job needs anyway (and only it).
+    # `aha` itself is installed on the cluster.
+    work = tmp_path / "checkout"
+    (work / "deploy" / "examples").mkdir(parents=True)
+    shutil.copy(ROOT / ".gitignore", work / ".gitignore")
+    shutil.copy(DEMO, work / "deploy" / "examples" / "cpu_demo.yaml")
     make_tiny_model(work / "models" / "tiny-addition", seed=0)
     run_dir = tmp_path / "outputs"
     overrides = [*TINY, f"logging.run_dir={run_dir}"]
 
     client_env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_MODE"}  # aha finds the token itself
+    client_env.pop("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", None)
     started = time.monotonic()
     done = _aha(
         "submit",
-        str(work / "cpu_demo.yaml"),
+        "deploy/examples/cpu_demo.yaml",
         *overrides,
         "--address",
         ray_head.address,
-        "--working-dir",
-        str(work),
         "--wait",
         env=client_env,
         timeout=300,
+        cwd=work,
     )
     elapsed = time.monotonic() - started
     out = done.stdout
@@ -226,6 +232,7 @@ def test_submit_tiny_job_to_a_real_cluster(ray_head, tmp_path):
     job_id = re.search(r"^submitted (\S+)", out, re.M).group(1)
     assert job_id.startswith("cpu-demo-")
     assert "cluster.address=auto" in out  # joins the cluster it runs on, never a local Ray
+    assert "models/tiny-addition is gitignored" in done.stderr  # said, and uploaded anyway
     assert f"{job_id}: SUCCEEDED" in out
     assert '"steps": 2' in out  # the job's own summary, streamed back by --wait
     print(f"submit --wait took {elapsed:.0f} s")

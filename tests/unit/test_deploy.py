@@ -374,6 +374,7 @@ def test_grafana_dashboard_is_current_and_well_formed():
 def job_dir(tmp_path):
     """A working dir as a user would submit it: the demo config and a (fake) model folder."""
     (tmp_path / "models" / "tiny-addition").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-addition" / "config.json").write_text("{}")
     (tmp_path / "job.yaml").write_text((DEPLOY / "examples" / "cpu_demo.yaml").read_text())
     return tmp_path
 
