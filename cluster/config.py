@@ -55,9 +55,11 @@ def run_dir_problem(run_dir: str) -> str | None:
     cwd = Path.cwd().resolve()
     if len(resolved.parts) <= 2:
         return f"{resolved} is the root or a folder directly under it: use a folder of its own, e.g. runs/{{name}}"
-    if resolved in (Path.home().resolve(), *[Path(p) for p in ("/root",)]) or resolved.parent == Path(
-        "/home"
-    ):
+    try:
+        homes = {Path.home().resolve(), Path("/root")}
+    except RuntimeError:  # no home directory known
+        homes = {Path("/root")}
+    if resolved in homes or resolved.parent == Path("/home"):
         return f"{resolved} is a home folder: use a folder of its own, e.g. runs/{{name}}"
     if resolved == cwd or resolved in cwd.parents:
         return f"{resolved} is the working directory or one of its parents: use a folder of its own"
@@ -875,7 +877,8 @@ def read_config_text(path: Path) -> str:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config {path} is {size} bytes: a job config is at most {MAX_CONFIG_BYTES}")
-        data = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+        with path.open("rb") as f:  # bounded even where stat says 0 (/proc)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"config {path} cannot be read: {e.strerror or e}") from None
     if len(data) > MAX_CONFIG_BYTES:

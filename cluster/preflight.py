@@ -137,8 +137,8 @@ def kwargs_problem(fn: Any, kwargs: dict[str, Any], fields: set[str] | None) -> 
     var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
     if len(positional) < 2 and not var_pos:
         return "must take (prompt, completion, /, **fields)"
-    if len([p for p in positional if p.default is p.empty]) > 2:
-        return "takes more than two required positional parameters (prompt, completion)"
+    if any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in positional[2:]):
+        return "takes more than two required positional-only parameters (prompt, completion)"
     keywords = {p.name: p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     catch_all = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
     for key in kwargs:

@@ -182,8 +182,13 @@ def test_fields_a_function_cannot_take():
     assert kwargs_problem(exact, {}, {"answer"}) is None
 
 
+def keyword_by_position(prompt, completion, answer, a=0, b=0, **_):
+    return 0.0
+
+
 def test_positional_shape():
-    assert "more than two required positional" in kwargs_problem(three_positional, {}, FIELDS)
+    assert "more than two required positional-only" in kwargs_problem(three_positional, {}, FIELDS)
+    assert kwargs_problem(keyword_by_position, {}, FIELDS) is None  # answer arrives as a keyword
     assert "must take (prompt, completion" in kwargs_problem(lambda x: 0.0, {}, FIELDS)
 
 
