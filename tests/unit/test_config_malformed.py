@@ -77,7 +77,6 @@ OVERRIDE_CASES = [
     ("top-p-above-1", ["rollout.sampling.top_p=1.5"], "rollout.sampling.top_p"),
     ("top-k-minus-2", ["rollout.sampling.top_k=-2"], "rollout.sampling.top_k"),
     ("max-tokens-zero", ["rollout.sampling.max_tokens=0"], "rollout.sampling.max_tokens"),
-    ("reward-weight-nan", ["reward.functions.0.weight=.nan"], None),  # list items: see RAW cases below
     ("error-reward-nan", ["reward.error_reward=.nan"], "reward.error_reward"),
     ("error-reward-inf", ["reward.error_reward=-.inf"], "reward.error_reward"),
     ("reward-timeout-inf", ["reward.timeout_s=.inf"], "reward.timeout_s"),
@@ -302,7 +301,6 @@ OVERRIDE_CASES = [
     ("override-empty-segment", ["rollout..num_engines=2"], "empty key segment"),
     ("override-into-value", ["name.x=1"], "name is not a section"),
 ]
-OVERRIDE_CASES = [c for c in OVERRIDE_CASES if c[2] is not None]
 
 
 def _bomb(levels: int = 10) -> str:
