@@ -453,6 +453,14 @@ def test_no_check_files_skips_files_but_not_values(tree, capsys):
     assert code == 2 and "rollout.num_engines" in err
 
 
+def test_overrides_may_follow_an_option(tree, capsys):
+    path = _base_file(tree)
+    code, err = _validate(capsys, path, ["--no-check-files", "rollout.num_engines=true", "model.path=/x"])
+    assert code == 2 and "rollout.num_engines" in err and "model.path" not in err
+    with pytest.raises(SystemExit):
+        main(["validate", str(path), "--no-check-files", "--bogus"])
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[2]
     return subprocess.run(
