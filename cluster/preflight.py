@@ -227,7 +227,7 @@ def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
             _, problem = _jsonl_problem(cfg.data.eval_path, ("prompt",))
             if problem:
                 problems.append(f"data.eval_path {shorten(cfg.data.eval_path)}: {problem}")
-    if cfg.imitation.path and cfg.imitation.steps > 0:
+    if cfg.imitation.path:  # checked even with imitation.steps 0: a path that is set should exist
         _, problem = _jsonl_problem(cfg.imitation.path, ("prompt", "completion"))
         if problem:
             problems.append(f"imitation.path {shorten(cfg.imitation.path)}: {problem}")

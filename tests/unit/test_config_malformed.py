@@ -290,6 +290,7 @@ OVERRIDE_CASES = [
         "data.path",
     ),
     ("imitation-path-missing", ["imitation.steps=1", "imitation.path={tmp}/nope.jsonl"], "imitation.path"),
+    ("imitation-path-missing-unused", ["imitation.path={tmp}/nope.jsonl"], "imitation.path"),
     ("imitation-path-dir", ["imitation.steps=1", "imitation.path={tmp}"], "imitation.path"),
     ("imitation-path-dev-null", ["imitation.steps=1", "imitation.path=/dev/null"], "imitation.path"),
     ("imitation-no-completion", ["imitation.steps=1", "imitation.path={tmp}/good.jsonl"], "imitation.path"),
