@@ -305,18 +305,26 @@ class Demand:
     each: dict[str, float]
 
 
+def _custom(section: Any) -> dict[str, float]:
+    # Ray custom resources per actor (a `resources` mapping), where the section has one.
+    return dict(getattr(section, "resources", None) or {})
+
+
 def job_demands(cfg: JobConfig) -> list[Demand]:
-    """What the job's actors ask Ray for (actors/rollout.py, actors/reward.py, learner/group.py)."""
+    """What the job's actors ask Ray for (actors/rollout.py, actors/reward.py, learner/group.py); the learner
+    (its placement-group bundles) comes last."""
     r, w, lr = cfg.rollout, cfg.reward, cfg.learner
     return [
         Demand(
             f"rollout-0..{r.num_engines - 1}",
             r.num_engines,
-            {"CPU": r.cpus_per_engine, "GPU": r.gpus_per_engine},
+            {"CPU": r.cpus_per_engine, "GPU": r.gpus_per_engine, **_custom(r)},
         ),
-        Demand(f"reward-0..{w.num_workers - 1}", w.num_workers, {"CPU": w.cpus_per_worker}),
+        Demand(f"reward-0..{w.num_workers - 1}", w.num_workers, {"CPU": w.cpus_per_worker, **_custom(w)}),
         Demand(
-            f"learner-0..{lr.num_ranks - 1}", lr.num_ranks, {"CPU": lr.cpus_per_rank, "GPU": lr.gpus_per_rank}
+            f"learner-0..{lr.num_ranks - 1}",
+            lr.num_ranks,
+            {"CPU": lr.cpus_per_rank, "GPU": lr.gpus_per_rank, **_custom(lr)},
         ),
     ]
 
@@ -325,10 +333,11 @@ def resource_problems(
     demands: list[Demand], totals: dict[str, float], nodes: list[dict[str, float]], strict_pack: bool = False
 ) -> list[str]:
     """What the cluster (`totals`, and each alive node's resources) cannot hold: a total over the cluster's, one
-    actor larger than every node, or (STRICT_PACK) the learner's bundles together larger than every node. The
-    learner is the last demand."""
+    actor larger than every node, or (STRICT_PACK) the learner's bundles together larger than every node. CPUs,
+    GPUs and any custom resource the actors ask for; the learner is the last demand."""
     problems = []
-    for resource in ("CPU", "GPU"):
+    names = ["CPU", "GPU", *sorted({k for d in demands for k in d.each} - {"CPU", "GPU"})]
+    for resource in names:
         asks = [(d, d.each.get(resource, 0.0)) for d in demands if d.each.get(resource, 0.0) > 0]
         need = sum(d.count * amount for d, amount in asks)
         have = totals.get(resource, 0.0)
@@ -340,7 +349,7 @@ def resource_problems(
         learner = demands[-1]
         if strict_pack and learner.count * learner.each.get(resource, 0.0) > biggest + 1e-9:
             problems.append(
-                f"{learner.names} ask for {learner.count} x {learner.each[resource]:g} {resource} on one node "
+                f"{learner.names} ask for {learner.count} x {learner.each.get(resource, 0.0):g} {resource} on one node "
                 f"(cluster.placement_strategy STRICT_PACK) but the largest node has {biggest:g}"
             )
         for d, amount in asks:

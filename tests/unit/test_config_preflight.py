@@ -8,6 +8,7 @@ import pytest
 from cluster.config import ConfigError, JobConfig, regex_problem, run_dir_problem
 from cluster.preflight import (
     RUN_MARKER,
+    Demand,
     job_demands,
     kwargs_problem,
     prepare_run_dir,
@@ -67,6 +68,14 @@ def test_strict_pack_puts_the_learner_on_one_node():
     assert resource_problems(demands, node(16), [node(4)] * 4) == []
     (problem,) = resource_problems(demands, node(16), [node(4)] * 4, strict_pack=True)
     assert "learner-0..3 ask for 4 x 2 CPU on one node" in problem
+
+
+def test_custom_resources_are_compared_too():
+    demands = [*job_demands(job())[:2], Demand("learner-0..1", 2, {"CPU": 1, "GPU": 0, "node_type_train": 1})]
+    (problem,) = resource_problems(demands, node(8), [node(8)])
+    assert problem == "the job asks for 2 node_type_train (learner-0..1: 2 x 1) but the cluster has 0"
+    nodes = [{**node(8), "node_type_train": 2}]
+    assert resource_problems(demands, {**node(8), "node_type_train": 2}, nodes) == []
 
 
 def test_many_engines_are_added_up():
