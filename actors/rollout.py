@@ -20,6 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.prompts import encode_prompt
 from actors.records import Prompt, Trajectory
 from actors.weights import WeightBucket, broadcast_buffer, open_weight_group, read_shm
 from cluster.config import ModelConfig, RolloutConfig, SamplingConfig
@@ -57,6 +58,9 @@ class RolloutWorker:
             tensor_parallel_size=cfg.tensor_parallel_size,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
             kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+            # behaviour logprobs of the distribution actually sampled (after temperature, top-k, top-p), which
+            # the learner recomputes with learner.algorithms.sampling_logits; prompt logprobs stay unprocessed
+            logprobs_mode="processed_logprobs",
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.startup_s = time.perf_counter() - started
@@ -70,11 +74,9 @@ class RolloutWorker:
         return self.llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
 
     # -- generation -----------------------------------------------------------------------------------------
-    def _prompt_text(self, prompt: Prompt) -> str:
-        if not self.model_cfg.chat_template:
-            return prompt.text
-        messages = [{"role": "user", "content": prompt.text}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def _prompt_ids(self, prompt: Prompt) -> dict[str, list[int]]:
+        # token ids, not text: the engine samples from exactly the sequence the learner later scores
+        return {"prompt_token_ids": encode_prompt(self.tokenizer, prompt.text, self.model_cfg.chat_template)}
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, n: int) -> list[Trajectory]:
         """n samples per prompt, each with the logprob of every sampled token and this engine's version."""
@@ -92,11 +94,11 @@ class RolloutWorker:
             top_k=sampling.top_k,
             max_tokens=sampling.max_tokens,
             stop=sampling.stop or None,
-            logprobs=0,  # the sampled token's logprob at every step
+            logprobs=0,  # the sampled token's logprob at every step (of the processed distribution: see LLM())
         )
         requests = [(p, i) for p in prompts for i in range(n if greedy else 1)]
         started = time.perf_counter()
-        outputs = self.llm.generate([self._prompt_text(p) for p, _ in requests], params, use_tqdm=False)
+        outputs = self.llm.generate([self._prompt_ids(p) for p, _ in requests], params, use_tqdm=False)
         elapsed = time.perf_counter() - started
         trajectories = []
         for (prompt, repeat), out in zip(requests, outputs):

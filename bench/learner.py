@@ -35,7 +35,13 @@ from pathlib import Path  # noqa: E402
 
 import ray  # noqa: E402
 
-from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig  # noqa: E402
+from cluster.config import (  # noqa: E402
+    AlgorithmConfig,
+    LearnerConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SamplingConfig,
+)
 from cluster.models import make_tiny_model  # noqa: E402
 from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from learner.batch import Sample, step_totals  # noqa: E402
@@ -179,7 +185,7 @@ def bench_group(path: str, ranks: int, stage: int, micro: int, args, samples, al
         ModelConfig(path=path, max_model_len=max(512, args.prompt_len + args.completion_len)),
         cfg,
         algo,
-        max_tokens=args.completion_len,
+        sampling=SamplingConfig(max_tokens=args.completion_len),
         namespace=f"aha-bench-learner-k{ranks}-z{stage}-{os.getpid()}",
     )
     try:

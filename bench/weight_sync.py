@@ -361,7 +361,7 @@ def main() -> None:
                 startup_timeout_s=900,
             ),
             AlgorithmConfig(loss="pg", off_policy="tis"),
-            max_tokens=16,
+            sampling=SamplingConfig(max_tokens=16),
             namespace=f"aha-bench-sync-learner-{pid}",
         )
         pool = RolloutPool(

@@ -331,7 +331,9 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay."""
     warmup_steps: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
-    """Linear warm-up of the learning rate, in optimizer steps."""
+    """Linear warm-up of the learning rate, in optimizer steps: step k (0-based) of a phase uses
+    lr * min(1, (k + 1) / warmup_steps). Imitation and trial and error each warm up from their own start to their
+    own lr (imitation.lr, optimizer.lr). 0 = constant lr."""
 
 
 class LearnerConfig(Section):
@@ -358,7 +360,8 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time)."""
     step_timeout_s: Seconds = 600.0
-    """Limit for one training step (all ranks); also the timeout of every collective."""
+    """Limit for one optimizer step (all ranks; a training step of algorithm.epochs x algorithm.mini_batches
+    optimizer steps gets that many times this); also the timeout of every collective."""
     startup_timeout_s: Seconds = 600.0
     """Limit for starting the group (includes DeepSpeed's one-time op compilation)."""
 
@@ -366,26 +369,42 @@ class LearnerConfig(Section):
 ADVANTAGE_NAMES = ("filter", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 """Estimators that compare the samples of one prompt: one sample per prompt gives advantage 0."""
-LOSS_NAMES = ("pg", "ppo", "sft")
+LOSS_NAMES = ("pg", "ppo", "gspo", "cispo", "sft")
 
 
 class AlgorithmConfig(Section):
     advantage: str = "grpo"
     """Advantage estimator: filter (0-1, rejection sampling), grpo, dr_grpo, rloo, reinforce_pp_baseline."""
     loss: str = "ppo"
-    """Policy loss: pg (vanilla policy gradient), ppo (clipped), sft (NLL on the completion)."""
+    """Policy loss: pg (vanilla policy gradient), ppo (token-level clipped ratio), gspo (sequence-level clipped
+    ratio), cispo (clipped, detached importance weight on the policy gradient), sft (NLL on the completion)."""
     filter_threshold: float = 1.0
     """`filter` keeps a sample (advantage 1) iff its reward >= this; the rest get 0."""
+    epochs: int = Field(1, ge=1, le=1000, strict=True)
+    """Passes over one training step's batch (PPO epochs). Optimizer steps per training step = epochs x
+    mini_batches. With more than one, the learner computes the proximal (old) logprobs of every sample once,
+    before the first update, and every update's ratio is taken against them. Default 1: one update per batch
+    (then the proximal policy is the current one and the ratio is exactly 1)."""
+    mini_batches: int = Field(1, ge=1, le=MAX_ITEMS, strict=True)
+    """Mini-batches per pass, one optimizer step each; the step's samples are shuffled once (seeded by the
+    step) and dealt into this many mini-batches, the same ones in every pass. Must not exceed the samples of
+    one step."""
     clip_eps: float = Field(0.2, gt=0)
-    """PPO ratio clip: ratio in [1 - clip_eps, 1 + clip_eps_high]."""
+    """Ratio clip (ppo, gspo): ratio in [1 - clip_eps, 1 + clip_eps_high]. cispo clips its detached weight to
+    the same range (a clip_eps >= 1 means no lower bound, MiniMax-M1's setting). GSPO's sequence ratios need a
+    much smaller range (the paper uses 3e-4 / 4e-4)."""
     clip_eps_high: float | None = Field(None, gt=0)
     """Upper clip (default: clip_eps)."""
     dual_clip: float | None = Field(None, gt=1)
-    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (off by default)."""
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (ppo only; off by default)."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the frozen reference (0 = no reference model)."""
     kl_estimator: Literal["k1", "k3"] = "k3"
     """KL estimator per token: k1 = log ratio, k3 = exp(-x) + x - 1 (unbiased, non-negative)."""
+    kl_ratio_weighted: bool = False
+    """Multiply each token's KL estimate by the ratio pi_theta / pi_old, which makes it an unbiased estimate of
+    KL(pi_theta || pi_ref) once theta has moved from the policy that sampled (DeepSeek-V3.2, arXiv:2512.02556;
+    TRL's `use_bias_correction_kl`). False: the plain per-token estimate, as in the GRPO paper."""
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of the entropy bonus."""
     off_policy: Literal["none", "tis", "decoupled"] = "tis"
@@ -396,8 +415,17 @@ class AlgorithmConfig(Section):
     loss_agg: Literal["token_mean", "seq_mean", "constant"] = "token_mean"
     """token_mean: mean over all tokens of the batch; seq_mean: mean of per-sequence means;
     constant: sum / (batch size x max_tokens) (Dr. GRPO)."""
+    mask_truncated: bool = False
+    """Give zero loss to samples cut off by `sampling.max_tokens` (finish reason "length"): their reward says
+    nothing about the answer (DAPO's overlong filtering, arXiv:2503.14476). They still count in their group's
+    advantage baseline. Counted in the `overlong_*` metrics either way."""
     std_eps: float = Field(1e-6, gt=0)
     """Added to the group std in GRPO's normalisation."""
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps in one training step."""
+        return self.epochs * self.mini_batches
 
     @model_validator(mode="after")
     def _known_names(self) -> AlgorithmConfig:
@@ -405,6 +433,8 @@ class AlgorithmConfig(Section):
             raise ValueError(f"advantage {self.advantage!r} is not one of {', '.join(ADVANTAGE_NAMES)}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSS_NAMES)}")
+        if self.dual_clip is not None and self.loss != "ppo":
+            raise ValueError(f"dual_clip applies to the ppo loss only (loss is {self.loss!r}): remove it")
         return self
 
 
@@ -420,7 +450,9 @@ class ImitationConfig(Section):
     path: str | None = Field(None, min_length=1, max_length=4096)
     """JSONL of {prompt, completion}; default: demonstrations from the task generator."""
     lr: float | None = Field(None, gt=0, le=1.0)
-    """Learning rate for imitation (default: learner.optimizer.lr)."""
+    """Learning rate for imitation (default: learner.optimizer.lr); trial and error then uses
+    learner.optimizer.lr. Imitation takes one optimizer step per batch (algorithm.epochs and mini_batches apply to
+    trial and error only)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -697,6 +729,13 @@ class JobConfig(Section):
             raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.gpus_per_engine > 0")
         if self.schedule.steps > 0 and not self.reward.functions and self.algorithm.loss != "sft":
             raise ValueError("reward.functions is empty: trial and error needs at least one reward function")
+        step_samples = self.schedule.prompts_per_step * self.rollout.samples_per_prompt
+        if self.algorithm.mini_batches > step_samples:
+            raise ValueError(
+                f"algorithm.mini_batches ({self.algorithm.mini_batches}) exceeds the samples of one step "
+                f"(schedule.prompts_per_step x rollout.samples_per_prompt = {step_samples}): some mini-batches "
+                "would be empty"
+            )
         return self
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from actors.prompts import encode_completion, encode_prompt
 from actors.records import Prompt, Trajectory
 from cluster.config import JobConfig, dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
@@ -38,7 +39,9 @@ class RunState:
 
     step: int = 0  # RL steps done
     imitation_step: int = 0
-    version: int = 0  # optimizer steps applied = policy version on the engines after a sync
+    version: int = (
+        0  # training steps applied (imitation + RL, one each whatever its optimizer steps) = policy version
+    )
     cursor: int = 0  # training prompts consumed from the source
     failed_prompts: list[str] = field(default_factory=list)
     rng: Any = None
@@ -79,7 +82,7 @@ class Run:
             cfg.model,
             cfg.learner,
             cfg.algorithm,
-            max_tokens=cfg.rollout.sampling.max_tokens,
+            sampling=cfg.rollout.sampling,
             namespace=self.namespace,
             cluster=cfg.cluster,
         )
@@ -105,12 +108,7 @@ class Run:
             self._restore()
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        text = prompt.text
-        if self.cfg.model.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt.text, self.cfg.model.chat_template)
 
     def _get(self, ref, what: str, timeout: float = 120.0):
         import ray
@@ -131,11 +129,7 @@ class Run:
         pairs = (
             read_demonstrations(icfg.path) if icfg.path else self.source.demonstrations(icfg.demonstrations)
         )
-        eos = [self.tokenizer.eos_token_id]
-        encoded = [
-            (self._encode(Prompt("demo", p)), self.tokenizer(c, add_special_tokens=False)["input_ids"] + eos)
-            for p, c in pairs
-        ]
+        encoded = [(self._encode(Prompt("demo", p)), encode_completion(self.tokenizer, c)) for p, c in pairs]
         order_rng = random.Random(f"imitation-{self.cfg.schedule.seed}")
         order = list(range(len(encoded)))
         progress = _progress(
@@ -147,7 +141,10 @@ class Run:
                 order_rng.shuffle(order)
             idx = [order[(epoch_pos + k) % len(order)] for k in range(icfg.batch_size)]
             m = self.group.train_step(
-                demonstration_samples([encoded[i] for i in idx]), loss="sft", lr=icfg.lr
+                demonstration_samples([encoded[i] for i in idx]),
+                loss="sft",
+                lr=icfg.lr,  # None: learner.optimizer.lr
+                phase_step=self.state.imitation_step,
             )
             self.state.imitation_step += 1
             self.state.version += 1
@@ -162,8 +159,6 @@ class Run:
             progress.update(1)
             progress.set_postfix(nll=f"{-m['logprob']:.3f}")
         progress.close()
-        if icfg.lr is not None:
-            self.group._call("set_lr", self.cfg.learner.optimizer.lr, timeout_s=60)
         self._sync()
 
     def _sync(self) -> dict[str, float]:
@@ -247,12 +242,23 @@ class Run:
             rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
             group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
             advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
-            samples = samples_from_trajectories(trajectories, advantages.tolist())
-            train_metrics = self.group.train_step(
-                samples, while_training=self._store_in_flight if sched.mode == "async" else None
+            # truncated samples stay in their group's baseline above; with mask_truncated they get no loss
+            truncated = [t.finish_reason == "length" for t in trajectories]
+            trained = [not (cut and cfg.algorithm.mask_truncated) for cut in truncated]
+            samples = samples_from_trajectories(
+                [t for t, keep in zip(trajectories, trained) if keep],
+                [a for a, keep in zip(advantages.tolist(), trained) if keep],
             )
+            if samples:
+                train_metrics = self.group.train_step(
+                    samples,
+                    phase_step=self.state.step * cfg.algorithm.updates_per_step,
+                    while_training=self._store_in_flight if sched.mode == "async" else None,
+                )
+            else:  # every sample was masked: no update
+                train_metrics = {"optimizer_steps": 0.0}
             self.state.step += 1
-            self.state.version += 1
+            self.state.version += 1  # one version per training step, whatever its optimizer steps (even none)
             staleness = [self.state.version - 1 - t.version for t in trajectories]
             metrics = {
                 **gen_metrics,
@@ -261,6 +267,8 @@ class Run:
                 "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                 "accuracy": float((rewards >= sched.eval_threshold).float().mean()),
                 "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
+                "overlong_frac": sum(truncated) / len(trajectories),
+                "overlong_masked": float(len(trajectories) - len(samples)),
                 "staleness_max": float(max(staleness)),
                 "staleness_mean": sum(staleness) / len(staleness),
                 "reward_errors": float(sum(t.reward_error is not None for t in trajectories)),

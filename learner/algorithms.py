@@ -207,11 +207,12 @@ class LossOutputs:
     per_token: (B, T), already multiplied by the mask; pass it to `aggregate`.
     metrics: name -> (B, T) detached, multiplied by the mask. The batch value of a metric is
     sum(metric) / sum(mask), summed over every micro-batch and rank, so it reduces exactly. Metrics:
-      ratio          pi_theta / pi_old, the PPO ratio (pg, ppo)
-      is_weight      w, the off-policy weight that multiplies the policy term (pg, ppo)
-      clip_frac      1 where PPO's ratio clip chose the clipped term (ppo)
+      ratio          pi_theta / pi_old, the PPO ratio (pg, ppo, cispo); the sequence ratio s_i (gspo)
+      is_weight      w, the off-policy weight that multiplies the policy term (pg, ppo, gspo, cispo)
+      clip_frac      1 where the ratio clip chose the clipped term (ppo, gspo) or clipped the weight (cispo)
       dual_clip_frac 1 where the dual clip bounded the loss of a negative advantage (ppo; 0 when off)
-      kl             the KL estimate to the reference (whenever ref_logprobs is given, even with kl_coef 0)
+      kl             the KL estimate to the reference (whenever ref_logprobs is given, even with kl_coef 0),
+                     times the ratio with `kl_ratio_weighted`
       entropy        the policy entropy (whenever entropy is given)
     """
 
@@ -263,9 +264,27 @@ def _kl_and_entropy(inputs: LossInputs, cfg: AlgorithmConfig) -> dict[str, Tenso
     out = {}
     if inputs.ref_logprobs is not None:
         out["kl"] = approx_kl(inputs.logprobs, inputs.ref_logprobs, cfg.kl_estimator, inputs.mask)
+        if (
+            cfg.kl_ratio_weighted
+        ):  # pi_theta / pi_old, with its gradient: the estimate of DeepSeek-V3.2's Eq. 7
+            out["kl"] = out["kl"] * _ratio(inputs)
     if inputs.entropy is not None:
         out["entropy"] = inputs.entropy
     return out
+
+
+def _ratio(inputs: LossInputs) -> Tensor:
+    """pi_theta / pi_old per token (1 on padding), with the gradient of pi_theta. (B, T)"""
+    return _log_ratio(inputs.logprobs, inputs.old_logprobs.detach(), inputs.mask).exp()
+
+
+def _clipped(ratio: Tensor, adv: Tensor, cfg: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+    """PPO's pessimistic surrogate max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)) and where the clipped
+    term was chosen. (B, T) each"""
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - cfg.clip_eps, 1 + high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
 def _outputs(loss: Tensor, mask: Tensor, metrics: dict[str, Tensor]) -> LossOutputs:
@@ -299,7 +318,7 @@ def pg_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
     `decoupled` keeps correcting for the move and `tis` does not.
     """
     w = off_policy_weight(inputs, cfg)  # (B, T)
-    ratio = _log_ratio(inputs.logprobs, inputs.old_logprobs.detach(), inputs.mask).exp()  # (B, T)
+    ratio = _ratio(inputs)  # (B, T)
     surrogate = ratio if cfg.off_policy == "decoupled" else inputs.logprobs
     loss = -inputs.advantages * w * surrogate
     return _regularised(loss, inputs, cfg, {"ratio": ratio, "is_weight": w})
@@ -320,12 +339,8 @@ def ppo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
     """
     adv = inputs.advantages  # (B, T)
     w = off_policy_weight(inputs, cfg)  # (B, T)
-    ratio = _log_ratio(inputs.logprobs, inputs.old_logprobs.detach(), inputs.mask).exp()  # (B, T)
-    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - cfg.clip_eps, 1 + high)
-    loss = torch.maximum(unclipped, clipped)
-    clip_active = clipped > unclipped
+    ratio = _ratio(inputs)  # (B, T)
+    loss, clip_active = _clipped(ratio, adv, cfg)
     dual_active = torch.zeros_like(clip_active)
     if cfg.dual_clip is not None:
         bound = -cfg.dual_clip * adv  # > 0 where A < 0
@@ -333,6 +348,51 @@ def ppo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
         loss = torch.where(dual_active, bound, loss)
     metrics = {"ratio": ratio, "is_weight": w, "clip_frac": clip_active, "dual_clip_frac": dual_active}
     return _regularised(w * loss, inputs, cfg, metrics)
+
+
+@register_loss("gspo")
+def gspo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
+    """GSPO: PPO's clip on a sequence-level, length-normalised ratio (Zheng et al. 2025, "Group Sequence Policy
+    Optimization", arXiv:2507.18071):
+
+      s_i   = (pi_theta(y_i) / pi_old(y_i)) ^ (1 / |y_i|) = exp(mean_t (log pi_theta - log pi_old))   (per sequence)
+      s_it  = sg[s_i] * pi_theta(y_it) / sg[pi_theta(y_it)]      value s_i, gradient s_i * grad log pi_theta(y_it)
+      loss  = w * max(-A * s_it, -A * clip(s_it, 1 - clip_eps, 1 + clip_eps_high))
+
+    This is the paper's GSPO-token form: with one advantage per sequence and `loss_agg: seq_mean` its value and
+    gradient equal GSPO's sequence objective (token_mean weighs long sequences more). The clip acts on whole
+    sequences: every token of a sequence is clipped or none is. The paper's clip range is ~3e-4 / 4e-4, far below
+    PPO's 0.2. w is the per-token off-policy weight, as for ppo.
+    """
+    mask = inputs.mask  # (B, T)
+    log_r = _log_ratio(inputs.logprobs, inputs.old_logprobs.detach(), mask)  # (B, T)
+    seq_log_r = (log_r * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    token_grad = inputs.logprobs - inputs.logprobs.detach()  # (B, T): 0 in value, grad log pi_theta
+    ratio = torch.exp(seq_log_r.detach() + token_grad)  # (B, T): s_i on every token of sequence i
+    w = off_policy_weight(inputs, cfg)  # (B, T)
+    loss, clip_active = _clipped(ratio, inputs.advantages, cfg)
+    return _regularised(w * loss, inputs, cfg, {"ratio": ratio, "is_weight": w, "clip_frac": clip_active})
+
+
+@register_loss("cispo")
+def cispo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
+    """CISPO: clip the importance weight, not the update (MiniMax-M1, arXiv:2506.13585, Eq. 4-5):
+
+      r    = pi_theta / pi_old
+      loss = -sg[clip(r, 1 - clip_eps, 1 + clip_eps_high)] * w * A * log pi_theta
+
+    Unlike ppo, a token whose ratio left the range still gets a gradient (with a bounded weight), so rare tokens
+    that matter for reflection are not dropped from the update. MiniMax-M1 sets no lower bound (clip_eps >= 1
+    here) and tunes only the upper one. w is the off-policy weight; clip_frac counts tokens whose weight was
+    clipped.
+    """
+    ratio = _ratio(inputs).detach()  # (B, T)
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    weight = ratio.clamp(1 - cfg.clip_eps, 1 + high)  # (B, T)
+    w = off_policy_weight(inputs, cfg)  # (B, T)
+    loss = -weight * w * inputs.advantages * inputs.logprobs
+    metrics = {"ratio": ratio, "is_weight": w, "clip_frac": weight != ratio}
+    return _regularised(loss, inputs, cfg, metrics)
 
 
 @register_loss("sft")
@@ -383,11 +443,44 @@ def aggregate(
 # from logits
 
 
+MASKED_LOGIT = -1e9
+"""Logit of a token that top-k / top-p removed: finite (so a masked token's logprob, entropy term and gradient
+are 0 or finite, never NaN), and far enough below any real logit that its probability is exactly 0 in fp32."""
+
+
+def sampling_logits(logits: Tensor, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0) -> Tensor:
+    """The logits of the distribution the engine samples from, in float32. (B, T, V) -> (B, T, V)
+
+    Same processing, in the same order, as vLLM's sampler: divide by the temperature, keep the top_k largest
+    (ties at the k-th value kept), then keep the smallest set of most likely tokens whose mass before each token
+    is < top_p (at least one); the softmax of the result is renormalised over what is kept. Its log_softmax is
+    what the engine returns with `logprobs_mode="processed_logprobs"`. temperature 0 (greedy) leaves the logits
+    as they are, as the engine does. Tokens within float rounding of the top_p boundary can fall on different
+    sides in the engine and here.
+    """
+    x = logits.float()
+    if temperature == 0:
+        return x
+    if temperature != 1.0:
+        x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]  # (B, T, 1)
+        x = x.masked_fill(x < kth, MASKED_LOGIT)
+    if top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)  # (B, T, V)
+        probs = sorted_x.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        drop = mass_before >= top_p
+        drop[..., 0] = False
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), MASKED_LOGIT)
+    return x
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log softmax(logits)[token] at each position, computed in float32. (B, T, V), (B, T) -> (B, T)
 
-    logits[:, t] must be the prediction of tokens[:, t] (already shifted), and divided by the sampling
-    temperature when the behaviour logprobs are those of the tempered distribution.
+    logits[:, t] must be the prediction of tokens[:, t] (already shifted), and processed by `sampling_logits`
+    when the behaviour logprobs are those of the sampled (tempered, truncated) distribution.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

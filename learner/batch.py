@@ -1,13 +1,15 @@
 """From scored trajectories to padded tensors: the train batch, its sharding over ranks, and its collation.
 
 A `Sample` is one sequence (prompt + completion) with the behaviour logprob of each completion token and its
-advantage. `shard` deals samples to ranks and micro-batches so that every rank runs the same number of
-micro-batches (ZeRO's collectives need that); `collate` pads one micro-batch into a `MicroBatch` whose (B, T)
+advantage. `split_mini_batches` deals a step's samples into mini-batches (one optimizer step each); `shard`
+deals a mini-batch to ranks and micro-batches so that every rank runs the same number of micro-batches (ZeRO's
+collectives need that); `collate` pads one micro-batch into a `MicroBatch` whose (B, T)
 tensors are aligned to next-token targets: position t predicts token t+1.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,18 @@ def demonstration_samples(pairs: list[tuple[list[int], list[int]]]) -> list[Samp
 
 def step_totals(samples: list[Sample], max_tokens: int) -> StepTotals:
     return StepTotals(sum(s.completion_len for s in samples), len(samples), max_tokens)
+
+
+def split_mini_batches(samples: list[Sample], count: int, seed: int) -> list[list[Sample]]:
+    """Deal a step's samples into `count` mini-batches (one optimizer step each) of sizes differing by at most
+    one, after a shuffle seeded by `seed`, so mini-batches mix prompts. One mini-batch is the batch itself."""
+    if count == 1:
+        return [list(samples)]
+    if count > len(samples):
+        raise ValueError(f"{count} mini-batches need at least {count} samples, got {len(samples)}")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    return [[samples[i] for i in order[k::count]] for k in range(count)]
 
 
 def shard(samples: list[Sample], world_size: int, micro_batch_size: int) -> list[list[list[Sample]]]:

@@ -10,20 +10,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig
-from learner.batch import Sample, shard, step_totals
+from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig, SamplingConfig
+from learner.batch import Sample, shard, split_mini_batches, step_totals
 from learner.worker import LearnerWorker
 
-TOKEN_METRICS = (
-    "ratio",
-    "is_weight",
-    "clip_frac",
-    "dual_clip_frac",
-    "kl",
-    "entropy",
-    "logprob",
-    "engine_logprob_diff",
-)
+PASS_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy")
+"""Means over every token of every pass (epochs x mini-batches)."""
+PROXIMAL_METRICS = ("logprob", "engine_logprob_diff", "policy_kl")
+"""Means over the step's tokens, each counted once: the proximal policy's logprob, its gap to the engine's
+behaviour logprob, and KL(proximal || updated) measured after the last update (with more than one update)."""
 
 
 class LearnerError(RuntimeError):
@@ -37,16 +32,17 @@ class LearnerGroup:
         cfg: LearnerConfig,
         algo: AlgorithmConfig,
         *,
-        max_tokens: int,
+        sampling: SamplingConfig,
         namespace: str | None = None,
         cluster: ClusterConfig | None = None,
     ):
-        self.model, self.cfg, self.algo, self.max_tokens = model, cfg, algo, max_tokens
+        self.model, self.cfg, self.algo, self.sampling = model, cfg, algo, sampling
         self.namespace = namespace
         self.strategy = cluster.placement_strategy if cluster else "PACK"
         self.workers: list[Any] = []
         self.placement_group = None
         self.steps = 0
+        self.last_updates: list[dict[str, float]] = []  # per optimizer step of the last train_step
 
     @property
     def world_size(self) -> int:
@@ -82,7 +78,7 @@ class LearnerGroup:
                     runtime_env=actor_runtime_env(self.cfg.threads_per_rank),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
                     max_restarts=0,
-                ).remote(rank, self.world_size, self.model, self.cfg, self.algo, self.max_tokens)
+                ).remote(rank, self.world_size, self.model, self.cfg, self.algo, self.sampling)
             )
         master_addr, master_port = self._call("address", timeout_s=self.cfg.startup_timeout_s, ranks=[0])[0]
         self._call("setup", master_addr, master_port, timeout_s=self.cfg.startup_timeout_s)
@@ -152,24 +148,33 @@ class LearnerGroup:
         samples: list[Sample],
         loss: str | None = None,
         lr: float | None = None,
+        phase_step: int = 0,
         while_training: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """One optimizer step on `samples` across all ranks; returns batch-level metrics. `while_training` runs on
-        the caller's thread once the ranks have the batch (async mode scores new rollouts meanwhile)."""
+        """One training step on `samples` across all ranks: algorithm.epochs passes over algorithm.mini_batches
+        mini-batches, one optimizer step each (imitation, loss="sft": one step on the whole batch). `lr` is the
+        phase's base learning rate (default learner.optimizer.lr), `phase_step` the optimizer steps the phase has
+        taken so far (for the warm-up). Returns batch-level metrics; `while_training` runs on the caller's thread
+        once the ranks have the batch (async mode scores new rollouts meanwhile)."""
         if not samples:
             raise ValueError("train_step needs at least one sample")
-        totals = step_totals(samples, self.max_tokens)
-        shards = shard(samples, self.world_size, self.cfg.micro_batch_size)
-        if lr is not None:
-            self._call("set_lr", lr, timeout_s=60)
+        epochs, count = (self.algo.epochs, self.algo.mini_batches) if loss is None else (1, 1)
+        minis = split_mini_batches(samples, count, seed=self.steps)
+        totals = [step_totals(mb, self.sampling.max_tokens) for mb in minis]
+        sharded = [
+            shard(mb, self.world_size, self.cfg.micro_batch_size) for mb in minis
+        ]  # update -> rank -> ...
+        per_rank = [[updates[r] for updates in sharded] for r in range(self.world_size)]
+        lr = self.cfg.optimizer.lr if lr is None else lr
         started = time.monotonic()
-        refs = self._submit("train_step", totals, loss, per_rank=shards)
+        refs = self._submit("train_step", totals, lr, phase_step, loss, epochs, per_rank=per_rank)
         if while_training is not None:
             while_training()
-        remaining = self.cfg.step_timeout_s - (time.monotonic() - started)
+        remaining = self.cfg.step_timeout_s * epochs * count - (time.monotonic() - started)
         sums = self._await(refs, "train_step", max(remaining, 1.0))
         self.steps += 1
-        return reduce_metrics(sums)
+        self.last_updates = updates_of(sums)
+        return reduce_metrics(sums, self.last_updates)
 
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._call("sequence_logprobs", token_ids, timeout_s=self.cfg.step_timeout_s)[0]
@@ -228,22 +233,39 @@ def _stream(gen, deadline: float, name: str, what: str) -> Iterator[Any]:
         yield ref
 
 
-def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Sums from every rank -> batch metrics: token metrics are token-weighted means over the whole batch; the
-    step time is the slowest rank's own (the optimizer step, not the wait for it)."""
-    total = {k: sum(r.get(k, 0.0) for r in per_rank) for k in per_rank[0]}
+def updates_of(per_rank: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One record per optimizer step: the loss summed over ranks, the global grad norm (before clipping) and lr."""
+    records = []
+    for step in zip(*(r["updates"] for r in per_rank)):
+        records.append(
+            {"loss": sum(s["loss"] for s in step), "grad_norm": step[0]["grad_norm"], "lr": step[0]["lr"]}
+        )
+    return records
+
+
+def reduce_metrics(per_rank: list[dict[str, Any]], updates: list[dict[str, float]]) -> dict[str, float]:
+    """Sums from every rank -> batch metrics: token metrics are token-weighted means over the whole batch, the
+    loss and grad norm are means over the step's optimizer steps; the step time is the slowest rank's own (the
+    optimizer steps, not the wait for them)."""
+    total = {k: sum(r.get(k, 0.0) for r in per_rank) for k in per_rank[0] if k != "updates"}
     elapsed_s = max(r["step_s"] for r in per_rank)
-    tokens = max(total["tokens"], 1.0)
+    norms = [u["grad_norm"] for u in updates]
     metrics = {
-        "loss": total["loss"],
+        "loss": sum(u["loss"] for u in updates) / len(updates),
         "tokens": total["tokens"],
         "sequences": total["sequences"],
-        "grad_norm": per_rank[0]["grad_norm"],
-        "lr": per_rank[0]["lr"],
+        "optimizer_steps": float(len(updates)),
+        "grad_norm": sum(norms) / len(norms),
+        "grad_norm_max": max(norms),
+        "lr": updates[-1]["lr"],
         "step_s": elapsed_s,
-        "tokens_per_s": total["tokens"] / max(elapsed_s, 1e-9),
+        "tokens_per_s": total["token_passes"] / max(elapsed_s, 1e-9),
     }
-    for name in TOKEN_METRICS:
-        if name in total:
-            metrics[name] = total[name] / tokens
+    for names, denominator in ((PASS_METRICS, "token_passes"), (PROXIMAL_METRICS, "tokens")):
+        for name in names:
+            if name in total:
+                metrics[name] = total[name] / max(total[denominator], 1.0)
+    if "ratio" in total and total["token_passes"] > 0:
+        metrics["ratio_min"] = min(r["ratio_min"] for r in per_rank)
+        metrics["ratio_max"] = max(r["ratio_max"] for r in per_rank)
     return metrics

@@ -26,9 +26,17 @@ from actors.weights import (
     pack_bucket,
     write_shm,
 )
-from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, SamplingConfig
 from cluster.models import model_folder
-from learner.algorithms import LossInputs, aggregate, compute_loss, token_entropy, token_logprobs
+from learner.algorithms import (
+    LossInputs,
+    aggregate,
+    approx_kl,
+    compute_loss,
+    sampling_logits,
+    token_entropy,
+    token_logprobs,
+)
 from learner.batch import MicroBatch, Sample, StepTotals, collate
 from learner.ops import build_deepspeed_ops
 
@@ -65,19 +73,19 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
                 "torch_adam": True,  # no C++ build of FusedAdam/CPUAdam needed
             },
         },
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": lr,
-                "warmup_num_steps": cfg.optimizer.warmup_steps,
-            },
-        }
-        if cfg.optimizer.warmup_steps
-        else None,
+        # no DeepSpeed scheduler: it would set the lr at every step and override imitation's (see warmup_lr)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
+    """The learning rate of a phase's `step`-th optimizer step (0-based): linear warm-up from base_lr /
+    warmup_steps to base_lr over the first warmup_steps steps, then base_lr. Imitation and trial and error each
+    warm up from their own start, each to its own base lr."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
 
 
 @dataclass
@@ -95,16 +103,19 @@ def micro_batch_loss(
     totals: StepTotals,
     algo: AlgorithmConfig,
     ref_logprobs: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MicroBatchLoss]:
-    """This micro-batch's share of the step's loss (normalised by the whole step's counts), from the policy's
-    logprobs (B, T) and logits (B, T, V). Shared by the DeepSpeed rank and the plain-torch benchmark."""
+    """This micro-batch's share of the update's loss (normalised by the whole mini-batch's counts), from the
+    policy's logprobs (B, T) and logits (B, T, V). old_logprobs (B, T) are the proximal policy's, computed before
+    the step's first update; None means this is the only update, so the proximal policy is the current one.
+    Shared by the DeepSpeed rank and the plain-torch benchmark."""
     device = logprobs.device
     mask = mb.loss_mask.to(device)
     # the entropy is a metric unless it is also a bonus; only then does it need a graph
     entropy = token_entropy(logits if algo.entropy_coef > 0 else logits.detach())
     inputs = LossInputs(
         logprobs=logprobs,
-        old_logprobs=logprobs.detach(),  # one update per batch: the proximal policy is the current one
+        old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs.to(device),
         behaviour_logprobs=mb.behaviour_logprobs.to(device),
         advantages=mb.advantages.to(device),
         mask=mask,
@@ -131,11 +142,11 @@ class LearnerWorker:
         model: ModelConfig,
         cfg: LearnerConfig,
         algo: AlgorithmConfig,
-        max_tokens: int,
+        sampling: SamplingConfig,
     ):
         torch.set_num_threads(cfg.threads_per_rank)
         self.rank, self.world_size = rank, world_size
-        self.model_cfg, self.cfg, self.algo, self.max_tokens = model, cfg, algo, max_tokens
+        self.model_cfg, self.cfg, self.algo, self.sampling = model, cfg, algo, sampling
         self.name = f"learner-{rank}"
         self.engine = None
         self.ref_model = None
@@ -198,57 +209,100 @@ class LearnerWorker:
     def ready(self) -> str:
         return self.name
 
-    def set_lr(self, lr: float) -> None:
+    def _set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
     # -- training ---------------------------------------------------------------------------------------------
-    def _forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, mb: MicroBatch, sampled: bool, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logprobs (B, T) of the targets and the logits (B, T, V) they come from. sampled: of the distribution the
+        engines sample from (temperature, top-k, top-p: `sampling_logits`); else of the model's own softmax."""
+        model = self.engine if model is None else model
         input_ids = mb.input_ids.to(self.device)
         attention_mask = mb.attention_mask.to(self.device)
-        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T, V)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T, V)
+        if sampled:
+            s = self.sampling
+            logits = sampling_logits(logits, s.temperature, s.top_k, s.top_p)
         return token_logprobs(logits, mb.targets.to(self.device)), logits
 
+    @torch.no_grad()
+    def _logprobs(self, mb: MicroBatch, sampled: bool, model=None) -> torch.Tensor:
+        return self._forward(mb, sampled, model)[0]
+
     def train_step(
-        self, micro_batches: list[list[Sample]], totals: StepTotals, loss_name: str | None = None
-    ) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches. Returns sums (not means) so the group can reduce
-        exactly across ranks: metric sums weighted by tokens, plus token and sequence counts."""
+        self,
+        updates: list[list[list[Sample]]],
+        totals: list[StepTotals],
+        lr: float,
+        phase_step: int,
+        loss_name: str | None = None,
+        epochs: int = 1,
+    ) -> dict[str, Any]:
+        """One training step: `epochs` passes over this rank's mini-batches (`updates`: mini-batch ->
+        micro-batches -> samples; `totals[u]` the counts of mini-batch u over all ranks), one optimizer step per
+        mini-batch. With more than one update, the proximal logprobs of every sample are computed first, without
+        gradient, and anchor every update; afterwards KL(proximal || new) is measured on the same tokens.
+
+        Returns sums (not means) so the group can reduce exactly across ranks: token metrics summed over every
+        pass ("token_passes" counts their tokens), engine/learner agreement over the proximal logprobs ("tokens"
+        counts each token once), ratio extremes, and one record per optimizer step (loss share, grad norm, lr)."""
         started = time.perf_counter()
         algo = self.algo if loss_name is None else self.algo.model_copy(update={"loss": loss_name})
+        sampled = algo.loss != "sft"  # imitation fits the model's own distribution, not the sampled one
+        batches = [[collate(samples, self.pad_id) for samples in mbs] for mbs in updates]  # collated once
+        several = epochs * len(batches) > 1
+        if several:  # the proximal policy: this step's starting weights
+            self.engine.eval()
+            old = [[self._logprobs(mb, sampled) for mb in mbs] for mbs in batches]
+        refs = [[self._ref_logprobs(mb, sampled) for mb in mbs] for mbs in batches]
         self.engine.train()
-        sums: dict[str, float] = {"loss": 0.0, "tokens": 0.0, "sequences": 0.0}
-        for i, samples in enumerate(micro_batches):
-            mb = collate(samples, self.pad_id)
-            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            logprobs, logits = self._forward(mb)
-            with torch.no_grad():
-                ref = self._ref_logprobs(mb) if self.ref_model is not None else None
-            loss, out = micro_batch_loss(logprobs, logits, mb, totals, algo, ref_logprobs=ref)
-            mask = out.mask
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            sums["loss"] += loss.item()
-            sums["tokens"] += mask.sum().item()
-            sums["sequences"] += float(len(samples))
-            for name, value in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float((value * mask).sum())
-            sums["logprob"] = sums.get("logprob", 0.0) + float((logprobs.detach() * mask).sum())
-            sums["engine_logprob_diff"] = sums.get("engine_logprob_diff", 0.0) + float(
-                ((logprobs.detach() - out.behaviour_logprobs).abs() * mask).sum()
-            )
-        self.engine.step()
+        sums: dict[str, Any] = {"tokens": 0.0, "sequences": 0.0, "token_passes": 0.0}
+        sums.update(ratio_min=float("inf"), ratio_max=float("-inf"), logprob=0.0, engine_logprob_diff=0.0)
+        records = []
+        for epoch in range(epochs):
+            for u, mbs in enumerate(batches):
+                self._set_lr(warmup_lr(lr, phase_step + len(records), self.cfg.optimizer.warmup_steps))
+                update_loss = 0.0
+                for i, mb in enumerate(mbs):
+                    self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+                    logprobs, logits = self._forward(mb, sampled)
+                    proximal = old[u][i] if several else None
+                    loss, out = micro_batch_loss(
+                        logprobs, logits, mb, totals[u], algo, ref_logprobs=refs[u][i], old_logprobs=proximal
+                    )
+                    self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    update_loss += loss.item()
+                    _add_pass_metrics(sums, out)
+                    if epoch == 0:  # once per sample: the proximal policy against the engine's
+                        _add_proximal_metrics(sums, logprobs.detach() if proximal is None else proximal, out)
+                        sums["sequences"] += float(len(updates[u][i]))
+                self.engine.step()
+                grad_norm = self.engine.get_global_grad_norm()
+                records.append(
+                    {
+                        "loss": update_loss,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                        "lr": float(self.engine.optimizer.param_groups[0]["lr"]),
+                    }
+                )
+        if several:  # how far this step moved the policy, on the tokens it trained on
+            self.engine.eval()
+            kl = 0.0
+            for olds, mbs in zip(old, batches):
+                for o, mb in zip(olds, mbs):
+                    new = self._logprobs(mb, sampled)
+                    kl += float(
+                        (approx_kl(o, new, "k3", mb.loss_mask) * mb.loss_mask).sum()
+                    )  # KL(old || new)
+            sums["policy_kl"] = kl
         self.step += 1
-        grad_norm = self.engine.get_global_grad_norm()
-        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-        sums["lr"] = float(self.engine.optimizer.param_groups[0]["lr"])
+        sums["updates"] = records
         sums["step_s"] = time.perf_counter() - started
         return sums
 
-    def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor:
-        logits = self.ref_model(
-            input_ids=mb.input_ids.to(self.device), attention_mask=mb.attention_mask.to(self.device)
-        ).logits[:, :-1]
-        return token_logprobs(logits, mb.targets.to(self.device))
+    def _ref_logprobs(self, mb: MicroBatch, sampled: bool) -> torch.Tensor | None:
+        return self._logprobs(mb, sampled, self.ref_model) if self.ref_model is not None else None
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
@@ -257,7 +311,7 @@ class LearnerWorker:
         out = []
         for ids in token_ids:
             mb = collate([Sample(ids, 1, [0.0] * (len(ids) - 1), 0.0)], self.pad_id)
-            logprobs, _ = self._forward(mb)
+            logprobs, _ = self._forward(mb, sampled=False)  # as the engine's prompt logprobs: unprocessed
             out.append(logprobs[0].float().cpu().tolist())
         return out
 
@@ -369,3 +423,23 @@ class _Sized:
 
     def element_size(self) -> int:
         return self._itemsize
+
+
+def _add_pass_metrics(sums: dict[str, Any], out: MicroBatchLoss) -> None:
+    """Token metrics of one micro-batch in one pass: sums over its real tokens, and the ratio's extremes."""
+    mask = out.mask
+    sums["token_passes"] += float(mask.sum())
+    for name, value in out.metrics.items():
+        sums[name] = sums.get(name, 0.0) + float((value * mask).sum())
+    if "ratio" in out.metrics and mask.any():
+        ratio = out.metrics["ratio"][mask > 0]
+        sums["ratio_min"] = min(sums["ratio_min"], float(ratio.min()))
+        sums["ratio_max"] = max(sums["ratio_max"], float(ratio.max()))
+
+
+def _add_proximal_metrics(sums: dict[str, Any], proximal: torch.Tensor, out: MicroBatchLoss) -> None:
+    """Once per sample: the proximal policy's logprob and its distance to the engine's behaviour logprob."""
+    mask = out.mask
+    sums["tokens"] += float(mask.sum())
+    sums["logprob"] += float((proximal * mask).sum())
+    sums["engine_logprob_diff"] += float(((proximal - out.behaviour_logprobs).abs() * mask).sum())

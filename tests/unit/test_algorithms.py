@@ -19,6 +19,7 @@ from learner.algorithms import (
     compute_loss,
     register_advantage,
     register_loss,
+    sampling_logits,
     token_entropy,
     token_logprobs,
 )
@@ -173,6 +174,75 @@ def test_ppo_dual_clip_bounds_negative_advantages():
     close(inputs.logprobs.grad, [[0.0, 0.0, 2.0]])
 
 
+def test_gspo_clips_the_length_normalised_sequence_ratio():
+    # sequence 0: token log-ratios log 1.5 and log 1.5 -> s = 1.5; sequence 1: log 2 and 0, plus a padded token
+    # -> s = sqrt(2). Both A = 1, clip_eps 0.2: s = 1.5 is clipped to 1.2 on both its tokens; sqrt(2) too.
+    # sequence 2: ratios 1.1 and 1/1.1 -> s = 1, inside the band, A = -2: loss 2 per token.
+    lp = torch.tensor(
+        [[math.log(1.5)] * 2 + [0.0], [math.log(2.0), 0.0, 9.0], [math.log(1.1), -math.log(1.1), 0.0]]
+    )
+    lp.requires_grad_()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    zeros = torch.zeros(3, 3)
+    advs = torch.tensor([[1.0] * 3, [1.0] * 3, [-2.0] * 3])
+    inputs = LossInputs(lp, zeros, zeros, advs, mask)
+    out = compute_loss(inputs, AlgorithmConfig(loss="gspo", clip_eps=0.2, off_policy="none"))
+    close(out.per_token, [[-1.2, -1.2, 0.0], [-1.2, -1.2, 0.0], [2.0, 2.0, 0.0]])
+    close(out.metrics["ratio"], [[1.5, 1.5, 0.0], [2**0.5, 2**0.5, 0.0], [1.0, 1.0, 0.0]])
+    assert out.metrics["clip_frac"].tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    # gradient: clipped sequences none; sequence 2: -A * s_i = 2 on each token (d s_it / d log pi_t = s_i)
+    out.per_token.sum().backward()
+    close(lp.grad, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 0.0]])
+
+
+def test_gspo_with_seq_mean_has_the_sequence_objectives_gradient():
+    # GSPO's sequence objective -A * s_i (unclipped, wide band) differentiated through s_i directly, against the
+    # token form aggregated by seq_mean: same gradient on every token
+    torch.manual_seed(0)
+    lp = (torch.randn(2, 4) * 0.1).requires_grad_()
+    old = torch.randn(2, 4) * 0.1
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advs = torch.tensor([[0.7] * 4, [-1.3] * 4])
+    cfg = AlgorithmConfig(loss="gspo", clip_eps=10.0, off_policy="none")
+    out = compute_loss(LossInputs(lp, old, old, advs, mask), cfg)
+    aggregate(out.per_token, mask, "seq_mean", total_tokens=7, total_sequences=2, max_tokens=4).backward()
+    token_form = lp.grad.clone()
+    lp.grad = None
+    s = (((lp - old) * mask).sum(-1) / mask.sum(-1)).exp()  # (B,)
+    (-(advs[:, 0] * s).sum() / 2).backward()
+    close(token_form, lp.grad * mask)
+
+
+def test_cispo_keeps_a_gradient_through_the_clipped_weight():
+    # ratios 1.5 (A = 1) and 0.5 (A = -1), clip_eps 0.2 / high 0.28: weights 1.28 and 0.8, detached;
+    # loss = -weight * A * log pi, gradient -weight * A (PPO would give both tokens zero gradient)
+    ratios, advs = [1.5, 0.5, 1.1], [1.0, -1.0, 2.0]
+    inputs = loss_inputs([math.log(r) for r in ratios], [0.0] * 3, advs)
+    cfg = AlgorithmConfig(loss="cispo", clip_eps=0.2, clip_eps_high=0.28, off_policy="none")
+    out = compute_loss(inputs, cfg)
+    lp = [math.log(r) for r in ratios]
+    close(out.per_token, [[-1.28 * lp[0], 0.8 * lp[1], -2 * 1.1 * lp[2]]])
+    assert out.metrics["clip_frac"].tolist() == [[1.0, 1.0, 0.0]]
+    out.per_token.sum().backward()
+    close(inputs.logprobs.grad, [[-1.28, 0.8, -2.2]])
+
+
+def test_cispo_without_lower_bound():
+    # clip_eps >= 1 (MiniMax-M1): a small ratio keeps its own weight
+    inputs = loss_inputs([math.log(0.1)], [0.0], [-1.0])
+    out = compute_loss(
+        inputs, AlgorithmConfig(loss="cispo", clip_eps=1.0, clip_eps_high=0.2, off_policy="none")
+    )
+    out.per_token.sum().backward()
+    close(inputs.logprobs.grad, [[0.1]])
+    assert out.metrics["clip_frac"].tolist() == [[0.0]]
+
+
+def test_dual_clip_is_rejected_outside_ppo():
+    with pytest.raises(ValueError, match="dual_clip"):
+        AlgorithmConfig(loss="gspo", dual_clip=3.0)
+
+
 def test_tis_weight_is_truncated_at_the_cap():
     # old - behaviour = log 3 (weight 3, capped to 2) and log 0.5 (weight 0.5)
     inputs = loss_inputs([0.0, 0.0], [0.0, 0.0], [1.0, 1.0], behaviour=[-math.log(3.0), math.log(2.0)])
@@ -250,6 +320,21 @@ def test_kl_penalty_and_entropy_bonus_are_added_to_rl_losses(estimator):
     close(out.metrics["kl"], [[kl]])
 
 
+def test_kl_weighted_by_the_ratio():
+    # d = ref - logp = -0.5 -> k3 = e^-0.5 + 0.5 - 1; ratio pi/pi_old = e^0.2 (logp 0.2 above old)
+    inputs = loss_inputs([-1.0], [-1.2], [0.0], ref=[-1.5])
+    k3 = math.exp(-0.5) + 0.5 - 1
+    plain = compute_loss(inputs, AlgorithmConfig(loss="pg", kl_coef=1.0, off_policy="none"))
+    close(plain.metrics["kl"], [[k3]])
+    weighted = compute_loss(
+        inputs, AlgorithmConfig(loss="pg", kl_coef=1.0, off_policy="none", kl_ratio_weighted=True)
+    )
+    close(weighted.metrics["kl"], [[math.exp(0.2) * k3]])
+    # gradient of ratio * k3 w.r.t. logp: ratio * k3 + ratio * (1 - e^d)
+    weighted.per_token.sum().backward()
+    close(inputs.logprobs.grad, [[math.exp(0.2) * (k3 + 1 - math.exp(-0.5))]])
+
+
 def test_sft_is_the_masked_nll_and_ignores_advantages_and_penalties():
     inputs = loss_inputs([-1.0, -2.0, -3.0], [0.0] * 3, [5.0, -5.0, 0.0], mask=[1, 1, 0], ref=[0.0] * 3)
     out = compute_loss(inputs, AlgorithmConfig(loss="sft", kl_coef=1.0))
@@ -257,7 +342,7 @@ def test_sft_is_the_masked_nll_and_ignores_advantages_and_penalties():
     assert set(out.metrics) == {"kl"}
 
 
-@pytest.mark.parametrize("loss", ["pg", "ppo", "sft"])
+@pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_padding_is_zero_in_loss_and_metrics_even_with_wild_padding_values(loss):
     # padding positions hold values whose exp() overflows: the loss and metrics stay finite and zero there
     inputs = loss_inputs(
@@ -304,7 +389,7 @@ def test_micro_batches_sum_to_the_one_batch_loss(mode):
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "constant"])
-@pytest.mark.parametrize("loss", ["pg", "ppo", "sft"])
+@pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_an_empty_mask_gives_zero_loss_and_finite_gradient(loss, mode):
     x = torch.randn(2, 3)
     inputs = LossInputs(
@@ -333,3 +418,48 @@ def test_token_logprobs_and_entropy_match_the_definitions():
     close(token_entropy(logits), (-(probs * probs.log()).sum(-1)).float())
     # a uniform distribution has entropy log V
     close(token_entropy(torch.zeros(1, 1, 7)), [[math.log(7)]])
+
+
+def test_sampling_logits_temperature_top_k_top_p_by_hand():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])  # (1, 1, 4)
+    # temperature 0.5 doubles the logits; greedy (0) leaves them
+    close(sampling_logits(logits, temperature=0.5), logits * 2)
+    close(sampling_logits(logits, temperature=0.0), logits)
+    # top_k 2 keeps 2.0 and 1.0: renormalised over them
+    lp = torch.log_softmax(sampling_logits(logits, top_k=2), -1)
+    z = math.log(math.e**2 + math.e)
+    close(lp[0, 0, :2], [2 - z, 1 - z])
+    assert (lp[0, 0, 2:] < -1e8).all()
+    # top_p: probabilities of [2, 1, 0, -1] are .644, .237, .087, .032; the mass before each is 0, .644,
+    # .881, .968 -> top_p 0.85 keeps the first two, top_p 0.9 the first three, top_p 0.5 only the first
+    probs = torch.softmax(logits, -1)[0, 0]
+    for top_p, kept in ((0.5, 1), (0.85, 2), (0.9, 3)):
+        lp = torch.log_softmax(sampling_logits(logits, top_p=top_p), -1)[0, 0]
+        close(lp[:kept].exp(), probs[:kept] / probs[:kept].sum())
+        assert (lp[kept:] < -1e8).all()
+
+
+def test_sampling_logits_masked_tokens_have_finite_logprob_entropy_and_zero_gradient():
+    logits = torch.tensor([[[3.0, 0.0, -2.0]]], requires_grad=True)
+    x = sampling_logits(logits, temperature=0.7, top_k=1)
+    lp = token_logprobs(x, torch.tensor([[1]]))  # a token outside the top-k
+    ent = token_entropy(x)
+    assert torch.isfinite(lp).all() and ent.item() == 0.0
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_sampling_logits_match_vllms_sampler():
+    # an independent implementation: vLLM's own top-k / top-p masking on the same tempered logits
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for temperature, top_k, top_p in ((0.7, -1, 1.0), (0.7, -1, 0.9), (1.3, 5, 0.8), (1.0, 3, 1.0)):
+        ours = torch.log_softmax(sampling_logits(logits[:, None], temperature, top_k, top_p)[:, 0], -1)
+        k = None if top_k < 0 else torch.full((6,), top_k)
+        p = None if top_p >= 1 else torch.full((6,), top_p)
+        theirs = torch.log_softmax(apply_top_k_top_p_pytorch((logits / temperature).clone(), k, p), -1)
+        kept = torch.isfinite(theirs)
+        assert torch.equal(kept, ours > -1e8), (temperature, top_k, top_p)
+        close(ours[kept], theirs[kept])

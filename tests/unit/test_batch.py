@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.batch import Sample, collate, shard, step_totals
+from learner.batch import Sample, collate, shard, split_mini_batches, step_totals
+from learner.worker import warmup_lr
 
 
 def test_collate_aligns_completion_tokens_with_their_predicting_positions():
@@ -38,3 +39,26 @@ def test_shard_gives_every_rank_the_same_number_of_micro_batches():
     assert sorted(map(id, flat)) == sorted(map(id, samples))  # each sample exactly once
     assert step_totals(samples, 8).total_tokens == sum(range(1, 8))
     assert torch.is_tensor(collate(shards[1][1], 0).input_ids)
+
+
+def test_split_mini_batches_deals_every_sample_once_seeded():
+
+    samples = [Sample([1, 2, 3], 2, [0.0], float(i)) for i in range(10)]
+    minis = split_mini_batches(samples, 3, seed=4)
+    assert sorted(len(m) for m in minis) == [3, 3, 4]
+    assert sorted(s.advantage for m in minis for s in m) == list(range(10))
+    assert [[s.advantage for s in m] for m in minis] == [
+        [s.advantage for s in m] for m in split_mini_batches(samples, 3, seed=4)
+    ]
+    assert minis != split_mini_batches(samples, 3, seed=5)
+    assert split_mini_batches(samples, 1, seed=4) == [samples]  # one mini-batch: the batch, in order
+    with pytest.raises(ValueError, match="at least 11"):
+        split_mini_batches(samples, 11, seed=0)
+
+
+def test_warmup_lr_is_linear_per_phase():
+
+    assert [warmup_lr(1e-3, k, 4) for k in range(6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    )
+    assert warmup_lr(3e-4, 0, 0) == 3e-4

@@ -1,0 +1,25 @@
+"""How a prompt becomes token ids: one function, used by the engines (what they sample from), by imitation (what
+the learner trains on) and by the weight-sync probes, so a prompt is the same token sequence everywhere.
+
+Plain prompts are tokenized with the tokenizer's own special tokens (a BOS where the model expects one, as vLLM
+does for a text prompt); chat prompts are rendered by the chat template, which writes its own special tokens,
+and are then tokenized without adding more (no doubled BOS).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt as the engines see it."""
+    if not chat_template:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    messages = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def encode_completion(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a demonstrated completion, ended by EOS (what the model must learn to emit)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
