@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig
-from learner.algorithms import LossInputs, aggregate, compute_loss, token_logprobs
-from learner.batch import Sample, collate, step_totals
+from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig, SamplingConfig
+from learner.algorithms import LossInputs, aggregate, compute_loss, sampling_logits, token_logprobs
+from learner.batch import Sample, collate, split_mini_batches, step_totals
 
 pytestmark = pytest.mark.integration
 
@@ -28,31 +28,60 @@ def make_samples(n: int, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def torch_reference_step(model_dir, samples, algo: AlgorithmConfig) -> dict[str, torch.Tensor]:
-    """The oracle: one plain single-process torch AdamW step on the whole batch."""
+def torch_reference(
+    model_dir, samples, algo: AlgorithmConfig, sampling: SamplingConfig, warmup_steps: int = 0
+) -> dict:
+    """The oracle: plain single-process torch on the whole batch. The proximal logprobs of every sample first,
+    then algo.epochs passes over the mini-batches (the group's split), one AdamW step each on the whole
+    mini-batch at once (no micro-batches, no ranks). Returns per-update loss and pre-clip grad norm, the weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    totals = step_totals(samples, MAX_TOKENS)
-    mb = collate(samples, pad_id=0)
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-    logprobs = token_logprobs(logits, mb.targets)
-    out = compute_loss(
-        LossInputs(logprobs, logprobs.detach(), mb.behaviour_logprobs, mb.advantages, mb.loss_mask), algo
-    )
-    loss = aggregate(
-        out.per_token,
-        mb.loss_mask,
-        algo.loss_agg,
-        total_tokens=totals.total_tokens,
-        total_sequences=totals.total_sequences,
-        max_tokens=totals.max_tokens,
-    )
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def forward(mb):
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+        return token_logprobs(
+            sampling_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p), mb.targets
+        )
+
+    minis = [collate(m, pad_id=0) for m in split_mini_batches(samples, algo.mini_batches, seed=0)]
+    totals = [
+        step_totals(m, sampling.max_tokens) for m in split_mini_batches(samples, algo.mini_batches, seed=0)
+    ]
+    several = algo.updates_per_step > 1
+    with torch.no_grad():
+        old = [forward(mb) for mb in minis]
+    losses, norms = [], []
+    for _ in range(algo.epochs):
+        for mb, t, o in zip(minis, totals, old):
+            for group in opt.param_groups:
+                group["lr"] = LR * min(1.0, (len(losses) + 1) / warmup_steps) if warmup_steps else LR
+            logprobs = forward(mb)
+            anchor = o if several else logprobs.detach()
+            out = compute_loss(
+                LossInputs(logprobs, anchor, mb.behaviour_logprobs, mb.advantages, mb.loss_mask), algo
+            )
+            loss = aggregate(
+                out.per_token,
+                mb.loss_mask,
+                algo.loss_agg,
+                total_tokens=t.total_tokens,
+                total_sequences=t.total_sequences,
+                max_tokens=t.max_tokens,
+            )
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+            losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "grad_norms": norms, "weights": weights}
+
+
+def torch_reference_step(model_dir, samples, algo: AlgorithmConfig) -> dict[str, torch.Tensor]:
+    """One plain torch AdamW step on the whole batch (one update, temperature 1)."""
+    return torch_reference(model_dir, samples, algo, SamplingConfig(max_tokens=MAX_TOKENS))["weights"]
 
 
 def make_group(
@@ -62,6 +91,8 @@ def make_group(
     algo: AlgorithmConfig | None = None,
     micro: int = 3,
     namespace: str = "",
+    sampling: SamplingConfig | None = None,
+    warmup_steps: int = 0,
 ):
     from learner.group import LearnerGroup
 
@@ -72,7 +103,7 @@ def make_group(
         dtype="float32",
         backend="gloo",
         micro_batch_size=micro,
-        optimizer=OptimizerConfig(lr=LR),
+        optimizer=OptimizerConfig(lr=LR, warmup_steps=warmup_steps),
         step_timeout_s=300,
         startup_timeout_s=600,
     )
@@ -80,7 +111,7 @@ def make_group(
         ModelConfig(path=str(model_dir)),
         cfg,
         algo or AlgorithmConfig(loss="pg", off_policy="tis"),
-        max_tokens=MAX_TOKENS,
+        sampling=sampling or SamplingConfig(max_tokens=MAX_TOKENS),
         namespace=namespace or f"aha-tests-learner-{stage}",
     )
     group.start()
@@ -102,3 +133,41 @@ def test_zero_step_matches_single_process_torch(ray_cluster, tiny_model, stage):
     worst = max((got[k] - expected[k]).abs().max().item() for k in got)
     assert worst < 1e-5, worst
     assert set(got) <= set(expected)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tiny_model, stage):
+    """Scale-sensitive: 2 ranks x 2 micro-batches per rank per mini-batch, 2 epochs x 2 mini-batches = 4
+    optimizer steps with a warm-up, PPO clip against proximal logprobs at temperature 0.7. Each update's loss and
+    global grad norm before clipping, and the weights after the last, against plain torch on the whole batch. A
+    missing world-size factor or a double-counted accumulation changes the loss and grad norm by 2x; dropped
+    proximal logprobs make the ratio 1 (no clipping) and move the weights differently."""
+    algo = AlgorithmConfig(loss="ppo", off_policy="tis", loss_agg="token_mean", epochs=2, mini_batches=2)
+    sampling = SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.7)
+    samples = make_samples(16, seed=3)
+    expected = torch_reference(tiny_model, samples, algo, sampling, warmup_steps=3)
+    group = make_group(
+        tiny_model,
+        stage,
+        algo=algo,
+        micro=2,  # 8 samples per mini-batch -> 4 per rank -> 2 micro-batches
+        namespace=f"aha-tests-ppo-{stage}",
+        sampling=sampling,
+        warmup_steps=3,
+    )
+    try:
+        metrics = group.train_step(samples)
+        updates = group.last_updates
+        got = group.full_state_dict()
+    finally:
+        group.shutdown()
+    assert metrics["optimizer_steps"] == 4 and len(updates) == 4
+    assert [u["lr"] for u in updates] == pytest.approx([LR / 3, 2 * LR / 3, LR, LR])
+    # tolerances: fp32 sums in a different order (micro-batches, gloo all-reduce) differ by ~1e-7 relative
+    assert [u["loss"] for u in updates] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
+    assert [u["grad_norm"] for u in updates] == pytest.approx(expected["grad_norms"], rel=1e-4)
+    worst = max((got[k] - expected["weights"][k]).abs().max().item() for k in got)
+    assert worst < 2e-5, worst
+    # the policy moved within the step: later updates see ratios != 1, some clipped, and a nonzero KL
+    assert metrics["ratio_max"] > 1.0 > metrics["ratio_min"]
+    assert metrics["clip_frac"] > 0 and metrics["policy_kl"] > 0

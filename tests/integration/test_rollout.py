@@ -69,6 +69,47 @@ def test_logprobs_match_transformers(pool, tiny_model):
     assert max_diff(tiny_model, done.trajectories) < 1e-3
 
 
+def learner_logprobs(model_dir, t, sampling: SamplingConfig) -> torch.Tensor:
+    """What the learner computes for a trajectory: a transformers forward pass, logits processed like the
+    engine's sampler (learner.algorithms.sampling_logits), fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.algorithms import sampling_logits, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([t.prompt_ids + t.completion_ids])
+    p = len(t.prompt_ids)
+    with torch.no_grad():
+        logits = model(ids).logits[:, p - 1 : -1]
+    processed = sampling_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    return token_logprobs(processed, ids[:, p:])[0]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_behaviour_logprobs_are_of_the_sampled_distribution(pool, tiny_model, top_p):
+    sampling = SamplingConfig(temperature=0.7, top_p=top_p, max_tokens=12)
+    done = pool.generate_all(PROMPTS, sampling)
+    assert not done.failed
+    learner_gap = max(
+        (learner_logprobs(tiny_model, t, sampling) - torch.tensor(t.logprobs)).abs().max().item()
+        for t in done.trajectories
+    )
+    assert learner_gap < 1e-3
+    # the check can tell: the untempered softmax is far from what the engine reports
+    assert max_diff(tiny_model, done.trajectories) > 1e-2
+
+
+def test_engines_sample_from_the_prompt_ids_the_learner_uses(pool, tiny_model):
+    from transformers import AutoTokenizer
+
+    from actors.prompts import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    done = pool.generate_all(PROMPTS[:2])
+    for t in done.trajectories:
+        assert t.prompt_ids == encode_prompt(tokenizer, t.prompt, chat_template=False)
+
+
 def test_greedy_with_several_samples_repeats_the_prompt(pool):
     done = pool.generate_all(PROMPTS[:2], SamplingConfig(temperature=0.0, max_tokens=8), n=2)
     by_prompt = {}
