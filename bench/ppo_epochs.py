@@ -73,18 +73,17 @@ def run_arm(name: str, model: Path, root: Path, args) -> dict:
     )
     summary = run(cfg)
     records = [json.loads(line) for line in (root / f"ppo-{name}" / "metrics.jsonl").open()]
+    steps = [
+        r for r in records if "step_s" in r
+    ]  # trial-and-error steps (an evaluation is inside its step_s)
     curve, wall = [], 0.0
-    for r in records:
-        if "step_s" in r:  # a trial-and-error step (its evaluation, if any, is inside its step_s)
-            wall += r["step_s"]
-            if "eval/accuracy" in r:
-                curve.append(
-                    {"step": int(r["step"]), "rl_wall_s": round(wall, 1), "accuracy": r["eval/accuracy"]}
-                )
+    for i, r in enumerate(steps, 1):
+        wall += r["step_s"]
+        if "eval/accuracy" in r:
+            curve.append({"step": i, "rl_wall_s": round(wall, 1), "accuracy": r["eval/accuracy"]})
     curve.append(
         {"step": args.steps, "rl_wall_s": round(wall, 1), "accuracy": summary["eval_accuracy_final"]}
     )
-    steps = [r for r in records if "train/loss" in r and "imitation/loss" not in r]
 
     def mean(key: str) -> float | None:
         values = [r[key] for r in steps if key in r]
