@@ -242,12 +242,9 @@ class Run:
             rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
             group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
             advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
-            # truncated samples stay in their group's baseline above; with mask_truncated they get no loss
-            truncated = [t.finish_reason == "length" for t in trajectories]
-            trained = [not (cut and cfg.algorithm.mask_truncated) for cut in truncated]
+            # truncated samples count in their group's baseline above; with mask_truncated they get no loss
             samples = samples_from_trajectories(
-                [t for t, keep in zip(trajectories, trained) if keep],
-                [a for a, keep in zip(advantages.tolist(), trained) if keep],
+                trajectories, advantages.tolist(), cfg.algorithm.mask_truncated
             )
             if samples:
                 train_metrics = self.group.train_step(
@@ -267,7 +264,7 @@ class Run:
                 "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                 "accuracy": float((rewards >= sched.eval_threshold).float().mean()),
                 "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
-                "overlong_frac": sum(truncated) / len(trajectories),
+                "overlong_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
                 "overlong_masked": float(len(trajectories) - len(samples)),
                 "staleness_max": float(max(staleness)),
                 "staleness_mean": sum(staleness) / len(staleness),

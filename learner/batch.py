@@ -57,10 +57,16 @@ class MicroBatch:
     advantages: torch.Tensor  # (B, T) float, the sample's advantage on its completion tokens
 
 
-def samples_from_trajectories(trajectories: list[Trajectory], advantages: list[float]) -> list[Sample]:
+def samples_from_trajectories(
+    trajectories: list[Trajectory], advantages: list[float], mask_truncated: bool = False
+) -> list[Sample]:
+    """The samples the learner trains on, one per trajectory, with its advantage (computed over the whole group
+    beforehand). mask_truncated: trajectories cut off by max_tokens (finish reason "length") get no loss, so they
+    are left out (DAPO's overlong filtering)."""
     return [
         Sample(t.prompt_ids + t.completion_ids, len(t.prompt_ids), list(t.logprobs), float(a))
         for t, a in zip(trajectories, advantages, strict=True)
+        if not (mask_truncated and t.finish_reason == "length")
     ]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig, SamplingConfig
 from learner.algorithms import LossInputs, aggregate, compute_loss, sampling_logits, token_logprobs
-from learner.batch import Sample, collate, split_mini_batches, step_totals
+from learner.batch import Sample, collate, demonstration_samples, split_mini_batches, step_totals
 
 pytestmark = pytest.mark.integration
 
@@ -159,10 +159,14 @@ def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tin
         metrics = group.train_step(samples)
         updates = group.last_updates
         got = group.full_state_dict()
+        # imitation keeps its own lr and warm-up (DeepSpeed's scheduler used to override both)
+        demos = demonstration_samples([([5, 6, 7], [8, 9]), ([10, 11], [12])])
+        imitation = [group.train_step(demos, loss="sft", lr=LR / 10, phase_step=k)["lr"] for k in range(4)]
     finally:
         group.shutdown()
     assert metrics["optimizer_steps"] == 4 and len(updates) == 4
     assert [u["lr"] for u in updates] == pytest.approx([LR / 3, 2 * LR / 3, LR, LR])
+    assert imitation == pytest.approx([LR / 30, 2 * LR / 30, LR / 10, LR / 10])
     # tolerances: fp32 sums in a different order (micro-batches, gloo all-reduce) differ by ~1e-7 relative
     assert [u["loss"] for u in updates] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
     assert [u["grad_norm"] for u in updates] == pytest.approx(expected["grad_norms"], rel=1e-4)

@@ -62,3 +62,16 @@ def test_warmup_lr_is_linear_per_phase():
         [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
     )
     assert warmup_lr(3e-4, 0, 0) == 3e-4
+
+
+def test_mask_truncated_leaves_out_samples_cut_by_max_tokens():
+    from actors.records import Trajectory
+    from learner.batch import samples_from_trajectories
+
+    def traj(i: int, finish: str) -> Trajectory:
+        return Trajectory("p", i, "q", "a", [5, 6], [7, 8], [-1.0, -2.0], finish, 0, "rollout-0")
+
+    trajectories = [traj(0, "stop"), traj(1, "length"), traj(2, "stop")]
+    kept = samples_from_trajectories(trajectories, [0.5, -1.0, 0.25], mask_truncated=True)
+    assert [s.advantage for s in kept] == [0.5, 0.25]  # advantages were computed with the truncated one
+    assert len(samples_from_trajectories(trajectories, [0.5, -1.0, 0.25])) == 3
