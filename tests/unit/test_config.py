@@ -164,30 +164,8 @@ def test_configuration_reference_is_current():
 
 def test_more_mini_batches_than_samples_is_rejected(tmp_path, capsys):
     # 8 prompts x 4 samples = 32 samples per step: 33 mini-batches would leave one empty
-    path = str(write(tmp_path, MINIMAL))
-    assert (
-        main(
-            [
-                "validate",
-                path,
-                "schedule.prompts_per_step=8",
-                "rollout.samples_per_prompt=4",
-                "algorithm.mini_batches=33",
-            ]
-        )
-        == 2
-    )
+    args = ["validate", "--no-check-files", str(write(tmp_path, MINIMAL))]
+    step = ["schedule.prompts_per_step=8", "rollout.samples_per_prompt=4"]
+    assert main([*args, *step, "algorithm.mini_batches=33"]) == 2
     assert "algorithm.mini_batches" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "validate",
-                path,
-                "schedule.prompts_per_step=8",
-                "rollout.samples_per_prompt=4",
-                "algorithm.mini_batches=32",
-                "algorithm.epochs=2",
-            ]
-        )
-        == 0
-    )
+    assert main([*args, *step, "algorithm.mini_batches=32", "algorithm.epochs=2"]) == 0
