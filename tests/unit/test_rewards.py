@@ -10,7 +10,7 @@ import pytest
 
 from actors.records import Trajectory
 from actors.reward import RewardScorer, load_function
-from actors.rewards.code import build_program, code_tests, human_eval_prompts, read_human_eval
+from actors.rewards.code import build_solution, code_tests, human_eval_prompts, read_human_eval
 from actors.rewards.format import format_reward
 from actors.rewards.gym import reasoning_gym, reasoning_gym_entry_fields
 from actors.rewards.length import length_penalty
@@ -126,7 +126,8 @@ def test_code_tests_human_eval():
     fenced = "Here:\n```python\ndef add(x: int, y: int):\n    return x + y\n```\n"
     fields = {"prompt": p["prompt"], "test": p["test"], "entry_point": "add"}
     assert code_tests("q", fenced, **fields) == 1.0
-    assert "check(add)" in build_program(fenced, test=p["test"], entry_point="add")
+    solution = build_solution(fenced, entry_point="add", prompt=p["prompt"])
+    assert solution.startswith(p["prompt"]) and solution.endswith("    return x + y\n\n")
     prompts = human_eval_prompts(limit=2)
     assert prompts[0].id == "HumanEval/0" and "canonical_solution" not in prompts[0].fields
 
