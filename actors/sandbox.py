@@ -67,7 +67,8 @@ _LOCKED_FLAGS = {
 _UID_BASE = 1_000_000  # sandbox uids are _UID_BASE + the launcher's pid: unique among live runs
 _TAIL = 4000  # characters of stdout/stderr kept in the result
 _MB = 1024 * 1024
-_SETUP_PROCESSES = 2  # the launcher and the namespace's init also count against the cgroup's pids.max
+# Processes of the set-up in the run's cgroup: the launcher, and the namespace's init (namespaces mode only).
+_SETUP_PROCESSES = {True: 2, False: 1}
 
 # Syscalls the seccomp filter refuses (EPERM), by machine: (audit arch, {name: number}). `socket` covers
 # every family (inet, inet6, unix: a host socket at a file system path, netlink, ...); ptrace and the
@@ -380,7 +381,7 @@ class _RunCgroup:
 
     def _write_limits(self, limits: SandboxLimits) -> None:
         memory = str(limits.memory_mb * _MB)
-        pids = str(limits.max_processes + _SETUP_PROCESSES)
+        pids = str(limits.max_processes + _SETUP_PROCESSES[limits.namespaces])
         if self.kind == "cgroup2":
             (path,) = self.dirs
             _write(path, "memory.max", memory)

@@ -178,8 +178,20 @@ def build_judge(completion: str, *, entry_point: str, prompt: str = "") -> str:
 
 
 def judge_input(nonce: str, test: str, prompt: str = "") -> bytes:
-    """The judge's stdin: the nonce, then the tests (the prompt's helpers, then `test`)."""
-    return f"{nonce}\n{prompt}\n\n{test}\n".encode()
+    """The judge's stdin: the nonce, then the tests (the prompt's helpers and imports, then `test`)."""
+    return f"{nonce}\n{_stub_for_tests(prompt)}\n\n{test}\n".encode()
+
+
+def _stub_for_tests(prompt: str) -> str:
+    """The prompt as the tests see it. A bare signature (a prompt the completion continues) gets a
+    placeholder body, so that it compiles; a prompt that still does not compile is left out."""
+    for stub in (prompt, prompt.rstrip() + "\n    ...\n"):
+        try:
+            compile(stub, "prompt", "exec")
+            return stub
+        except (SyntaxError, ValueError):
+            continue
+    return ""
 
 
 def code_tests(

@@ -60,7 +60,11 @@ HACKS = [
         "__builtins__.AssertionError = builtins.AssertionError\ndef add(x, y):\n    return 0\n",
         False,
     ),
-    ("check redefined by the solution", "def check(candidate):\n    pass\ndef add(x, y):\n    return 0\n", False),
+    (
+        "check redefined by the solution",
+        "def check(candidate):\n    pass\ndef add(x, y):\n    return 0\n",
+        False,
+    ),
     (
         "check patched through the caller's frame",
         "    import sys\n    f = sys._getframe(1)\n    while f:\n        f.f_globals['check'] = lambda c: None\n"
@@ -74,7 +78,11 @@ HACKS = [
         True,
     ),
     ("judge killed (SIGKILL)", "    import os\n    os.kill(os.getppid(), 9)\n    return 0\n", False),
-    ("judge interrupted (SIGINT)", "    import os, time\n    os.kill(os.getppid(), 2)\n    time.sleep(1)\n", False),
+    (
+        "judge interrupted (SIGINT)",
+        "    import os, time\n    os.kill(os.getppid(), 2)\n    time.sleep(1)\n",
+        False,
+    ),
     (
         "signal handler exiting 0 on the judge's kill",
         "    import os, signal, time\n    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
@@ -84,7 +92,7 @@ HACKS = [
     (
         "crafted reply naming os.system",
         "    import os, struct, sys\n    fd = sys._getframe(1).f_locals['replies']\n"
-        "    data = b\"\\x80\\x04cos\\nsystem\\n\\x8c\\x04true\\x85R\\x8c\\x02ok\\x86.\"\n"
+        '    data = b"\\x80\\x04cos\\nsystem\\n\\x8c\\x04true\\x85R\\x8c\\x02ok\\x86."\n'
         "    os.write(fd, struct.pack('<I', len(data)) + data)\n    return 0\n",
         False,
     ),
@@ -164,6 +172,15 @@ def test_hack_scores_zero(completion, fooled_old):
     assert code_tests("q", completion, **FIELDS, timeout_s=5.0) == 0.0
     if fooled_old:
         assert naive_pass(completion)
+
+
+def test_prompt_that_is_a_bare_signature():
+    # The completion is the body; the tests still get the prompt's imports and helpers.
+    prompt = "import math\n\ndef half(x):\n    return x / 2\n\ndef area(r):\n"
+    test = "def check(candidate):\n    assert candidate(2) == math.pi * 4 and half(4) == 2\n"
+    fields = {"prompt": prompt, "test": test, "entry_point": "area"}
+    assert code_tests("q", "    return math.pi * r * r\n", **fields) == 1.0
+    assert code_tests("q", "    return 0\n", **fields) == 0.0
 
 
 def test_stopping_the_judge_scores_zero():

@@ -4,15 +4,18 @@ so that even a failure of containment stays harmless on a 2-core, 24 GiB machine
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+import actors.sandbox as sandbox
 from actors.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=2, memory_mb=256, max_processes=8, file_mb=1)
-# Without namespaces as root, RLIMIT_NPROC is ignored: never run a fork bomb in that mode.
+# Without namespaces as root, RLIMIT_NPROC is ignored (only a cgroup caps processes): never run a fork bomb
+# in that mode.
 RLIMITS_ONLY = SandboxLimits(wall_s=4.0, cpu_s=2, memory_mb=256, max_processes=8, file_mb=1, namespaces=False)
 
 
@@ -71,7 +74,31 @@ def test_runs_as_an_unprivileged_uid():
 
 def test_no_network():
     r = run("import socket; s = socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', 22))")
-    assert not r.passed and "Network is unreachable" in r.reason
+    assert not r.passed and "Operation not permitted" in r.reason  # seccomp: no socket() at all
+    # Even a raw syscall through ctypes (past any Python-level hook) is refused.
+    raw = run(
+        "import ctypes; libc = ctypes.CDLL(None, use_errno=True); print(libc.socket(2, 1, 0), ctypes.get_errno())"
+    )
+    assert raw.passed and raw.stdout.split() == ["-1", "1"]
+
+
+def test_host_unix_socket_is_unreachable():
+    # A world-writable socket at a host path the sandbox can see (/dev/shm is visible, read-only).
+    path = f"/dev/shm/aha-sandbox-probe-{os.getpid()}.sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen(1)
+        with socket.socket(socket.AF_UNIX) as client:  # reachable from the host: the probe is real
+            client.connect(path)
+        code = f"import os, socket; print(os.path.exists({path!r}), flush=True); socket.socket(socket.AF_UNIX).connect({path!r})"
+        r = run(code)
+        assert r.stdout == "True\n"  # it sees the path...
+        assert not r.passed and "Operation not permitted" in r.reason, r.reason  # ...but cannot connect
+    finally:
+        server.close()
+        os.unlink(path)
 
 
 def test_memory_limit():
@@ -116,10 +143,99 @@ def test_output_is_capped():
     assert not r.passed and r.reason == "file size" and len(r.stdout) <= 4000
 
 
-def test_rlimits_mode_blocks_sockets_by_audit_hook():
+def test_rlimits_mode_blocks_sockets_by_seccomp(monkeypatch):
     r = run("import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)", RLIMITS_ONLY)
-    assert r.isolation == "rlimits" and not r.passed and "network access is disabled" in r.reason
+    assert r.isolation == "rlimits" and not r.passed and "Operation not permitted" in r.reason, r.reason
     assert run("x = bytearray(10 * 1024**3)", RLIMITS_ONLY).reason == "memory"
+    # The launcher gets an empty environment: the caller's variables are not in the run's parent's /proc.
+    monkeypatch.setenv("AHA_SANDBOX_PROBE", "secret-value")
+    r = run("import os; print(open(f'/proc/{os.getppid()}/environ', 'rb').read())", RLIMITS_ONLY)
+    assert r.passed and "secret-value" not in r.stdout
+
+
+def test_run_wide_memory_cap():
+    # 8 children x 400 MB under memory_mb=512: per-process rlimits allow each one; the run's cgroup does not.
+    limits = SandboxLimits(wall_s=20.0, cpu_s=5, memory_mb=512, max_processes=16)
+    code = """
+import os, time
+r, w = os.pipe()
+children = []
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        block = b"x" * (400 * 1024 * 1024)  # written, so resident
+        os.write(w, b"h")
+        time.sleep(2)
+        os._exit(0)
+    children.append(pid)
+os.close(w)
+for pid in children:
+    os.waitpid(pid, 0)
+print(len(os.read(r, 64)))
+"""
+    r = run(code, limits)
+    if r.run_cap == "none":
+        pytest.skip("no cgroup on this host: memory is capped per process only")
+    assert r.run_cap in ("cgroup1", "cgroup2")
+    assert not r.passed and r.reason == "memory", r.reason
+    held = int(r.stdout) if r.stdout.strip() else 0
+    assert held <= 1  # at most one 400 MB block fits in 512 MB at a time
+
+
+def test_run_wide_process_cap_in_rlimits_mode():
+    # As root without namespaces RLIMIT_NPROC does nothing; the cgroup's pids.max still caps the run.
+    code = "import os, time\nn = 0\nfor _ in range(64):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nprint(n)"
+    r = run(code, RLIMITS_ONLY)
+    if r.run_cap == "none":
+        pytest.skip("no cgroup on this host")
+    assert r.passed and int(r.stdout) < RLIMITS_ONLY.max_processes
+    assert not _sandbox_processes() and not _sleepers()  # the cgroup's processes are all killed after the run
+
+
+STEPS = [
+    "cgroup",
+    "namespaces",
+    "undumpable",
+    "private mounts",
+    "read-only remount",
+    "private /proc",
+    "private /tmp",
+    "interpreter prefix",
+    "rlimits",
+    "unprivileged uid",
+    "no_new_privs",
+    "seccomp",
+]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_failing_isolation_step_aborts_the_run(monkeypatch, step):
+    monkeypatch.setattr(sandbox, "_INJECT_FAULT", step)
+    r = run("print('ran')")
+    if step == "cgroup" and r.run_cap == "none" and r.passed:
+        pytest.skip("no cgroup on this host")
+    assert not r.passed and r.reason.startswith(f"sandbox error: {step}") and r.isolation == "none", r.reason
+    assert r.stdout == ""  # nothing of the program ran
+
+
+def test_a_real_failure_aborts_too(monkeypatch):
+    # Not injected: the interpreter's prefix does not exist, so exposing it fails.
+    monkeypatch.setattr(sandbox, "_python_prefix", lambda: "/nonexistent/aha/python")
+    r = run("print('ran')")
+    assert r.reason == "sandbox error: interpreter prefix: No such file or directory" and r.stdout == ""
+
+
+def test_namespaces_are_required_not_a_fallback(monkeypatch):
+    # A run that asked for namespaces never falls back to the weaker mode.
+    monkeypatch.setattr(sandbox, "_INJECT_FAULT", "namespaces")
+    r = run("print('ran')")
+    assert r.isolation == "none" and r.reason.startswith("sandbox error: namespaces")
+
+
+def _sleepers() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "time.sleep(30)" in line]
 
 
 def _sandbox_processes() -> list[str]:
