@@ -37,6 +37,7 @@ import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,13 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME, _MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 _MNT_DETACH = 2
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_SECCOMP, _PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_SECCOMP, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = (
+    1,
+    4,
+    22,
+    24,
+    38,
+)
 # Flags a remount must keep: inside a user namespace the kernel refuses to clear them ("locked").
 _LOCKED_FLAGS = {
     "nosuid": _MS_NOSUID,
@@ -97,6 +104,12 @@ _SECCOMP = {
         },
     ),
 }
+# Landlock (Linux >= 5.13; same numbers on every architecture): in "rlimits" mode, writes only in the run's
+# directory, and (ABI >= 6) no signals to processes outside the run.
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_WRITE = (1 << 1) | sum(1 << bit for bit in range(4, 13))  # write file, remove, make anything
+_LANDLOCK_REFER, _LANDLOCK_TRUNCATE = 1 << 13, 1 << 14  # ABI 2 and 3
+_LANDLOCK_SCOPE = 1 | 2  # ABI 6: abstract Unix sockets and signals stay inside the run
 _X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI numbers: refused whole (an alias of every syscall)
 
 # The launcher's command: this module imported by file name (stdlib only; its cached bytecode is reused,
@@ -690,12 +703,53 @@ def _drop_privileges(cfg: dict, uid: int) -> None:
         raise OSError(errno.EPERM, "uid did not change")
 
 
+@_step("no capabilities")
+def _drop_capabilities(cfg: dict) -> None:
+    """Empty the capability bounding set, so the exec'd program has none, even as root (the "rlimits" mode):
+    no CAP_SYS_PTRACE to read a non-dumpable process's memory, no CAP_DAC_OVERRIDE, no mounts, no kills
+    of other users' processes."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {cap}")
+
+
 @_step("no_new_privs")
 def _no_new_privs(cfg: dict) -> None:
     """setuid binaries stay powerless; required by the seccomp filter. Then parent-death SIGKILL (after
     setuid, which clears it)."""
     _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "PR_SET_PDEATHSIG")
+
+
+@_step("landlock")
+def _restrict_writes(cfg: dict, workdir: str) -> None:
+    """Without namespaces ("rlimits" mode) nothing is read-only, and as root every root-owned file is the
+    program's own: a Landlock ruleset allows writes only below its working directory (and to /dev/null),
+    and, where the kernel has ABI 6, scopes signals and abstract Unix sockets to the run."""
+    lib = _lib()
+    abi = lib.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # 1: VERSION
+    if abi < 1:
+        raise OSError(ctypes.get_errno(), "Landlock is not available on this kernel")
+    handled = _LANDLOCK_WRITE | (_LANDLOCK_REFER if abi >= 2 else 0) | (_LANDLOCK_TRUNCATE if abi >= 3 else 0)
+    attr = struct.pack("<QQQ", handled, 0, _LANDLOCK_SCOPE if abi >= 6 else 0)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = lib.syscall(_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
+    _check(0 if ruleset >= 0 else -1, "landlock_create_ruleset")
+    try:
+        file_rights = (1 << 1) | (_LANDLOCK_TRUNCATE if abi >= 3 else 0)
+        for path, rights in ((workdir, handled), ("/dev/null", file_rights)):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = struct.pack("<Qi", rights, fd)  # landlock_path_beneath_attr (packed)
+                _check(lib.syscall(_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        _check(
+            lib.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self"
+        )  # after no_new_privs
+    finally:
+        os.close(ruleset)
 
 
 class _SockFilter(ctypes.Structure):
@@ -753,6 +807,7 @@ def _exec_target(cfg: dict, uid: int | None, workdir: str) -> None:
     try:
         os.set_inheritable(cfg["status_fd"], False)  # closed by exec; open until then to report a failed exec
         _set_limits(cfg)
+        _drop_capabilities(cfg)  # while it may still (CAP_SETPCAP); setuid itself needs no bounding set
         if uid is not None:
             _drop_privileges(cfg, uid)
         _no_new_privs(cfg)
@@ -761,6 +816,8 @@ def _exec_target(cfg: dict, uid: int | None, workdir: str) -> None:
             os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
         python = os.path.join(cfg["prefix"], "bin", os.path.basename(os.path.realpath(sys.executable)))
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        if uid is None and not cfg["namespaces"]:
+            _restrict_writes(cfg, workdir)
         _install_seccomp(cfg)  # last: only the exec follows
         os.execve(python, [python, "-I", "-S", "main.py"], env)
     except BaseException as e:  # noqa: BLE001 - anything here is a set-up failure to report

@@ -214,11 +214,13 @@ def code_tests(
     system protection, same user); running model code there needs `allow_rlimits_only=True`.
     """
     isolation = isolation_available()
-    if isolation != "namespaces" and not (allow_rlimits_only and isolation == "rlimits"):
+    if isolation == "rlimits" and not allow_rlimits_only:
         raise RuntimeError(
-            f"the sandbox cannot create namespaces on this host (isolation: {isolation}); "
+            "the sandbox cannot create namespaces on this host (isolation: rlimits only); "
             "set kwargs.allow_rlimits_only=true to run model-written code with rlimits only"
         )
+    if isolation not in ("namespaces", "rlimits"):
+        raise RuntimeError(f"the sandbox does not work on this host ({isolation})")
     stub = fields.get("prompt", "")
     program = build_judge(completion, entry_point=entry_point, prompt=stub)
     limits = SandboxLimits(

@@ -147,10 +147,34 @@ def test_rlimits_mode_blocks_sockets_by_seccomp(monkeypatch):
     r = run("import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)", RLIMITS_ONLY)
     assert r.isolation == "rlimits" and not r.passed and "Operation not permitted" in r.reason, r.reason
     assert run("x = bytearray(10 * 1024**3)", RLIMITS_ONLY).reason == "memory"
-    # The launcher gets an empty environment: the caller's variables are not in the run's parent's /proc.
+    # Nothing of the caller's environment reaches the run.
     monkeypatch.setenv("AHA_SANDBOX_PROBE", "secret-value")
-    r = run("import os; print(open(f'/proc/{os.getppid()}/environ', 'rb').read())", RLIMITS_ONLY)
-    assert r.passed and "secret-value" not in r.stdout
+    r = run("import os; print(dict(os.environ))", RLIMITS_ONLY)
+    assert r.passed and "secret-value" not in r.stdout and "HOME" in r.stdout
+
+
+def test_rlimits_mode_contains_writes_signals_and_proc(tmp_path):
+    # Same uid as the caller (root here), but: writes only in its own directory (Landlock), no capabilities
+    # (so no reading the caller's /proc entries), and no signals out of the run (Landlock ABI >= 6).
+    target = tmp_path / "host-file.txt"
+    target.write_text("host")
+    os.chmod(tmp_path, 0o777)
+    code = f"""
+import os
+open('own.txt', 'w').write('x')
+for attempt in (lambda: open({str(target)!r}, 'w'), lambda: open({str(tmp_path / "new.txt")!r}, 'w'),
+                lambda: os.unlink({str(target)!r}), lambda: open('/proc/{os.getpid()}/environ', 'rb').read(),
+                lambda: os.kill({os.getpid()}, 0)):
+    try:
+        attempt()
+        print('allowed')
+    except PermissionError:
+        print('refused')
+"""
+    r = run(code, RLIMITS_ONLY)
+    assert r.isolation == "rlimits" and r.passed, r.reason
+    assert r.stdout.split() == ["refused"] * 5
+    assert target.read_text() == "host" and not (tmp_path / "new.txt").exists()
 
 
 def test_run_wide_memory_cap():
@@ -204,6 +228,7 @@ STEPS = [
     "interpreter prefix",
     "rlimits",
     "unprivileged uid",
+    "no capabilities",
     "no_new_privs",
     "seccomp",
 ]
@@ -217,6 +242,17 @@ def test_a_failing_isolation_step_aborts_the_run(monkeypatch, step):
         pytest.skip("no cgroup on this host")
     assert not r.passed and r.reason.startswith(f"sandbox error: {step}") and r.isolation == "none", r.reason
     assert r.stdout == ""  # nothing of the program ran
+
+
+@pytest.mark.parametrize(
+    "step", ["cgroup", "undumpable", "rlimits", "no capabilities", "no_new_privs", "landlock", "seccomp"]
+)
+def test_a_failing_step_aborts_the_rlimits_mode_too(monkeypatch, step):
+    monkeypatch.setattr(sandbox, "_INJECT_FAULT", step)
+    r = run("print('ran')", RLIMITS_ONLY)
+    if step == "cgroup" and r.run_cap == "none" and r.passed:
+        pytest.skip("no cgroup on this host")
+    assert not r.passed and r.reason.startswith(f"sandbox error: {step}") and r.stdout == "", r.reason
 
 
 def test_a_real_failure_aborts_too(monkeypatch):
