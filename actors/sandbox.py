@@ -4,8 +4,8 @@
 
 How the containment is built (Linux). The caller creates the run's cgroup when the host allows one (a memory
 and process cap over the whole run), then starts this very file as a small launcher
-(`python -I -S -c "import sandbox; ..." <config>`) in a new session with an empty environment, so a timeout can kill the
-whole process group. The launcher is stdlib-only and single-threaded, which is why the set-up lives there and
+(`python -I -S -c "import sandbox; ..." <config>`) in a new session with an empty environment, so a timeout
+can kill the whole process group. The launcher is stdlib-only and single-threaded, which is why the set-up lives there and
 not in a `preexec_fn` (unsafe in the multi-threaded reward worker). It then:
 
 1. joins the run's cgroup, and `unshare`s new mount, network, PID, IPC and UTS namespaces (as root), or the
@@ -14,9 +14,11 @@ not in a `preexec_fn` (unsafe in the multi-threaded reward worker). It then:
    size-capped tmpfs on /tmp (the only writable place; the code runs in /tmp/work), and re-exposes the
    interpreter's prefix if it lives under a directory other users cannot enter (e.g. /root/.pyenv).
 3. forks the target: rlimits (CPU seconds, address space, processes, file size, open files, no core),
-   then, as root, a fresh unprivileged uid (root ignores RLIMIT_NPROC; a uid of its own makes the process
-   count per run), no_new_privs, parent-death SIGKILL, a seccomp filter (no sockets of any family, no
-   ptrace or reading other processes' memory, no io_uring), then exec of `python -I -S main.py`.
+   an empty capability bounding set, then, as root, a fresh unprivileged uid (root ignores RLIMIT_NPROC; a
+   uid of its own makes the process count per run), no_new_privs, parent-death SIGKILL, a seccomp filter
+   (no sockets of any family, no ptrace or reading other processes' memory, no io_uring), then exec of
+   `python -I -S main.py`. In the "rlimits" mode (no namespaces, same user) a Landlock ruleset also keeps
+   writes inside the run's directory and signals inside the run.
 
 Every isolation step is one `_step` helper; a step that fails raises `SandboxError` naming it, the launcher
 reports it and runs nothing. A run is contained as its result says, or not run at all
