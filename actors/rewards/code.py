@@ -33,7 +33,7 @@ _VERDICT = "passed"
 # forked off: the nonce and the tests arrive on its stdin afterwards. SOLUTION and ENTRY_POINT are filled
 # in with repr().
 _JUDGE = r"""
-import builtins, ctypes, io, os, pickle, struct, sys, traceback
+import builtins, ctypes, io, os, pickle, struct, sys
 
 if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0: memory and fds closed to the candidate
     sys.exit("judge: cannot make itself undumpable")
@@ -128,7 +128,7 @@ if pid == 0:
     try:
         serve(req_r, rep_w)
     except BaseException:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # the interpreter's own printer: no module to import
     sys.stdout.flush()
     os._exit(0)
 os.close(req_r)
@@ -143,7 +143,7 @@ try:
     namespace[ENTRY_POINT] = candidate  # the tests may call the solution by its name too
     namespace["check"](candidate)
 except BaseException:
-    traceback.print_exc()
+    sys.excepthook(*sys.exc_info())
     os.kill(pid, 9)
     os._exit(1)
 os.kill(pid, 9)
