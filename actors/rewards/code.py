@@ -144,6 +144,7 @@ try:
     namespace["check"](candidate)
 except BaseException:
     sys.excepthook(*sys.exc_info())
+    sys.stdout.flush()
     os.kill(pid, 9)
     os._exit(1)
 os.kill(pid, 9)
