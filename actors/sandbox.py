@@ -56,6 +56,7 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME, _MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 _MNT_DETACH = 2
+_CAP_SETPCAP = 8
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_SECCOMP, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = (
     1,
     4,
@@ -709,7 +710,14 @@ def _drop_privileges(cfg: dict, uid: int) -> None:
 def _drop_capabilities(cfg: dict) -> None:
     """Empty the capability bounding set, so the exec'd program has none, even as root (the "rlimits" mode):
     no CAP_SYS_PTRACE to read a non-dumpable process's memory, no CAP_DAC_OVERRIDE, no mounts, no kills
-    of other users' processes."""
+    of other users' processes. A normal user without capabilities has none to lose (exec grants them only
+    to uid 0, or through file capabilities, which no_new_privs disables)."""
+    with open("/proc/self/status") as f:
+        effective = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    if not effective & (1 << _CAP_SETPCAP):
+        if os.geteuid() == 0:
+            raise OSError(errno.EPERM, "root without CAP_SETPCAP cannot empty its bounding set")
+        return
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
