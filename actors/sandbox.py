@@ -745,7 +745,8 @@ def _restrict_writes(cfg: dict, workdir: str) -> None:
     attr = struct.pack("<QQQ", handled, 0, _LANDLOCK_SCOPE if abi >= 6 else 0)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = lib.syscall(_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
-    _check(0 if ruleset >= 0 else -1, "landlock_create_ruleset")
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
     try:
         file_rights = (1 << 1) | (_LANDLOCK_TRUNCATE if abi >= 3 else 0)
         for path, rights in ((workdir, handled), ("/dev/null", file_rights)):
@@ -755,9 +756,8 @@ def _restrict_writes(cfg: dict, workdir: str) -> None:
                 _check(lib.syscall(_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"landlock_add_rule {path}")
             finally:
                 os.close(fd)
-        _check(
-            lib.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self"
-        )  # after no_new_privs
+        # Unprivileged callers need no_new_privs first (set by the previous step).
+        _check(lib.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
 
