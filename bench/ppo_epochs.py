@@ -27,6 +27,8 @@ import platform  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from cluster.files import emit_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
     "1x1": [],
@@ -138,11 +140,7 @@ def main() -> None:
         "equal_wall_time_s": budget,
         "accuracy_at_equal_wall_time": {n: accuracy_at(a["curve"], budget) for n, a in arms.items()},
     }
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":
