@@ -24,7 +24,6 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -42,6 +41,7 @@ from cluster.config import (  # noqa: E402
     OptimizerConfig,
     SamplingConfig,
 )
+from cluster.files import emit_json  # noqa: E402
 from cluster.models import make_tiny_model  # noqa: E402
 from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from learner.batch import Sample, step_totals  # noqa: E402
@@ -313,11 +313,7 @@ def main() -> None:
         "inside_actor_step_s = its time without the call); ratio_group_over_torch = group step_s / "
         "reference step_s" + ("; QUICK smoke run" if args.quick else ""),
     }
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 def param_count(path: Path) -> int:

@@ -33,6 +33,8 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from cluster.files import emit_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -144,11 +146,7 @@ def main() -> None:
         "notes": "medians over steps after warm-up; generation and training for the overlap ratio come from the "
         "sync run, where they run one after the other" + ("; QUICK smoke run" if args.quick else ""),
     }
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

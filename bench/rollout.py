@@ -36,6 +36,7 @@ import ray  # noqa: E402
 from actors.records import Prompt  # noqa: E402
 from actors.rollout import RolloutPool  # noqa: E402
 from cluster.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
+from cluster.files import emit_json  # noqa: E402
 from cluster.models import make_tiny_model  # noqa: E402
 from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 
@@ -330,11 +331,7 @@ def main() -> None:
         "at EOS); medians over repeats after one full warm-up run"
         + ("; QUICK smoke run" if args.quick else ""),
     }
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -55,6 +54,7 @@ from cluster.config import (  # noqa: E402
     SamplingConfig,
     WeightSyncConfig,
 )
+from cluster.files import emit_json  # noqa: E402
 from cluster.models import make_tiny_model  # noqa: E402
 from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from learner.batch import Sample  # noqa: E402
@@ -452,11 +452,7 @@ def main() -> None:
         "approx_peak_memory_gb = system memory used above the start (other jobs count too)"
         + ("; QUICK smoke run" if args.quick else ""),
     }
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 def param_count(path: Path) -> int:

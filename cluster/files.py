@@ -1,7 +1,9 @@
-"""Files that a resumed run trusts are replaced whole: a write cut off half-way leaves the previous version."""
+"""Files that a resumed run trusts are replaced whole: a write cut off half-way leaves the previous version.
+And the one way a benchmark reports: one JSON line on stdout, optionally kept in a file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,3 +16,12 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def emit_json(result: dict, out: str | None = None) -> None:
+    """Print `result` as one JSON line (what bench/ scripts end with); also write it to `out` if given."""
+    text = json.dumps(result)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out), text + "\n")
+    print(text)
