@@ -163,6 +163,7 @@ class ScoredBatch:
     batch_id: int
     trajectories: list[Trajectory]
     errors: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, str] = field(default_factory=dict)  # the first error text of each key in `errors`
     hung_threads: int = 0  # abandoned calls of this scorer still running
     duration_s: float = 0.0
 
@@ -185,6 +186,7 @@ class RewardScorer:
         if len(set(names)) != len(names):
             raise ValueError(f"reward function names must be unique (set `name:`), got {names}")
         self.errors: Counter[str] = Counter()
+        self._messages: dict[str, str] = {}  # first text of each error key, for the batch being scored
         self.samples = 0
         self._abandoned: list[threading.Thread] = []
 
@@ -205,9 +207,12 @@ class RewardScorer:
     def score_batch(self, batch_id: int, trajectories: list[Trajectory]) -> ScoredBatch:
         start = time.monotonic()
         before = Counter(self.errors)
+        self._messages = {}
         self.score(trajectories)
         errors = dict(self.errors - before)
-        return ScoredBatch(batch_id, trajectories, errors, self.hung_threads, time.monotonic() - start)
+        return ScoredBatch(
+            batch_id, trajectories, errors, self._messages, self.hung_threads, time.monotonic() - start
+        )
 
     def metrics(self) -> dict[str, Any]:
         return {"samples": self.samples, "errors": dict(self.errors), "hung_threads": self.hung_threads}
@@ -234,16 +239,13 @@ class RewardScorer:
                     else {f.name: _as_number(out)}
                 )
             except _Timeout:
-                self.errors[f"{f.name}/timeout"] += 1
-                failures.append(f"{f.name}: timeout after {self.cfg.timeout_s:g} s")
+                failures.append(self._error(f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
                 break  # the sample's time is spent: the later functions are not run
             except _BadValue as e:
-                self.errors[f"{f.name}/{e.kind}"] += 1
-                failures.append(f"{f.name}: {e}")
+                failures.append(self._error(f.name, e.kind, str(e)))
                 continue
             except BaseException as e:  # noqa: BLE001
-                self.errors[f"{f.name}/exception"] += 1
-                failures.append(f"{f.name}: {_describe(e)}")
+                failures.append(self._error(f.name, "exception", _describe(e)))
                 continue
             parts.update(values)
             total += f.weight * sum(values.values())
@@ -251,6 +253,13 @@ class RewardScorer:
         traj.reward_parts = parts
         traj.reward = self.cfg.error_reward if failures else total
         traj.reward_error = "; ".join(failures) if failures else None
+
+    def _error(self, function: str, kind: str, text: str) -> str:
+        """Count one failed call under `<function>/<kind>`; returns the sample's error text."""
+        key, message = f"{function}/{kind}", f"{function}: {text}"
+        self.errors[key] += 1
+        self._messages.setdefault(key, message)
+        return message
 
 
 def _describe(e: BaseException) -> str:
@@ -333,6 +342,7 @@ class RewardPool:
         self._outstanding = 0  # submitted trajectories not yet handed back
         self._metrics: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
+        self.first_errors: dict[str, str] = {}  # first text of each error key, also printed once
         self._workers = [_Worker(i, self._start_actor(i)) for i in range(cfg.num_workers)]
         try:
             self._wait_ready(self._workers)
@@ -401,6 +411,7 @@ class RewardPool:
         return {
             **{key: self._metrics[key] for key in _POOL_COUNTERS},
             "errors": dict(self._errors),
+            "first_errors": dict(self.first_errors),
             "pending": self._outstanding,
         }
 
@@ -484,6 +495,8 @@ class RewardPool:
         self._metrics["samples"] += len(result.trajectories)
         self._metrics["samples_failed"] += sum(t.reward_error is not None for t in result.trajectories)
         self._errors.update(result.errors)
+        for key, message in result.messages.items():
+            self._note_first(key, message)
         self._done.append(result.trajectories)
         if result.hung_threads > self.max_hung_threads:
             self._metrics["restarts_hung"] += 1
@@ -509,8 +522,18 @@ class RewardPool:
                 t.reward, t.reward_parts, t.reward_error = self.cfg.error_reward, {}, reason
             self._metrics["samples"] += len(batch.trajectories)
             self._metrics["samples_failed"] += len(batch.trajectories)
-            self._errors[f"worker/{reason.split(':')[0].replace(' ', '_')}"] += len(batch.trajectories)
+            key = f"worker/{reason.split(':')[0].replace(' ', '_')}"
+            self._errors[key] += len(batch.trajectories)
+            self._note_first(key, reason)
             self._done.append(batch.trajectories)
+
+    def _note_first(self, key: str, message: str) -> None:
+        """The first error of each kind reaches the driver's log once; later ones are only counted."""
+        if key not in self.first_errors:
+            self.first_errors[key] = message
+            print(
+                f"aha: reward error {key} (first of its kind; later ones are counted): {message}", flush=True
+            )
 
     def _replace(self, w: _Worker) -> None:
         self._kill(w.actor)

@@ -8,6 +8,7 @@ generate call on the same engine; the pool additionally stops dispatching while 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,12 @@ class RolloutWorker:
 
     # -- queries --------------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "updating": self.updating_to is not None}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "updating": self.updating_to is not None,
+            "pid": os.getpid(),
+        }
 
     def _driver_worker(self):
         # In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor): the worker lives in this process.
@@ -78,10 +84,21 @@ class RolloutWorker:
         # token ids, not text: the engine samples from exactly the sequence the learner later scores
         return {"prompt_token_ids": encode_prompt(self.tokenizer, prompt.text, self.model_cfg.chat_template)}
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, n: int) -> list[Trajectory]:
-        """n samples per prompt, each with the logprob of every sampled token and this engine's version."""
+    def generate(
+        self, prompts: list[Prompt], sampling: SamplingConfig, n: int, seed: int | None = None
+    ) -> list[Trajectory]:
+        """n samples per prompt, each with the logprob of every sampled token and this engine's version.
+
+        `seed` reseeds the engine's sampler before the call, so what a chunk samples depends on the chunk alone,
+        not on what this engine (or a restarted one) generated before: a resumed or restarted run samples what
+        an undisturbed one does. (vLLM's CPU sampler draws from torch's default generator; a per-request
+        `SamplingParams(seed=...)` is not used because the CPU build rejects it once chunked prefill splits a
+        prompt.)"""
+        import torch
         from vllm import SamplingParams
 
+        if seed is not None:
+            torch.manual_seed(seed)
         if self.updating_to is not None:
             raise EngineError(f"{self.name}: generate called while loading weights v{self.updating_to}")
         greedy = sampling.temperature == 0.0
@@ -276,25 +293,48 @@ class _StreamingReload:
 # the pool
 
 
+def chunk_seed(base: int, prompt_ids: list[str]) -> int:
+    """The sampling seed of one chunk: a function of the engine seed and the chunk's prompts only."""
+    digest = hashlib.blake2b(f"{base}\n" + "\n".join(prompt_ids), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 @dataclass
 class _Work:
     prompts: list[Prompt]
     sampling: SamplingConfig
     n: int
-    tries: int = 0
-    excluded: set[int] = field(default_factory=set)  # engines this work already failed on
+    seed: int
+    tries: int = 0  # times generate raised on a live engine
+    excluded: set[int] = field(default_factory=set)  # engines whose generate call raised on this work
+
+
+@dataclass
+class _Running:
+    engine: int
+    work: _Work
+    started: float  # when this chunk began to run on its engine (not when it was queued behind another)
 
 
 @dataclass
 class Completed:
-    """One finished chunk: its trajectories, or the ids of prompts given up on (with the reason)."""
+    """One finished chunk: its trajectories, or the ids of prompts given up on (with the reason). `stalled`: no
+    chunk can finish now (the pool is paused, or restarted engines wait for their weights)."""
 
     trajectories: list[Trajectory] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    stalled: bool = False
 
 
 class RolloutPool:
-    """N engine actors; spreads prompts over them, streams results as chunks finish, retries on failure."""
+    """N engine actors; spreads prompts over them, streams results as chunks finish, and replaces engines that die.
+
+    An engine that dies (its process is gone) or hangs (a call past `rollout.generate_timeout_s`; its process is
+    killed) is restarted in the background, up to `rollout.max_engine_restarts` times; the chunks it held go back
+    to the queue and run again with the same seed, so no prompt is lost. A restarted engine serves nothing until
+    `bring_up` (set by the weight sync) has loaded the learner's current weights into it. Past the budget the
+    engine stays down; when no engine is left, the pool raises `EngineError` naming them.
+    """
 
     def __init__(
         self, model: ModelConfig, cfg: RolloutConfig, *, namespace: str | None = None, dtype: str = "float32"
@@ -302,9 +342,17 @@ class RolloutPool:
         self.model, self.cfg, self.namespace, self.dtype = model, cfg, namespace, dtype
         self.engines: list[Any] = [None] * cfg.num_engines
         self.alive: list[bool] = [False] * cfg.num_engines
-        self._queue: deque[_Work] = deque()
-        self._inflight: dict[Any, tuple[int, _Work, float]] = {}  # ref -> (engine index, work, start time)
+        self.restarts: list[int] = [0] * cfg.num_engines
+        self.hung_kills = 0  # engines killed for exceeding generate_timeout_s
+        self.down: dict[int, str] = {}  # engines given up on (restart budget spent) -> why
+        self.bring_up: Callable[[list[int]], None] | None = None
         self.paused = False
+        self._queue: deque[_Work] = deque()
+        self._inflight: dict[Any, _Running] = {}  # generate ref -> chunk
+        self._starting: dict[Any, int] = {}  # health ref of a restarted engine -> its index
+        self._unsynced: set[int] = set()  # restarted, answering, not yet given the current weights
+        self._finished: deque[Completed] = deque()  # chunks handed back by a sync (see `hand_back`)
+        self._hold = 0
 
     def name(self, i: int) -> str:
         return f"rollout-{i}"
@@ -316,14 +364,21 @@ class RolloutPool:
         from cluster.runtime import actor_runtime_env
 
         actor_cls = ray.remote(RolloutWorker)
-        return actor_cls.options(
-            name=self.name(i),
-            namespace=self.namespace,
-            num_cpus=self.cfg.cpus_per_engine,
-            num_gpus=self.cfg.gpus_per_engine,
-            runtime_env=actor_runtime_env(self.cfg.threads_per_engine),
-            max_restarts=0,
-        ).remote(self.name(i), self.model, self.cfg, seed=self.cfg.seed + i, dtype=self.dtype)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return actor_cls.options(
+                    name=self.name(i),
+                    namespace=self.namespace,
+                    num_cpus=self.cfg.cpus_per_engine,
+                    num_gpus=self.cfg.gpus_per_engine,
+                    runtime_env=actor_runtime_env(self.cfg.threads_per_engine),
+                    max_restarts=0,
+                ).remote(self.name(i), self.model, self.cfg, seed=self.cfg.seed + i, dtype=self.dtype)
+            except ValueError as e:  # a just-killed actor may hold its name a moment longer
+                if "already taken" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def start(self) -> None:
         """Start every engine and wait until each answers, or fail naming the ones that did not."""
@@ -349,15 +404,108 @@ class RolloutPool:
         if errors:
             raise EngineError("rollout engines failed to start:\n  " + "\n  ".join(errors))
 
-    def restart(self, i: int) -> None:
-        """Replace engine i (dead or hung) with a fresh one at version 0; it gets no traffic until synced."""
+    def engine_lost(self, i: int, reason: str) -> None:
+        """Engine i died, hung or failed a weight load: kill its process, put the chunks it held back in the
+        queue, and start a replacement in the background (within the restart budget)."""
         import ray
 
-        if self.engines[i] is not None:
-            ray.kill(self.engines[i], no_restart=True)
         self.alive[i] = False
+        self._unsynced.discard(i)
+        for ref, run in list(self._inflight.items()):
+            if run.engine == i:
+                del self._inflight[ref]
+                self._queue.appendleft(run.work)
+        for ref, j in list(self._starting.items()):
+            if j == i:
+                del self._starting[ref]
+        if self.engines[i] is not None:
+            with suppress(Exception):  # already gone
+                ray.kill(self.engines[i], no_restart=True)
+        budget = self.cfg.max_engine_restarts
+        if self.restarts[i] >= budget:
+            self.engines[i] = None
+            self.down[i] = f"{reason} (restart budget rollout.max_engine_restarts={budget} spent)"
+            print(f"aha: {self.name(i)} {self.down[i]}; it stays down", flush=True)
+            self._raise_if_none_left()
+            return
+        self.restarts[i] += 1
+        print(f"aha: {self.name(i)} {reason}; restarting it ({self.restarts[i]}/{budget})", flush=True)
         self.engines[i] = self._spawn(i)
-        self._await_ready([i])
+        self._starting[self.engines[i].health.remote()] = i
+
+    def _raise_if_none_left(self) -> None:
+        if any(self.alive) or self._starting or self._unsynced:
+            return
+        detail = "; ".join(f"{self.name(i)}: {why}" for i, why in sorted(self.down.items()))
+        raise EngineError(f"no rollout engine left: {detail}")
+
+    def _started(self, ref) -> None:
+        """A restarted engine answered (or failed to start)."""
+        import ray
+
+        i = self._starting.pop(ref)
+        try:
+            ray.get(ref, timeout=10)
+        except Exception as e:  # noqa: BLE001 - a failed start counts against the budget like a death
+            self.engine_lost(i, f"failed to restart: {type(e).__name__}: {e}")
+            return
+        self._unsynced.add(i)
+
+    def _bring_up_ready(self) -> None:
+        """Give restarted engines the current weights, unless a sync or a training step is under way."""
+        if self._hold or self.paused or not self._unsynced:
+            return
+        indices = sorted(self._unsynced)
+        if self.bring_up is None:  # no weight sync attached: the model folder's weights are current
+            self.mark_synced(indices)
+            return
+        self._hold += 1  # the bring-up may pause the pool itself; no nested bring-up
+        try:
+            self.bring_up(indices)
+        finally:
+            self._hold -= 1
+
+    def mark_synced(self, indices: list[int]) -> None:
+        """These engines now serve the current weights: they take work again."""
+        for i in indices:
+            self._unsynced.discard(i)
+            self.alive[i] = True
+
+    def take_unsynced(self) -> list[int]:
+        """Restarted engines waiting for weights (a sync includes them)."""
+        return sorted(self._unsynced)
+
+    @contextmanager
+    def holding_restarts(self):
+        """Restarted engines wait for the next sync instead of being brought up meanwhile (while the learner
+        trains, its weights are about to change)."""
+        self._hold += 1
+        try:
+            yield
+        finally:
+            self._hold -= 1
+
+    def await_restarts(self, timeout_s: float) -> None:
+        """Block until every restart under way has finished and been brought up (tests; end of a run)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while self._starting or (self._unsynced and self.bring_up is not None and not self._hold):
+            if self._starting:
+                ready, _ = ray.wait(list(self._starting), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    self._started(ref)
+            self._bring_up_ready()
+            if time.monotonic() > deadline:
+                names = sorted({self.name(i) for i in [*self._starting.values(), *self._unsynced]})
+                raise EngineError(f"{', '.join(names)}: restart not finished within {timeout_s:.0f} s")
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "engines_live": float(sum(self.alive)),
+            "engine_restarts": float(sum(self.restarts)),
+            "engines_hung": float(self.hung_kills),
+        }
 
     def shutdown(self) -> None:
         import ray
@@ -370,6 +518,8 @@ class RolloutPool:
                 ray.kill(e, no_restart=True)
         self.engines = [None] * self.cfg.num_engines
         self.alive = [False] * self.cfg.num_engines
+        self._starting.clear()
+        self._unsynced.clear()
 
     def alive_indices(self) -> list[int]:
         return [i for i, ok in enumerate(self.alive) if ok]
@@ -381,27 +531,30 @@ class RolloutPool:
     def submit(
         self, prompts: list[Prompt], sampling: SamplingConfig | None = None, n: int | None = None
     ) -> None:
-        """Queue prompts, split into one chunk per live engine: vLLM batches within a call, so one large call
-        per engine is as fast as raw vLLM, while several engines still stream their results independently."""
+        """Queue prompts, split into one chunk per configured engine: vLLM batches within a call, so one large
+        call per engine is as fast as raw vLLM, while several engines still stream their results independently.
+        The split does not depend on which engines are up, so each chunk's seed (and what it samples) does not
+        either."""
         if not prompts:
             return
         sampling = sampling or self.cfg.sampling
         n = n or self.cfg.samples_per_prompt
-        chunks = max(1, len(self.live_engines()))
-        size = math.ceil(len(prompts) / chunks)
+        size = math.ceil(len(prompts) / self.cfg.num_engines)
         for start in range(0, len(prompts), size):
-            self._queue.append(_Work(prompts[start : start + size], sampling, n))
+            chunk = prompts[start : start + size]
+            seed = chunk_seed(self.cfg.seed, [p.id for p in chunk])
+            self._queue.append(_Work(chunk, sampling, n, seed))
         self._dispatch()
 
     def pending(self) -> int:
-        """Chunks queued or running."""
-        return len(self._queue) + len(self._inflight)
+        """Chunks queued, running, or finished and not yet returned."""
+        return len(self._queue) + len(self._inflight) + len(self._finished)
 
     def _engine_load(self) -> dict[int, int]:
         load = {i: 0 for i, _ in self.live_engines()}
-        for i, _, _ in self._inflight.values():
-            if i in load:
-                load[i] += 1
+        for run in self._inflight.values():
+            if run.engine in load:
+                load[run.engine] += 1
         return load
 
     def _dispatch(self) -> None:
@@ -417,66 +570,94 @@ class RolloutPool:
                 return
             i = min(choices, key=lambda k: load[k])
             self._queue.popleft()
-            ref = self.engines[i].generate.remote(work.prompts, work.sampling, work.n)
-            self._inflight[ref] = (i, work, time.monotonic())
+            ref = self.engines[i].generate.remote(work.prompts, work.sampling, work.n, work.seed)
+            self._inflight[ref] = _Running(i, work, time.monotonic())
+
+    def hand_back(self, chunks: list[Completed]) -> None:
+        """Chunks finished while a sync paused the pool from inside `next_completed`: returned next."""
+        self._finished.extend(c for c in chunks if c.trajectories or c.failed)
 
     def next_completed(self, timeout_s: float | None = None) -> Completed:
-        """Block until one chunk finishes (or fails for good) and return it."""
+        """Block until one chunk finishes (or fails for good) and return it. While engines restart, waits for
+        them; raises `EngineError` when no engine is left, `TimeoutError` when nothing finished in `timeout_s`
+        (not counting restarts)."""
         import ray
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if not self._inflight:
-                self._dispatch()
-                if not self._inflight:
-                    if self._queue:
-                        failed = {p.id: "no live rollout engine" for w in self._queue for p in w.prompts}
-                        self._queue.clear()
-                        return Completed(failed=failed)
-                    raise EngineError("next_completed called with no work pending")
-            ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=1.0)
+            if self._finished:
+                return self._finished.popleft()
+            self._bring_up_ready()
+            self._dispatch()
+            if not self._inflight and not self._queue and not self._finished:
+                raise EngineError("next_completed called with no work pending")
+            if not self._inflight and (self.paused or not self._starting):
+                if self._finished:
+                    continue
+                if self.paused or self._unsynced:
+                    return Completed(stalled=True)
+                self._raise_if_none_left()
+                raise EngineError("queued rollout work but no engine to run it")
+            ready, _ = ray.wait([*self._inflight, *self._starting], num_returns=1, timeout=1.0)
+            if ready and ready[0] in self._starting:
+                self._started(ready[0])
+                deadline = None if timeout_s is None else time.monotonic() + timeout_s
+                continue
             if ready:
-                ref = ready[0]
-                i, work, _ = self._inflight.pop(ref)
-                try:
-                    result = Completed(trajectories=ray.get(ref))
-                except Exception as e:  # noqa: BLE001 - any failure of a chunk is retried elsewhere or reported
-                    result = self._handle_failure(i, work, f"{type(e).__name__}: {e}")
-                self._dispatch()
+                result = self._collect(ready[0])
                 if result is not None:
                     return result
                 continue
             self._check_timeouts()
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline and not self._starting:
                 raise TimeoutError(f"no rollout chunk finished within {timeout_s:.0f} s")
+
+    def _collect(self, ref) -> Completed | None:
+        import ray
+
+        run = self._inflight.pop(ref)
+        i = run.engine
+        for other in self._inflight.values():  # the engine's next chunk starts running now
+            if other.engine == i:
+                other.started = time.monotonic()
+                break
+        try:
+            return Completed(trajectories=ray.get(ref))
+        except ray.exceptions.RayActorError as e:  # the process is gone
+            self._queue.appendleft(run.work)
+            self.engine_lost(i, f"died during generate ({type(e).__name__})")
+            return None
+        except Exception as e:  # noqa: BLE001 - generate raised on a live engine: retry elsewhere or report
+            return self._task_failed(run, f"{type(e).__name__}: {e}")
 
     def _check_timeouts(self) -> None:
         now = time.monotonic()
-        for ref, (i, work, started) in list(self._inflight.items()):
-            if now - started > self.cfg.generate_timeout_s:
-                self._inflight.pop(ref)
-                self._handle_failure(i, work, f"generate timed out after {self.cfg.generate_timeout_s:.0f} s")
+        hung = {r.engine for r in self._inflight.values() if now - r.started > self.cfg.generate_timeout_s}
+        for i in sorted(hung):
+            self.hung_kills += 1
+            self.engine_lost(
+                i,
+                f"hung: a generate call ran past rollout.generate_timeout_s={self.cfg.generate_timeout_s:g} s",
+            )
 
-    def _handle_failure(self, i: int, work: _Work, reason: str) -> Completed | None:
-        """Mark the engine dead when it is, then retry the chunk on another engine or give up on it."""
+    def _task_failed(self, run: _Running, reason: str) -> Completed | None:
+        """generate raised: an engine that no longer answers is replaced; the chunk is retried on another engine
+        (`rollout.max_retries`) or its prompts are given up on."""
         import ray
 
-        name = self.name(i)
+        i, work = run.engine, run.work
         try:
             ray.get(self.engines[i].health.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - no answer means the engine is gone
-            self.alive[i] = False
-            for ref, (j, other, _) in list(self._inflight.items()):
-                if j == i:  # everything else queued on the dead engine goes back to the queue
-                    self._inflight.pop(ref)
-                    other.excluded.add(i)
-                    self._queue.appendleft(other)
+            self._queue.appendleft(work)
+            self.engine_lost(i, f"stopped answering after: {reason}")
+            return None
         work.tries += 1
         work.excluded.add(i)
-        if work.tries <= self.cfg.max_retries and self.live_engines():
+        if work.tries <= self.cfg.max_retries:
             self._queue.appendleft(work)
             return None
-        return Completed(failed={p.id: f"{name}: {reason}" for p in work.prompts})
+        return Completed(failed={p.id: f"{self.name(i)}: {reason}" for p in work.prompts})
 
     def generate(
         self, prompts: list[Prompt], sampling: SamplingConfig | None = None, n: int | None = None
@@ -497,18 +678,22 @@ class RolloutPool:
 
     # -- pausing for weight loads ---------------------------------------------------------------------------------
     def pause(self, timeout_s: float) -> list[Completed]:
-        """Stop dispatching and let in-flight chunks finish; returns them (they belong to the old version)."""
+        """Stop dispatching and let in-flight chunks finish; returns them (they belong to the old version). An
+        engine still busy after `timeout_s` is treated as hung: killed and restarted, its chunks queued again."""
         self.paused = True
-        finished = []
+        finished = list(self._finished)
+        self._finished.clear()
         deadline = time.monotonic() + timeout_s
         while self._inflight:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                names = sorted({self.name(i) for i, _, _ in self._inflight.values()})
-                raise EngineError(
-                    f"in-flight generation on {', '.join(names)} did not finish within {timeout_s:.0f} s"
-                )
-            finished.append(self.next_completed(timeout_s=remaining))
+                for i in sorted({r.engine for r in self._inflight.values()}):
+                    self.hung_kills += 1
+                    self.engine_lost(i, f"in-flight generation did not finish within {timeout_s:.0f} s")
+                break
+            done = self.next_completed(timeout_s=remaining)
+            if done.trajectories or done.failed:
+                finished.append(done)
         return finished
 
     def resume(self) -> None:

@@ -261,7 +261,12 @@ class RolloutConfig(Section):
     generate_timeout_s: Seconds = 600.0
     """Limit for one generate call on one engine."""
     max_retries: int = Field(1, ge=0, le=100, strict=True)
-    """Times a failed request is retried on another engine before it is reported as failed."""
+    """Times a chunk whose generate call raised (on an engine that still answers) is retried on another engine
+    before its prompts are reported as failed. Chunks of an engine that dies or hangs are always run again."""
+    max_engine_restarts: int = Field(3, ge=0, le=1000, strict=True)
+    """Times each engine may be replaced after its process died or hung (a generate call past
+    generate_timeout_s) or a weight load into it failed. Past it the engine stays down; the run stops with an
+    error naming the engines once none is left."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,6 +471,10 @@ class BufferConfig(Section):
     """Samples generated more than this many versions before the learner's current version are dropped."""
     drop_zero_variance: bool = False
     """Drop groups whose rewards are all equal (no learning signal) and refill (dynamic sampling)."""
+    max_refills: int = Field(20, ge=0, le=10_000, strict=True)
+    """Extra rounds of schedule.prompts_per_step prompts one training step may generate when groups are
+    dropped (zero variance, staleness, eviction) or prompts fail; past it the run stops with an error that
+    names the cause (e.g. a task the model always or never solves)."""
 
 
 class WeightSyncConfig(Section):
@@ -474,9 +483,11 @@ class WeightSyncConfig(Section):
     engines on learner rank 0's node only), torch_dist (a gloo/NCCL process group between learner rank 0 and
     the engines). auto = torch_dist with GPU engines, object_store otherwise (measured fastest on CPU:
     bench/weight_sync.py)."""
-    on_engine_failure: Literal["error", "restart"] = "error"
-    """A sync that fails on an engine either stops the run with an error naming the engine, or restarts that
-    engine and brings it to the current version before it serves again."""
+    on_engine_failure: Literal["error", "restart"] = "restart"
+    """A sync that fails on an engine (no answer, a failed checksum or logprob probe, a dead process) either
+    stops the run with an error naming the engine, or restarts that engine in the background (counted against
+    rollout.max_engine_restarts) while the sync goes on with the others; the restarted engine gets the current
+    weights before it serves again."""
     bucket_mb: float = Field(64.0, gt=0, le=1 << 20)
     """Bucket size in MB."""
     verify: bool = True

@@ -16,6 +16,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ class RunState:
     cursor: int = 0  # training prompts consumed from the source
     failed_prompts: list[str] = field(default_factory=list)
     rng: Any = None
+    wall_s: float = 0.0  # seconds the run had taken at this checkpoint (summed over resumes)
+    engine_restarts: int = 0  # rollout engines replaced so far (summed over resumes)
+    eval_start: float | None = None  # held-out accuracy before imitation
+    eval_after_imitation: float | None = None
 
 
 class Run:
@@ -54,6 +59,8 @@ class Run:
         self.state = RunState()
         self.tokens_generated = 0  # completion tokens scored and stored so far (for throughput metrics)
         self.source: PromptSource = make_source(self.cfg.data)
+        self.started = time.time()
+        self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def start(self, resume: bool, overwrite: bool = False) -> None:
@@ -103,6 +110,7 @@ class Run:
             [p for p in probes if len(p) >= 2],
             backend=cfg.learner.backend,
         )
+        self.sync.current_version = lambda: self.state.version  # what a restarted engine is brought up to
         self.rng = random.Random(cfg.schedule.seed)
         if resume:
             self._restore()
@@ -140,12 +148,13 @@ class Run:
             if epoch_pos < icfg.batch_size:
                 order_rng.shuffle(order)
             idx = [order[(epoch_pos + k) % len(order)] for k in range(icfg.batch_size)]
-            m = self.group.train_step(
-                demonstration_samples([encoded[i] for i in idx]),
-                loss="sft",
-                lr=icfg.lr,  # None: learner.optimizer.lr
-                phase_step=self.state.imitation_step,
-            )
+            with self._naming_step(f"imitation step {self.state.imitation_step + 1} of {icfg.steps}"):
+                m = self.group.train_step(
+                    demonstration_samples([encoded[i] for i in idx]),
+                    loss="sft",
+                    lr=icfg.lr,  # None: learner.optimizer.lr
+                    phase_step=self.state.imitation_step,
+                )
             self.state.imitation_step += 1
             self.state.version += 1
             self.metrics.log(
@@ -168,17 +177,31 @@ class Run:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
+        """Greedy completions of the held-out prompts, scored. A sample whose reward function failed, or a prompt
+        no engine could generate, is counted apart (`eval/reward_errors`, `eval/failed_prompts`), not as wrong:
+        `eval/accuracy` is over the samples that were scored."""
         n = self.cfg.schedule.eval_prompts
         prompts = self.source.eval_prompts(n) if n else []
         if not prompts:
             return {}
         done = self.pool.generate_all(prompts, self.cfg.rollout.eval_sampling, n=1)
         scored = self.rewards.score(done.trajectories)
-        correct = [t.reward is not None and t.reward >= self.cfg.schedule.eval_threshold for t in scored]
+        judged = [t for t in scored if t.reward_error is None]
+        errors = len(scored) - len(judged)
+        if errors or done.failed:
+            print(
+                f"aha: evaluation at step {self.state.step}: {errors} of {len(prompts)} held-out samples could "
+                f"not be scored (reward errors) and {len(done.failed)} prompts failed to generate; "
+                f"eval/accuracy is over the {len(judged)} scored",
+                flush=True,
+            )
+        threshold = self.cfg.schedule.eval_threshold
         return {
-            "eval/accuracy": sum(correct) / len(prompts),  # a failed prompt counts as wrong
-            "eval/reward_mean": sum(t.reward or 0.0 for t in scored) / max(len(scored), 1),
+            "eval/accuracy": sum(t.reward >= threshold for t in judged) / max(len(judged), 1),
+            "eval/reward_mean": sum(t.reward for t in judged) / max(len(judged), 1),
             "eval/completion_len": sum(len(t.completion_ids) for t in scored) / max(len(scored), 1),
+            "eval/reward_errors": float(errors),
+            "eval/failed_prompts": float(len(done.failed)),
         }
 
     def _score_and_store(self, done) -> int:
@@ -210,87 +233,134 @@ class Run:
         """Wait for every chunk in flight, score it and store it. Async mode runs this while the learner trains,
         so neither scoring nor the sync's pause waits behind the optimizer step."""
         while self.pool.pending():
-            self._score_and_store(self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2))
+            done = self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2)
+            if done.stalled:  # only restarted engines are left; they get weights at the next sync
+                return
+            self._score_and_store(done)
+
+    def _store_while_training(self) -> None:
+        # The learner's weights are about to change: a restarted engine waits for the sync after the step.
+        with self.pool.holding_restarts():
+            self._store_in_flight()
 
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
-        """Generate and score until the buffer holds `num_groups` fresh complete groups; take them."""
+        """Generate and score until the buffer holds `num_groups` fresh complete groups; take them. Refills
+        (dynamic sampling, stale or failed prompts) are bounded by `buffer.max_refills`."""
         started = time.perf_counter()
         per_step = self.cfg.schedule.prompts_per_step
-        while self._get(self.buffer.num_ready.remote(self.state.version), "num_ready") < num_groups:
-            if not self.pool.pending():
-                self._submit_prompts(per_step)  # first submission, or a refill after drops (dynamic sampling)
+        stats_before = self._get(self.buffer.stats.remote(), "stats")
+        failed_before = len(self.state.failed_prompts)
+        rounds = 0
+        while (
+            ready := self._get(self.buffer.num_ready.remote(self.state.version), "num_ready")
+        ) < num_groups:
+            if not self.pool.pending():  # first submission, or a refill after drops
+                if rounds > self.cfg.buffer.max_refills:
+                    stats = self._get(self.buffer.stats.remote(), "stats")
+                    failed = self.state.failed_prompts[failed_before:]
+                    raise RuntimeError(
+                        f"step {self.state.step + 1}: {rounds} rounds of {per_step} prompts gave {ready} of the "
+                        f"{num_groups} groups a step needs (buffer.max_refills={self.cfg.buffer.max_refills}): "
+                        + _refill_cause(stats_before, stats, len(failed))
+                    )
+                self._submit_prompts(per_step)
+                rounds += 1
             done = self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2)
             self._score_and_store(done)
         groups = self._get(self.buffer.take.remote(num_groups, self.state.version), "take")
         elapsed = time.perf_counter() - started
         return groups, {"generate_score_s": elapsed}
 
+    @contextmanager
+    def _naming_step(self, what: str):
+        """Learner errors give the learner's own step count (imitation and trial and error together): add the
+        step the user sees."""
+        from learner.group import LearnerError
+
+        try:
+            yield
+        except LearnerError as e:
+            raise LearnerError(
+                f"{e} [at {what}; the learner's step count includes the {self.state.imitation_step} imitation "
+                "steps]"
+            ) from e
+
+    def _engine_stats(self) -> dict[str, float]:
+        stats = self.pool.stats()
+        stats["engine_restarts"] += self.before.engine_restarts
+        return stats
+
     def train(self) -> None:
+        cfg = self.cfg
+        sched = cfg.schedule
+        progress = _progress(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
+        while self.state.step < sched.steps:
+            with self._naming_step(f"trial-and-error step {self.state.step + 1} of {sched.steps}"):
+                self._train_one_step(progress)
+        progress.close()
+
+    def _train_one_step(self, progress) -> None:
         from learner.algorithms import AdvantageInputs, compute_advantages
         from learner.batch import samples_from_trajectories
 
         cfg = self.cfg
         sched = cfg.schedule
-        progress = _progress(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
-        while self.state.step < sched.steps:
-            step_started, tokens_before = time.perf_counter(), self.tokens_generated
-            groups, gen_metrics = self._collect(sched.prompts_per_step)
-            if sched.mode == "async":
-                self._prefetch_next_step()  # the next step generates while this one trains
-            trajectories = [t for g in groups for t in g]
-            self._log_prompts([g[0].prompt_id for g in groups])
-            rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-            group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
-            advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
-            # truncated samples count in their group's baseline above; with mask_truncated they get no loss
-            samples = samples_from_trajectories(
-                trajectories, advantages.tolist(), cfg.algorithm.mask_truncated
+        step_started, tokens_before = time.perf_counter(), self.tokens_generated
+        groups, gen_metrics = self._collect(sched.prompts_per_step)
+        if sched.mode == "async":
+            self._prefetch_next_step()  # the next step generates while this one trains
+        trajectories = [t for g in groups for t in g]
+        self._log_prompts([g[0].prompt_id for g in groups])
+        rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
+        group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+        advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
+        # truncated samples count in their group's baseline above; with mask_truncated they get no loss
+        samples = samples_from_trajectories(trajectories, advantages.tolist(), cfg.algorithm.mask_truncated)
+        if samples:
+            train_metrics = self.group.train_step(
+                samples,
+                phase_step=self.state.step * cfg.algorithm.updates_per_step,
+                while_training=self._store_while_training if sched.mode == "async" else None,
             )
-            if samples:
-                train_metrics = self.group.train_step(
-                    samples,
-                    phase_step=self.state.step * cfg.algorithm.updates_per_step,
-                    while_training=self._store_in_flight if sched.mode == "async" else None,
-                )
-            else:  # every sample was masked: no update
-                train_metrics = {"optimizer_steps": 0.0}
-            self.state.step += 1
-            self.state.version += 1  # one version per training step, whatever its optimizer steps (even none)
-            staleness = [self.state.version - 1 - t.version for t in trajectories]
-            metrics = {
-                **gen_metrics,
-                **{f"train/{k}": v for k, v in train_metrics.items()},
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                "accuracy": float((rewards >= sched.eval_threshold).float().mean()),
-                "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
-                "overlong_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
-                "overlong_masked": float(len(trajectories) - len(samples)),
-                "staleness_max": float(max(staleness)),
-                "staleness_mean": sum(staleness) / len(staleness),
-                "reward_errors": float(sum(t.reward_error is not None for t in trajectories)),
-                "failed_prompts": float(len(self.state.failed_prompts)),
-                "version": float(self.state.version),
-            }
-            metrics.update(trajectory_metrics(trajectories, cfg.monitor))  # monitor/*: sample behaviour
-            if self.state.step % sched.sync_every == 0 or self.state.step == sched.steps:
-                metrics.update(self._sync())
-            if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
-                metrics.update(self.evaluate())
-            metrics.update(self._get(self.buffer.stats.remote(), "stats"))
-            metrics["step_s"] = time.perf_counter() - step_started
-            # completion tokens whose generation finished during this step, per second of the step (in async mode
-            # they belong to the next step's batch)
-            metrics["rollout_tokens"] = float(self.tokens_generated - tokens_before)
-            metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / metrics["step_s"]
-            self.metrics.log(self.state.version, metrics)
-            progress.update(1)
-            progress.set_postfix(
-                reward=f"{metrics['reward_mean']:.2f}", acc=metrics.get("eval/accuracy", float("nan"))
-            )
-            if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
-                self.checkpoint()
-        progress.close()
+        else:  # every sample was masked: no update
+            train_metrics = {"optimizer_steps": 0.0}
+        self.state.step += 1
+        self.state.version += 1  # one version per training step, whatever its optimizer steps (even none)
+        staleness = [self.state.version - 1 - t.version for t in trajectories]
+        metrics = {
+            **gen_metrics,
+            **{f"train/{k}": v for k, v in train_metrics.items()},
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": float((rewards >= sched.eval_threshold).float().mean()),
+            "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
+            "overlong_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+            "overlong_masked": float(len(trajectories) - len(samples)),
+            "staleness_max": float(max(staleness)),
+            "staleness_mean": sum(staleness) / len(staleness),
+            "reward_errors": float(sum(t.reward_error is not None for t in trajectories)),
+            "failed_prompts": float(len(self.state.failed_prompts)),
+            "version": float(self.state.version),
+        }
+        metrics.update(trajectory_metrics(trajectories, cfg.monitor))  # monitor/*: sample behaviour
+        if self.state.step % sched.sync_every == 0 or self.state.step == sched.steps:
+            metrics.update(self._sync())
+        if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
+            metrics.update(self.evaluate())
+        metrics.update(self._engine_stats())  # after the sync and evaluation, which may restart engines
+        metrics.update(self._get(self.buffer.stats.remote(), "stats"))
+        metrics["step_s"] = time.perf_counter() - step_started
+        # completion tokens whose generation finished during this step, per second of the step (in async mode
+        # they belong to the next step's batch)
+        metrics["rollout_tokens"] = float(self.tokens_generated - tokens_before)
+        metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / metrics["step_s"]
+        self.metrics.log(self.state.version, metrics)
+        progress.update(1)
+        progress.set_postfix(
+            reward=f"{metrics['reward_mean']:.2f}", acc=metrics.get("eval/accuracy", float("nan"))
+        )
+        if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
+            self.checkpoint()
 
     def _log_prompts(self, prompt_ids: list[str]) -> None:
         """prompts.jsonl: which prompts each step trained on (an audit trail for resumes)."""
@@ -303,6 +373,8 @@ class Run:
         tag = f"step-{self.state.step:06d}-v{self.state.version}"
         self._store_in_flight()  # async: prompts in flight are finished and stored, so none is lost on resume
         self.state.rng = self.rng.getstate()
+        self.state.wall_s = self.before.wall_s + time.time() - self.started
+        self.state.engine_restarts = int(self._engine_stats()["engine_restarts"])
         buffer_state = self._get(self.buffer.state_dict.remote(), "state_dict")
         self.group.save_checkpoint(
             str(directory), tag, {"run": _state_dict(self.state), "buffer": buffer_state}
@@ -322,7 +394,9 @@ class Run:
         tag = marker.read_text().strip()
         client_state = self.group.load_checkpoint(str(directory), tag)
         run = client_state["run"]
-        self.state = RunState(**{**run, "rng": None})
+        known = RunState.__dataclass_fields__
+        self.state = RunState(**{k: v for k, v in run.items() if k in known and k != "rng"})
+        self.before = RunState(wall_s=self.state.wall_s, engine_restarts=self.state.engine_restarts)
         if run.get("rng") is not None:
             self.rng.setstate(_tuplify(run["rng"]))
         self._get(self.buffer.load_state_dict.remote(client_state["buffer"]), "load_state_dict")
@@ -333,14 +407,17 @@ class Run:
 
     # -- the whole run ----------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
-        started = time.time()
-        first_eval = self.evaluate() if self.state.step == 0 and self.state.imitation_step == 0 else {}
-        if first_eval:
-            self.metrics.log(self.state.version, {**first_eval, "phase": 0.0})
+        if self.state.step == 0 and self.state.imitation_step == 0:
+            first_eval = self.evaluate()
+            self.state.eval_start = first_eval.get("eval/accuracy")
+            if first_eval:
+                self.metrics.log(self.state.version, {**first_eval, "phase": 0.0})
         self.imitation()
-        after_imitation = self.evaluate() if self.cfg.imitation.steps and self.state.step == 0 else {}
-        if after_imitation:
-            self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
+        if self.cfg.imitation.steps and self.state.step == 0 and self.state.eval_after_imitation is None:
+            after_imitation = self.evaluate()
+            self.state.eval_after_imitation = after_imitation.get("eval/accuracy")
+            if after_imitation:
+                self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
         self.train()
         final = self.evaluate()
         if final:
@@ -349,6 +426,7 @@ class Run:
         export = None
         if self.cfg.checkpoint.export_hf:
             export = self.group.export_hf(str(self.run_dir / "final_model"))
+        engines = self._engine_stats()
         summary = {
             "job": self.cfg.name,
             "steps": self.state.step,
@@ -356,10 +434,13 @@ class Run:
             "version": self.state.version,
             "prompts_consumed": self.state.cursor,
             "failed_prompts": len(self.state.failed_prompts),
-            "eval_accuracy_start": first_eval.get("eval/accuracy"),
-            "eval_accuracy_after_imitation": after_imitation.get("eval/accuracy"),
+            "engine_restarts": int(engines["engine_restarts"]),
+            "engines_live": int(engines["engines_live"]),
+            "eval_accuracy_start": self.state.eval_start,
+            "eval_accuracy_after_imitation": self.state.eval_after_imitation,
             "eval_accuracy_final": final.get("eval/accuracy"),
-            "wall_s": round(time.time() - started, 1),
+            "eval_reward_errors_final": final.get("eval/reward_errors"),
+            "wall_s": round(self.before.wall_s + time.time() - self.started, 1),
             "reward_errors": self.rewards.metrics(),
             "final_model": export,
         }
@@ -382,6 +463,31 @@ class Run:
             ray.kill(self.buffer)
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+def _refill_cause(before: dict[str, float], after: dict[str, float], failed: int) -> str:
+    """Why refills did not produce a step's groups, from the buffer's counters before and after."""
+    grew = {
+        k: after[f"buffer_{k}"] - before[f"buffer_{k}"]
+        for k in ("dropped_zero_variance", "dropped_stale", "evicted")
+    }
+    causes = []
+    if grew["dropped_zero_variance"]:
+        causes.append(
+            f"{grew['dropped_zero_variance']:.0f} samples dropped because every sample of their prompt got the same "
+            "reward (buffer.drop_zero_variance): the model always or never solves these prompts; turn "
+            "drop_zero_variance off or change the task's difficulty"
+        )
+    if grew["dropped_stale"]:
+        causes.append(
+            f"{grew['dropped_stale']:.0f} samples dropped as staler than buffer.max_staleness (raise it, or lower "
+            "schedule.sync_every)"
+        )
+    if grew["evicted"]:
+        causes.append(f"{grew['evicted']:.0f} samples evicted: buffer.capacity holds less than one step")
+    if failed:
+        causes.append(f"{failed} prompts failed to generate (see the engines' errors above)")
+    return "; ".join(causes) or "no complete group arrived (see the engines' and reward actors' errors above)"
 
 
 def _state_dict(state: RunState) -> dict[str, Any]:

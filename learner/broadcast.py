@@ -9,7 +9,8 @@ One sync to version v:
   5. verify: each engine's logprobs on fixed probe sequences must equal the learner's own within a tolerance;
   6. resume the pool.
 Each bucket carries a checksum (xxh3-64) that the engine checks before loading it. Any failure names the engine; with
-`on_engine_failure: restart` the failed engines are replaced and synced before they serve again.
+`on_engine_failure: restart` (the default) the sync goes on with the other engines while the failed ones are
+restarted in the background; `bring_up` gives a restarted engine the current weights before it serves again.
 
 Transports (`weight_sync.transport`) differ only in how a bucket's bytes travel; the driver always forwards one
 small object per bucket and engine:
@@ -23,6 +24,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from actors.rollout import Completed, EngineError, RolloutPool
@@ -54,43 +56,72 @@ class WeightSync:
         )
         self._group_members: list[int] | None = None  # engines in the torch_dist group
         self.corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket in transit
+        pool.bring_up = self.bring_up  # restarted engines get the current weights before they serve
+        # the version of the learner's weights now (the driver's policy version; the group's step count here)
+        self.current_version: Callable[[], int] = lambda: group.steps
 
     # -- the sync ------------------------------------------------------------------------------------------------
     def sync(
         self, version: int, engines: list[int] | None = None
     ) -> tuple[dict[str, float], list[Completed]]:
-        """Push the learner's current weights as `version`; returns metrics and chunks finished while pausing."""
+        """Push the learner's current weights as `version`; returns metrics and chunks finished while pausing.
+        Restarted engines waiting for weights are included."""
         started = time.perf_counter()
+        if self.transport == "torch_dist":
+            engines = None  # every group member joins every broadcast
         leftovers = self.pool.pause(self.cfg.timeout_s)
         try:
-            targets = [i for i, _ in self.pool.live_engines() if engines is None or i in engines]
-            try:
-                metrics = self._push(version, targets)
-            except SyncError as e:
-                if self.cfg.on_engine_failure != "restart":
-                    raise
-                for i in e.engines:  # replace the failed engines, then bring them to this version
-                    self.pool.restart(i)
-                self._group_members = None  # a torch_dist group must be rebuilt with the new processes
-                metrics = self._push(version, targets)  # the others may be mid-update: redo them all
-                metrics["sync_restarted_engines"] = float(len(e.engines))
+            targets = sorted(
+                {i for i, _ in self.pool.live_engines() if engines is None or i in engines}
+                | set(self.pool.take_unsynced())
+            )
+            metrics = self._push_to_survivors(version, targets)
         finally:
             self.pool.resume()
         metrics["sync_s"] = time.perf_counter() - started
         return metrics, leftovers
+
+    def bring_up(self, engines: list[int]) -> None:
+        """Give restarted engines the learner's current weights (as `current_version()`) before they serve; the
+        other engines keep generating. The pool calls this at points where the learner is idle."""
+        if self.transport == "torch_dist":  # every group member joins every broadcast: a whole sync
+            _, leftovers = self.sync(self.current_version())
+            self.pool.hand_back(leftovers)
+            return
+        self._push_to_survivors(self.current_version(), engines)
+
+    def _push_to_survivors(self, version: int, targets: list[int]) -> dict[str, float]:
+        """Push to `targets`. With `on_engine_failure: restart`, engines the push fails on are handed to the pool
+        for a restart (in the background) and the push is redone on the others (they may be mid-update)."""
+        failed: list[int] = []
+        metrics: dict[str, float] = {}
+        while targets:
+            try:
+                metrics = self._push(version, targets)
+            except SyncError as e:
+                if self.cfg.on_engine_failure != "restart" or not e.engines:
+                    raise
+                for i in e.engines:
+                    self.pool.engine_lost(i, f"failed the weight sync to v{version}: {e}")
+                failed += e.engines
+                targets = [i for i in targets if i not in e.engines]
+                self._group_members = None  # a torch_dist group must be rebuilt without them
+                continue
+            self.pool.mark_synced(targets)
+            break
+        metrics["sync_restarted_engines"] = float(len(failed))
+        return metrics
 
     def _push(self, version: int, targets: list[int]) -> dict[str, float]:
         import ray
 
         started = time.perf_counter()
         deadline = started + self.cfg.timeout_s
-        if self.transport == "torch_dist":
-            targets = self.pool.alive_indices()  # every group member joins every broadcast
         engines = {i: self.pool.engines[i] for i in targets}
         if self.transport == "shm":
             self._check_same_node(targets, deadline)
-        if self.transport == "torch_dist" and self._group_members != self.pool.alive_indices():
-            self._open_group(deadline)
+        if self.transport == "torch_dist" and self._group_members != targets:
+            self._open_group(targets, deadline)  # every group member joins every broadcast
         self._wait(
             {e.begin_update.remote(version): i for i, e in engines.items()},
             deadline,
@@ -178,11 +209,10 @@ class WeightSync:
                 "(use object_store or torch_dist)"
             )
 
-    def _open_group(self, deadline: float) -> None:
-        """(Re)build the torch_dist group: learner-0 is rank 0 and hosts the store; live engines are 1..N."""
+    def _open_group(self, members: list[int], deadline: float) -> None:
+        """(Re)build the torch_dist group: learner-0 is rank 0 and hosts the store; the engines are 1..N."""
         import ray
 
-        members = self.pool.alive_indices()
         address, port = ray.get(
             self.group.workers[0].address.remote(), timeout=max(deadline - time.monotonic(), 1)
         )
