@@ -295,7 +295,7 @@ class _StreamingReload:
 
 def chunk_seed(base: int, prompt_ids: list[str]) -> int:
     """The sampling seed of one chunk: a function of the engine seed and the chunk's prompts only."""
-    digest = hashlib.blake2b(f"{base}\n" + "\n".join(prompt_ids), digest_size=8).digest()
+    digest = hashlib.blake2b("\n".join([str(base), *prompt_ids]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 

@@ -169,6 +169,6 @@ def test_killed_engine_loses_no_prompt(ray_cluster, tiny_model):
         assert not failed
         keys = [t.key for t in trajectories]
         assert len(keys) == len(set(keys)) == 32
-        assert {t.engine for t in trajectories} == {"rollout-0"} or pool.alive == [True, False]
+        assert pool.restarts == [0, 1]  # the killed engine was replaced in the background
     finally:
         pool.shutdown()

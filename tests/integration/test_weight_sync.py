@@ -79,7 +79,7 @@ def test_corrupted_bucket_is_detected_and_named(stack):
     from learner.broadcast import SyncError
 
     group, pool = stack
-    sync = sync_with(stack)
+    sync = sync_with(stack, on_engine_failure="error")
     sync.corrupt_bucket = 1
     with pytest.raises(
         SyncError, match=r"rollout-0: load v\d+ failed: .*bucket 1 of v\d+ failed its checksum"
@@ -97,7 +97,7 @@ def test_silent_engine_fails_the_sync_within_the_timeout(stack):
     pool.engines[1].__ray_call__.remote(lambda self: time.sleep(12))  # the engine stops answering
     started = time.monotonic()
     with pytest.raises(SyncError, match="rollout-1: no answer to begin update") as err:
-        sync_with(stack, timeout_s=4).sync(group.steps)
+        sync_with(stack, timeout_s=4, on_engine_failure="error").sync(group.steps)
     assert time.monotonic() - started < 10 and err.value.engines == [1]
     time.sleep(12)  # let it wake up before the next test
 
@@ -107,7 +107,9 @@ def test_failed_engine_is_restarted_and_synced_before_serving(stack):
     group.train_step(make_samples(4, seed=5))
     pool.engines[1].__ray_call__.remote(lambda self: time.sleep(60))
     metrics, _ = sync_with(stack, timeout_s=6, on_engine_failure="restart").sync(group.steps)
-    assert metrics["sync_restarted_engines"] == 1
+    assert metrics["sync_restarted_engines"] == 1 and pool.alive == [True, False]  # restarting meanwhile
+    pool.await_restarts(timeout_s=300)  # started, then brought to the learner's weights
+    assert pool.alive == [True, True] and pool.restarts[1] >= 1
     assert_engines_serve(pool, group, group.steps)
 
 

@@ -234,6 +234,17 @@ def test_failures_give_error_reward(user_file, fn, kind, reason):
     assert s.errors == {f"{fn}/{kind}": 1}
 
 
+def test_batch_reports_the_first_error_text_of_each_kind(user_file):
+    s = scorer({"function": f"{user_file}:boom"}, {"function": f"{user_file}:nan"})
+    batch = s.score_batch(7, [traj("a", answer="a"), traj("b", 1, answer="b")])
+    assert batch.errors == {"boom/exception": 2, "nan/not_finite": 2}
+    assert batch.messages == {
+        "boom/exception": "boom: RuntimeError: kaput",
+        "nan/not_finite": "nan: returned nan",
+    }
+    assert s.score_batch(8, [traj("c", answer="c")]).messages == batch.messages  # per batch, not cumulative
+
+
 def test_hang_is_abandoned_and_batch_goes_on(user_file):
     s = scorer({"function": f"{user_file}:hang"}, timeout_s=0.2)
     out = s.score([traj("a", answer="a"), traj("b", 1, answer="b")])

@@ -1,0 +1,29 @@
+"""Pure parts of fault handling: chunk seeds, and the cause named when a step cannot fill its batch."""
+
+from __future__ import annotations
+
+from actors.rollout import chunk_seed
+from cluster.driver import _refill_cause
+
+
+def test_chunk_seed_depends_on_the_prompts_and_the_engine_seed_only():
+    a = chunk_seed(0, ["train-0", "train-1"])
+    assert a == chunk_seed(0, ["train-0", "train-1"])
+    assert len({a, chunk_seed(1, ["train-0", "train-1"]), chunk_seed(0, ["train-0", "train-2"])}) == 3
+    assert 0 <= a < 2**63
+
+
+def stats(**counts) -> dict[str, float]:
+    base = {"dropped_zero_variance": 0, "dropped_stale": 0, "evicted": 0}
+    return {f"buffer_{k}": float(v) for k, v in {**base, **counts}.items()}
+
+
+def test_refill_cause_names_what_grew():
+    before = stats(dropped_zero_variance=8, evicted=3)
+    assert "buffer.drop_zero_variance" in _refill_cause(before, stats(dropped_zero_variance=72, evicted=3), 0)
+    assert "64 samples" in _refill_cause(before, stats(dropped_zero_variance=72, evicted=3), 0)
+    stale = _refill_cause(before, stats(dropped_zero_variance=8, dropped_stale=16, evicted=3), 0)
+    assert "buffer.max_staleness" in stale and "drop_zero_variance" not in stale
+    assert "buffer.capacity" in _refill_cause(before, stats(dropped_zero_variance=8, evicted=9), 0)
+    assert "4 prompts failed" in _refill_cause(before, before, 4)
+    assert "no complete group" in _refill_cause(before, before, 0)
