@@ -122,9 +122,12 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
                 [
                     ("reward_errors", "reward errors (this step)"),
                     ("failed_prompts", "failed prompts (total)"),
+                    ("engines_live", "live engines"),
+                    ("engine_restarts", "engine restarts (total)"),
                     ("sync_probe_max_diff", "sync probe max diff"),
                 ],
-                "Samples whose scoring failed, prompts given up on, and the weight-sync logprob check.",
+                "Samples whose scoring failed, prompts given up on, rollout engines serving and replaced, and the "
+                "weight-sync logprob check.",
             ),
         ],
     ),
