@@ -99,6 +99,7 @@ class WeightSync:
             try:
                 metrics = self._push(version, targets)
             except SyncError as e:
+                self._check_learner(version)  # engines fail to fetch buckets whose owner died
                 if self.cfg.on_engine_failure != "restart" or not e.engines:
                     raise
                 for i in e.engines:
@@ -165,6 +166,16 @@ class WeightSync:
             "sync_buckets": float(buckets),
             "sync_probe_max_diff": probe_diff,
         }
+
+    def _check_learner(self, version: int) -> None:
+        """A sync fails on every engine when learner rank 0 dies (its buckets can no longer be fetched): that is
+        the learner's failure, reported as such, not a reason to restart engines."""
+        from learner.group import LearnerError
+
+        try:
+            self.group._call("node_id", timeout_s=30)
+        except LearnerError as e:
+            raise LearnerError(f"{e} (noticed in the weight sync to v{version})") from None
 
     def verify(self, engine_indices: list[int], deadline: float) -> float:
         """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine."""
