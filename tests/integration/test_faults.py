@@ -191,25 +191,28 @@ def undisturbed(ray_cluster, tiny_model, tmp_path_factory):
     return summary, steps
 
 
-def test_one_engine_killed_in_generation_and_in_the_sync_and_hung(undisturbed, tiny_model, tmp_path, faults):
-    """The demo's single engine: SIGKILL while it generates step 2, SIGKILL while it loads the weights of v3,
-    SIGSTOP (a hang) while it generates step 4. Each time it is replaced and brought to the current weights;
-    the run samples and trains exactly what the undisturbed run did."""
-    faults.at_submit["train-4"] = (0, signal.SIGKILL)  # step 2's prompts are train-4..7
+def test_one_engine_hung_and_killed_in_generation_and_in_the_sync(undisturbed, tiny_model, tmp_path, faults):
+    """The demo's single engine: SIGSTOP (a hang) while it generates step 2, SIGKILL while it generates step 3,
+    SIGKILL while it loads the weights of v3. Each time it is replaced and brought to the current weights; the
+    run samples and trains exactly what the undisturbed run did."""
+    faults.at_submit["train-4"] = (
+        0,
+        signal.SIGSTOP,
+    )  # step 2's prompts are train-4..7; hung until the timeout
+    faults.at_submit["train-8"] = (0, signal.SIGKILL)
     faults.at_sync[3] = 0
-    faults.at_submit["train-12"] = (0, signal.SIGSTOP)  # step 4: hung until generate_timeout_s
     summary, steps = run_job(tiny_model, tmp_path, "one-engine")
     assert [what for what, _, _ in faults.hits] == [
         "rollout-0 at train-4",
+        "rollout-0 at train-8",
         "rollout-0 in sync v3",
-        "rollout-0 at train-12",
     ]
     assert summary["engine_restarts"] == 3 and summary["engines_live"] == 1
     assert summary["failed_prompts"] == 0 and summary["steps"] == STEPS
     assert trained_prompts(tmp_path / "one-engine") == [f"train-{i}" for i in range(STEPS * PER_STEP)]
     assert curve(steps, range(1, STEPS + 1)) == curve(undisturbed[1], range(1, STEPS + 1))
-    assert [steps[v]["engine_restarts"] for v in range(1, STEPS + 1)] == [0, 1, 2, 3]
-    assert steps[STEPS]["engines_hung"] == 1
+    assert [steps[v]["engine_restarts"] for v in range(1, STEPS + 1)] == [0, 1, 3, 3]
+    assert steps[2]["engines_hung"] == 1  # noticed by rollout.generate_timeout_s
     assert all(process_gone(pid) for _, pid, _ in faults.hits)  # the hung engine was killed, not left behind
 
 
