@@ -686,12 +686,15 @@ class RolloutPool:
         deadline = time.monotonic() + timeout_s
         while self._inflight:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                done = self.next_completed(timeout_s=remaining)
+            except TimeoutError:
                 for i in sorted({r.engine for r in self._inflight.values()}):
                     self.hung_kills += 1
                     self.engine_lost(i, f"in-flight generation did not finish within {timeout_s:.0f} s")
                 break
-            done = self.next_completed(timeout_s=remaining)
             if done.trajectories or done.failed:
                 finished.append(done)
         return finished
