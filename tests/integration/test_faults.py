@@ -298,6 +298,24 @@ def test_killed_driver_and_dead_learner_resume_exactly(undisturbed, tiny_model, 
     assert trained_prompts(run_dir) == [f"train-{i}" for i in range(STEPS * PER_STEP)]
 
 
+def test_dynamic_sampling_on_a_never_solved_task_stops_naming_the_cause(ray_cluster, tiny_model, tmp_path):
+    """Exact match on a random model: every group's rewards are equal, dynamic sampling drops them all; after
+    buffer.max_refills extra rounds the run stops with the cause instead of generating forever."""
+    exact = "{function: 'actors.rewards.match:exact_match'}"
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)3 rounds of 4 prompts gave 0 of the 4 groups.*never solves"):
+        run_job(
+            tiny_model,
+            tmp_path,
+            "refills",
+            f"reward.functions=[{exact}]",
+            "buffer.drop_zero_variance=true",
+            "buffer.max_refills=2",
+            "schedule.eval_prompts=0",
+        )
+    assert time.monotonic() - started < 120
+
+
 def test_engine_restart_budget_ends_the_run_naming_the_engine(ray_cluster, tiny_model):
     """With no restarts allowed, the only engine's death ends generation with an error naming it (no spin)."""
     import ray
