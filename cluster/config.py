@@ -255,7 +255,9 @@ class RolloutConfig(Section):
     enforce_eager: bool = True
     """Skip torch.compile / CUDA graphs (faster start, and no slower on CPU)."""
     seed: Seed = 0
-    """Engine seed; engine i uses seed + i."""
+    """Sampling seed: each chunk of prompts is sampled with a seed derived from this and the chunk's prompt ids,
+    so what a prompt gets does not depend on which engine ran it or what that engine ran before (restarts and
+    resumes sample what an undisturbed run samples). Engine i is also created with seed + i."""
     startup_timeout_s: Seconds = 300.0
     """Limit for an engine to load its model and answer."""
     generate_timeout_s: Seconds = 600.0
