@@ -432,6 +432,7 @@ class RewardPool:
                     name=name,
                     namespace=self.namespace,
                     num_cpus=self.cfg.cpus_per_worker,
+                    resources=self.cfg.resources or None,  # custom resources pin workers to node types
                     runtime_env=self._runtime_env,
                     max_restarts=0,
                 ).remote(self.cfg, self._base_dir)

@@ -23,12 +23,36 @@ from typing import Any
 
 from actors.prompts import encode_prompt
 from actors.records import Prompt, Trajectory
-from actors.weights import WeightBucket, broadcast_buffer, open_weight_group, read_shm
+from actors.weights import WeightBucket, open_weight_group, read_shm, receive_bucket, transport_device
 from cluster.config import ModelConfig, RolloutConfig, SamplingConfig
 
 
 class EngineError(RuntimeError):
     """A rollout engine failed, timed out or was found inconsistent; the message names the engine."""
+
+
+def engine_options(model: ModelConfig, cfg: RolloutConfig, seed: int, dtype: str) -> dict[str, Any]:
+    """Arguments of the engine's `vllm.LLM`. One worker in this process (`uni`): the weight loads reach it
+    directly (hence tensor_parallel_size 1, enforced at validation)."""
+    options: dict[str, Any] = dict(
+        model=model.path,
+        dtype=dtype,
+        enforce_eager=cfg.enforce_eager,
+        max_model_len=model.max_model_len,
+        seed=seed,
+        tensor_parallel_size=1,
+        distributed_executor_backend="uni",
+        kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+        # behaviour logprobs of the distribution actually sampled (after temperature, top-k, top-p), which
+        # the learner recomputes with learner.algorithms.sampling_logits; prompt logprobs stay unprocessed
+        logprobs_mode="processed_logprobs",
+    )
+    if cfg.gpus_per_engine > 0:
+        # vLLM refuses to start unless this share of the GPU is free; an engine holding a fraction of a GPU
+        # (sharing it with a learner rank) asks for that fraction of vLLM's usual 0.9. (The CPU build reads
+        # this as a share of host memory: not set there.)
+        options["gpu_memory_utilization"] = round(0.9 * cfg.gpus_per_engine, 4)
+    return options
 
 
 class RolloutWorker:
@@ -50,19 +74,7 @@ class RolloutWorker:
         self.updating_to: int | None = None
         self.reload: _StreamingReload | None = None
         started = time.perf_counter()
-        self.llm = LLM(
-            model=model.path,
-            dtype=dtype,
-            enforce_eager=cfg.enforce_eager,
-            max_model_len=model.max_model_len,
-            seed=seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
-            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
-            # behaviour logprobs of the distribution actually sampled (after temperature, top-k, top-p), which
-            # the learner recomputes with learner.algorithms.sampling_logits; prompt logprobs stay unprocessed
-            logprobs_mode="processed_logprobs",
-        )
+        self.llm = LLM(**engine_options(model, cfg, seed, dtype))
         self.tokenizer = self.llm.get_tokenizer()
         self.startup_s = time.perf_counter() - started
 
@@ -170,10 +182,7 @@ class RolloutWorker:
         if bucket.transport == "shm":
             read_shm(bucket)
         elif bucket.transport == "torch_dist":
-            import torch
-
-            received = broadcast_buffer(self.weight_group, torch.empty(bucket.size, dtype=torch.uint8))
-            bucket.fill_from_flat(received.numpy())
+            receive_bucket(self.weight_group, bucket, self.weight_device)  # into GPU memory under NCCL
         if not bucket.verify():
             self.updating_to = None
             with suppress(Exception):  # the checksum is the error to report
@@ -193,6 +202,7 @@ class RolloutWorker:
     ) -> None:
         """Join the process group with learner rank 0 used by the torch_dist weight transport."""
         self.weight_group = open_weight_group(address, port, rank, world_size, timeout_s, backend)
+        self.weight_device = transport_device(backend)
 
     def node_id(self) -> str:
         import ray
@@ -372,7 +382,9 @@ class RolloutPool:
                     namespace=self.namespace,
                     num_cpus=self.cfg.cpus_per_engine,
                     num_gpus=self.cfg.gpus_per_engine,
-                    runtime_env=actor_runtime_env(self.cfg.threads_per_engine),
+                    resources=self.cfg.resources or None,  # custom resources pin engines to node types
+                    scheduling_strategy="SPREAD" if self.cfg.spread else "DEFAULT",
+                    runtime_env=actor_runtime_env(self.cfg.threads_per_engine, gpus=self.cfg.gpus_per_engine),
                     max_restarts=0,
                 ).remote(self.name(i), self.model, self.cfg, seed=self.cfg.seed + i, dtype=self.dtype)
             except ValueError as e:  # a just-killed actor may hold its name a moment longer

@@ -4,6 +4,10 @@ A bucket is a table of (name, dtype, shape, offset) plus the tensors' bytes as u
 torch) so the Ray object store hands engines zero-copy views; the checksum (xxh3-64, ~15 GB/s here, 6x crc32) lets
 the receiver detect a corrupted bucket before loading it. Buckets never split one module's parameters (vLLM fuses
 q/k/v and gate/up into one kernel per module and processes a module once all its weights have arrived).
+
+The torch_dist transport moves one flat uint8 tensor per bucket instead (`pack_flat`), on the device its process
+group needs: CUDA memory for NCCL, CPU memory for gloo. On a GPU the bytes then never leave the device: the
+learner packs and checksums on its GPU, the engine receives and checksums on its own (`device_checksum`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,38 @@ def checksum(arrays: Iterable[np.ndarray]) -> int:
     for array in arrays:
         digest.update(memoryview(array))
     return digest.intdigest()
+
+
+def device_checksum(buffer: torch.Tensor, chunk_bytes: int = 16 * 2**20) -> int:
+    """A position-weighted sum of a uint8 buffer's bytes, computed where the buffer lives (no copy to the host).
+    Integer sums wrap identically on every device and in any order, so the learner's GPU and an engine's GPU (or
+    a CPU) agree exactly. A changed byte changes the sum (its weight is never 0 mod 2^64), and so does a swap of
+    two different bytes at positions of different weights."""
+    total = torch.zeros((), dtype=torch.int64, device=buffer.device)
+    for start in range(0, buffer.numel(), chunk_bytes):
+        part = buffer[start : start + chunk_bytes].to(torch.int64)
+        # weights 1..65521 (a prime): cheap, and differ between positions closer than 65521 bytes apart
+        weights = (
+            torch.arange(start, start + part.numel(), device=buffer.device, dtype=torch.int64) % 65521 + 1
+        )
+        total += (part * weights).sum()
+    return int(total.item())
+
+
+def buffer_checksum(buffer: torch.Tensor) -> int:
+    """Checksum of a flat uint8 buffer: xxh3-64 of the bytes on the CPU (fast there, and equal to the bucket's
+    per-tensor checksum), `device_checksum` on a GPU (the bytes stay there)."""
+    if buffer.device.type == "cpu":
+        return checksum([buffer.numpy()])
+    return device_checksum(buffer)
+
+
+def transport_device(backend: str) -> torch.device:
+    """Where torch_dist buffers live: NCCL moves GPU memory only (the process's current GPU: Ray makes the
+    actor's GPU `cuda:0`), gloo moves CPU memory."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass
@@ -50,6 +86,9 @@ class WeightBucket:
     size: int = 0  # bytes in all
     transport: str = "object_store"  # object_store | shm | torch_dist
     path: str | None = None  # shm: the file holding the flat form
+    buffer: torch.Tensor | None = (
+        None  # torch_dist, on the receiver: the flat bytes, on the transport's device
+    )
 
     @property
     def nbytes(self) -> int:
@@ -69,7 +108,14 @@ class WeightBucket:
         self.arrays = [buffer[e.offset : e.offset + e.nbytes] for e in self.entries]
         return self
 
+    def fill_from_buffer(self, buffer: torch.Tensor) -> WeightBucket:
+        """Take the bytes from a received flat tensor (torch_dist), on whichever device it is."""
+        self.buffer = buffer
+        return self
+
     def verify(self) -> bool:
+        if self.buffer is not None:
+            return self.buffer.numel() == self.size and buffer_checksum(self.buffer) == self.checksum
         return (
             self.arrays is not None
             and len(self.arrays) == len(self.entries)
@@ -79,6 +125,11 @@ class WeightBucket:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) views of the bytes, no copy (the receiver copies into its own parameters)."""
+        if self.buffer is not None:
+            for e in self.entries:
+                raw = self.buffer[e.offset : e.offset + e.nbytes]  # offsets are aligned (pack_flat)
+                yield e.name, raw.view(getattr(torch, e.dtype)).view(e.shape)
+            return
         assert self.arrays is not None
         for e, array in zip(self.entries, self.arrays):
             if not e.nbytes:  # an empty byte view cannot be reinterpreted
@@ -103,6 +154,33 @@ def pack_bucket(version: int, index: int, named: list[tuple[str, torch.Tensor]])
         arrays.append(raw.numpy())
         offset += raw.numel()
     return WeightBucket(version, index, entries, arrays, checksum(arrays), offset)
+
+
+_ALIGN = (
+    16  # bytes: every tensor of a flat buffer starts at a multiple, so it can be viewed in place as any dtype
+)
+
+
+def pack_flat(
+    version: int, index: int, named: list[tuple[str, torch.Tensor]], device: torch.device
+) -> tuple[WeightBucket, torch.Tensor]:
+    """The tensors' bytes in one flat uint8 tensor on `device` (one copy, none through the host when the tensors
+    are already there), and the bucket's descriptor, whose checksum is that of the flat tensor (torch_dist)."""
+    entries, offset = [], 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(
+            TensorEntry(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, nbytes)
+        )
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    flat = torch.zeros(offset, dtype=torch.uint8, device=device)  # zeros: the padding is checksummed too
+    for e, (_, tensor) in zip(entries, named):
+        if e.nbytes:
+            flat[e.offset : e.offset + e.nbytes].copy_(
+                tensor.detach().contiguous().view(-1).view(torch.uint8)
+            )
+    bucket = WeightBucket(version, index, entries, None, buffer_checksum(flat), offset, "torch_dist")
+    return bucket, flat
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,14 +217,25 @@ def open_weight_group(address: str, port: int, rank: int, world_size: int, timeo
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world_size)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout  # how torch's own new_group sets it: a stuck collective fails, never hangs
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
 def broadcast_buffer(group, buffer: torch.Tensor) -> torch.Tensor:
-    """Rank 0 sends `buffer`; every other member receives into its `buffer` (same size)."""
+    """Rank 0 sends `buffer`; every other member receives into its `buffer` (same size, same device kind).
+    Returns once the bytes are there (on a GPU, `wait` only orders the stream: synchronize)."""
     group.broadcast(buffer, 0).wait()
+    if buffer.device.type == "cuda":
+        torch.cuda.current_stream(buffer.device).synchronize()
     return buffer
+
+
+def receive_bucket(group, bucket: WeightBucket, device: torch.device) -> WeightBucket:
+    """The engine's side of a torch_dist bucket: receive its bytes into a buffer on `device`."""
+    buffer = torch.empty(bucket.size, dtype=torch.uint8, device=device)
+    return bucket.fill_from_buffer(broadcast_buffer(group, buffer))
 
 
 def module_of(name: str) -> str:

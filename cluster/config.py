@@ -130,6 +130,19 @@ def regex_problem(pattern: str) -> str | None:
     return None
 
 
+# Ray's built-in resources have their own fields (cpus_per_*, gpus_per_*); `resources` holds custom ones only.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    for name, amount in resources.items():
+        if name in _BUILTIN_RESOURCES:
+            raise ValueError(f"{name} is set by its own field (cpus_per_* / gpus_per_*), not in resources")
+        if amount <= 0:
+            raise ValueError(f"resource {name!r} must be > 0 (got {amount})")
+    return resources
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # model and data
 
@@ -238,10 +251,18 @@ class RolloutConfig(Section):
     """vLLM engines, one Ray actor each (`rollout-<i>`)."""
     cpus_per_engine: float = Field(1.0, gt=0, le=4096)
     """Logical CPUs reserved per engine actor."""
-    gpus_per_engine: float = Field(0.0, ge=0, le=64)
-    """GPUs per engine; equals tensor_parallel_size on GPU clusters."""
+    gpus_per_engine: float = Field(0.0, ge=0, le=1)
+    """GPUs per engine (0 = CPU engine). One engine uses at most one GPU; a fraction shares a GPU with other
+    actors, and the engine's vLLM memory share (gpu_memory_utilization) follows that fraction."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources each engine asks for, e.g. `{node_type_gen: 0.01}` to pin engines to the nodes that
+    offer `node_type_gen` (docs/scaling.md)."""
+    spread: bool = False
+    """Place engines on different nodes where Ray can (its SPREAD strategy; restarted engines too), so a lost
+    node takes as few engines with it as possible. Default: Ray's usual packing."""
     tensor_parallel_size: int = Field(1, ge=1, le=64, strict=True)
-    """GPUs one engine shards the model over (GPU only)."""
+    """GPUs one engine shards the model over. Only 1 is supported: weight updates reach the engine's driver
+    worker only, so further tensor-parallel workers would keep stale weights (rejected at validation)."""
     threads_per_engine: int = Field(1, ge=1, le=1024, strict=True)
     """torch CPU threads inside each engine (CPU only; match free cores)."""
     samples_per_prompt: int = Field(4, ge=1, le=4096, strict=True)
@@ -269,6 +290,21 @@ class RolloutConfig(Section):
     """Times each engine may be replaced after its process died or hung (a generate call past
     generate_timeout_s) or a weight load into it failed. Past it the engine stays down; the run stops with an
     error naming the engines once none is left."""
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _single_worker(cls, size: int) -> int:
+        if size > 1:
+            raise ValueError(
+                "tensor parallelism is not supported yet: weight updates reach only an engine's driver worker, "
+                "so the other tensor-parallel workers would keep stale weights (use 1 and more engines)"
+            )
+        return size
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +342,8 @@ class RewardConfig(Section):
     """Reward actors (`reward-<i>`)."""
     cpus_per_worker: float = Field(0.5, gt=0, le=4096)
     """Logical CPUs reserved per reward actor."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources each reward actor asks for (pins them to node types; docs/scaling.md)."""
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     """Reward functions; the total reward is their weighted sum."""
     timeout_s: Seconds = 30.0
@@ -322,6 +360,11 @@ class RewardConfig(Section):
                 f"reward.functions: two functions are named {doubles[0]!r} in the metrics: set `name:` on one"
             )
         return self
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,8 +391,12 @@ class LearnerConfig(Section):
     """DeepSpeed ranks, one Ray actor each (`learner-<rank>`)."""
     cpus_per_rank: float = Field(1.0, gt=0, le=4096)
     """Logical CPUs reserved per learner rank (one placement-group bundle each)."""
-    gpus_per_rank: float = Field(0.0, ge=0, le=64)
-    """GPUs per rank; > 0 selects CUDA, NCCL and bf16 by default."""
+    gpus_per_rank: float = Field(0.0, ge=0, le=1)
+    """GPUs per rank; > 0 selects CUDA, NCCL and bf16 by default. A rank uses one GPU (its `cuda:0`, the one
+    Ray assigns); a fraction shares it with engines (one rank only: NCCL refuses two ranks on one GPU)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources each rank's placement-group bundle asks for (pins ranks to node types;
+    docs/scaling.md)."""
     threads_per_rank: int = Field(1, ge=1, le=1024, strict=True)
     """torch CPU threads per rank (CPU only)."""
     zero_stage: int = Field(2, ge=0, le=3, strict=True)
@@ -371,6 +418,11 @@ class LearnerConfig(Section):
     optimizer steps gets that many times this); also the timeout of every collective."""
     startup_timeout_s: Seconds = 600.0
     """Limit for starting the group (includes DeepSpeed's one-time op compilation)."""
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)
 
 
 ADVANTAGE_NAMES = ("filter", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
@@ -479,6 +531,11 @@ class BufferConfig(Section):
     names the cause (e.g. a task the model always or never solves)."""
 
 
+# Largest |engine - learner| logprob difference of correctly loaded weights, per dtype: fp32 kernels agree to
+# ~2e-5 (shared/ENVIRONMENT.md); bf16 rounds every matmul to 8 bits of mantissa, ~1e-2 apart on a few tokens.
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
 class WeightSyncConfig(Section):
     transport: Literal["auto", "object_store", "shm", "torch_dist"] = "auto"
     """How weights travel to engines: object_store (Ray's object store; any cluster), shm (files in /dev/shm;
@@ -497,9 +554,9 @@ class WeightSyncConfig(Section):
     the engine, beyond probe_tolerance. (Every bucket's checksum is checked regardless.)"""
     timeout_s: Seconds = 120.0
     """Limit for one sync to all engines."""
-    probe_tolerance: float = Field(1e-3, gt=0, le=1e3)
-    """Largest allowed |engine logprob - learner logprob| on the probe sequences after a load (fp32: 1e-3;
-    bf16 needs about 5e-2)."""
+    probe_tolerance: float | None = Field(None, gt=0, le=1e3)
+    """Largest allowed |engine logprob - learner logprob| on the probe sequences after a load. None = from the
+    learner's dtype: 1e-3 for float32, 5e-2 for bfloat16 (kernels of engine and learner round differently)."""
     probe_sequences: int = Field(2, ge=0, le=1024, strict=True)
     """Held-out prompts used as probe sequences (0 disables the logprob probe; bucket checksums stay on)."""
 
@@ -738,8 +795,15 @@ class JobConfig(Section):
             raise ValueError(
                 "learner.backend is nccl but learner.gpus_per_rank is 0: NCCL needs GPUs (use gloo)"
             )
-        if self.rollout.gpus_per_engine == 0 and self.rollout.tensor_parallel_size > 1:
-            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.gpus_per_engine > 0")
+        if (
+            self.learner.num_ranks > 1
+            and 0 < self.learner.gpus_per_rank < 1
+            and self.learner.backend != "gloo"
+        ):
+            raise ValueError(
+                "learner.gpus_per_rank is a fraction with several ranks: two ranks could share one GPU, which "
+                "NCCL refuses (use 1 GPU per rank, or one rank)"
+            )
         if self.schedule.steps > 0 and not self.reward.functions and self.algorithm.loss != "sft":
             raise ValueError("reward.functions is empty: trial and error needs at least one reward function")
         step_samples = self.schedule.prompts_per_step * self.rollout.samples_per_prompt
@@ -800,8 +864,17 @@ class JobConfig(Section):
     def device(self) -> Literal["cpu", "cuda"]:
         return "cuda" if self.learner.gpus_per_rank > 0 else "cpu"
 
+    @property
+    def weight_group_backend(self) -> Literal["gloo", "nccl"]:
+        """Backend of the torch_dist weight group (learner-0 and the engines): NCCL when every member holds a
+        whole GPU of its own; otherwise gloo over CPU buffers (NCCL refuses two members on one GPU, and CPU
+        members cannot join it)."""
+        whole = self.learner.gpus_per_rank == 1 and self.rollout.gpus_per_engine == 1
+        return "nccl" if whole and self.learner.backend != "gloo" else "gloo"
+
     def resolved(self) -> JobConfig:
-        """A copy with every "auto" replaced by the value derived from the requested devices."""
+        """A copy with every "auto" (and None that means auto) replaced by the value derived from the
+        requested devices."""
         cfg = self.model_copy(deep=True)
         gpu = cfg.device == "cuda"
         if cfg.learner.backend == "auto":
@@ -809,9 +882,11 @@ class JobConfig(Section):
         if cfg.learner.dtype == "auto":
             cfg.learner.dtype = "bfloat16" if gpu else "float32"
         if cfg.weight_sync.transport == "auto":
-            cfg.weight_sync.transport = (
-                "torch_dist" if gpu and cfg.rollout.gpus_per_engine > 0 else "object_store"
-            )
+            # NCCL between GPUs beats the object store; over gloo the object store is faster (bench/weight_sync.py)
+            nccl = cfg.weight_group_backend == "nccl"
+            cfg.weight_sync.transport = "torch_dist" if nccl else "object_store"
+        if cfg.weight_sync.probe_tolerance is None:
+            cfg.weight_sync.probe_tolerance = PROBE_TOLERANCE[cfg.learner.dtype]
         return cfg
 
     @property

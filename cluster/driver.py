@@ -108,7 +108,8 @@ class Run:
             self.pool,
             cfg.weight_sync,
             [p for p in probes if len(p) >= 2],
-            backend=cfg.learner.backend,
+            backend=cfg.weight_group_backend,
+            dtype=cfg.learner.dtype,
         )
         self.sync.current_version = lambda: self.state.version  # what a restarted engine is brought up to
         self.rng = random.Random(cfg.schedule.seed)

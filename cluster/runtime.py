@@ -34,7 +34,7 @@ def base_env() -> dict[str, str]:
         "TORCH_EXTENSIONS_DIR": str(
             root / "torch_extensions"
         ),  # DeepSpeed's JIT-compiled comm op (~70 s once)
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),  # the driver's; actors: accelerator_env
         "TOKENIZERS_PARALLELISM": "false",
         # torch backs CPU tensors of 2 MB and more with huge pages: a fresh 200 MB tensor (a weight load, a
         # bucket) then costs 100 page faults instead of 50,000; measured: a 200 MB clone 0.10 -> 0.055 s
@@ -49,9 +49,22 @@ def apply_base_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def actor_runtime_env(threads: int = 1, extra: dict[str, str] | None = None) -> dict[str, Any]:
-    """runtime_env for one actor: the base env plus explicit thread counts (Ray sets OMP_NUM_THREADS=1)."""
-    env = {**base_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def accelerator_env(gpus: float) -> dict[str, str]:
+    """What an actor that reserved `gpus` GPUs may use. With GPUs: DeepSpeed's CUDA accelerator, and the
+    devices Ray assigned (Ray sets CUDA_VISIBLE_DEVICES, so the actor's first GPU is `cuda:0`). Without: the CPU
+    accelerator, and no GPU at all, so a CPU actor on a GPU node cannot take a GPU it did not reserve."""
+    if gpus > 0:
+        return {"DS_ACCELERATOR": "cuda"}
+    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def actor_runtime_env(
+    threads: int = 1, extra: dict[str, str] | None = None, gpus: float = 0.0
+) -> dict[str, Any]:
+    """runtime_env for one actor: the base env, the accelerator of its device and explicit thread counts (Ray
+    sets OMP_NUM_THREADS=1)."""
+    env = {**base_env(), **accelerator_env(gpus)}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.update(extra or {})
     return {"env_vars": env}
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.rollout import Completed, EngineError, RolloutPool
-from cluster.config import WeightSyncConfig
+from cluster.config import PROBE_TOLERANCE, WeightSyncConfig
 from learner.group import LearnerGroup
 
 
@@ -48,8 +48,12 @@ class WeightSync:
         cfg: WeightSyncConfig,
         probe_ids: list[list[int]],
         backend: str = "gloo",
+        dtype: str = "float32",
     ):
+        """`backend`: of the torch_dist group (`JobConfig.weight_group_backend`); `dtype`: the weights', which
+        sets the probe tolerance unless `cfg.probe_tolerance` does."""
         self.group, self.pool, self.cfg, self.probe_ids, self.backend = group, pool, cfg, probe_ids, backend
+        self.tolerance = cfg.probe_tolerance if cfg.probe_tolerance is not None else PROBE_TOLERANCE[dtype]
         self.transport = "object_store" if cfg.transport == "auto" else cfg.transport
         self.shm_dir = (
             tempfile.mkdtemp(prefix="aha-weights-", dir="/dev/shm") if self.transport == "shm" else None
@@ -187,14 +191,14 @@ class WeightSync:
         worst, bad = 0.0, []
         for i, got in zip(sorted(refs.values()), results):
             diff = max((abs(a - b) for g, x in zip(got, expected) for a, b in zip(g, x)), default=0.0)
-            if diff > self.cfg.probe_tolerance:
+            if diff > self.tolerance:
                 bad.append((i, diff))
             worst = max(worst, diff)
         if bad:
             detail = ", ".join(f"{self.pool.name(i)} differs by {d:.3g}" for i, d in bad)
             raise SyncError(
                 f"after the weight load, engine logprobs disagree with the learner's ({detail}; tolerance "
-                f"{self.cfg.probe_tolerance:g}): the engine is not serving the learner's weights",
+                f"{self.tolerance:g}): the engine is not serving the learner's weights",
                 [i for i, _ in bad],
             )
         return worst
@@ -228,7 +232,8 @@ class WeightSync:
             self.group.workers[0].address.remote(), timeout=max(deadline - time.monotonic(), 1)
         )
         world = len(members) + 1
-        refs = {self.group.workers[0].open_weight_group.remote(port, world, self.cfg.timeout_s): -1}
+        learner = self.group.workers[0]
+        refs = {learner.open_weight_group.remote(port, world, self.cfg.timeout_s, self.backend): -1}
         for rank, i in enumerate(members, 1):
             call = self.pool.engines[i].open_weight_group.remote(
                 address, port, rank, world, self.cfg.timeout_s, self.backend

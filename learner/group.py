@@ -56,7 +56,7 @@ class LearnerGroup:
 
         from cluster.runtime import actor_runtime_env
 
-        bundle = {"CPU": self.cfg.cpus_per_rank}
+        bundle = {"CPU": self.cfg.cpus_per_rank, **self.cfg.resources}  # custom resources: node types
         if self.cfg.gpus_per_rank:
             bundle["GPU"] = self.cfg.gpus_per_rank
         self.placement_group = placement_group(
@@ -75,7 +75,7 @@ class LearnerGroup:
                     namespace=self.namespace,
                     num_cpus=self.cfg.cpus_per_rank,
                     num_gpus=self.cfg.gpus_per_rank,
-                    runtime_env=actor_runtime_env(self.cfg.threads_per_rank),
+                    runtime_env=actor_runtime_env(self.cfg.threads_per_rank, gpus=self.cfg.gpus_per_rank),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
                     max_restarts=0,
                 ).remote(rank, self.world_size, self.model, self.cfg, self.algo, self.sampling)

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,8 @@ from actors.weights import (
     group_into_buckets,
     open_weight_group,
     pack_bucket,
+    pack_flat,
+    transport_device,
     write_shm,
 )
 from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, SamplingConfig
@@ -150,6 +153,7 @@ class LearnerWorker:
         self.name = f"learner-{rank}"
         self.engine = None
         self.ref_model = None
+        self.weight_device = torch.device("cpu")  # of the torch_dist buffers; set with the weight group
         self.step = 0
 
     # -- rendezvous -------------------------------------------------------------------------------------------
@@ -168,10 +172,12 @@ class LearnerWorker:
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK="0" if self.cfg.gpus_per_rank else str(self.rank),
         )
+        # Ray's CUDA_VISIBLE_DEVICES shows this actor its own GPU only: it is cuda:0, hence LOCAL_RANK 0 above
         self.device = torch.device("cuda", 0) if self.cfg.gpus_per_rank else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        build_deepspeed_ops()  # before init_distributed loads it, so a stale build lock cannot hang the rank
+        else:  # the CPU backend's comm op; built before init_distributed loads it (a stale lock cannot hang)
+            build_deepspeed_ops()
         deepspeed.init_distributed(
             dist_backend=self.cfg.backend, timeout=timedelta(seconds=self.cfg.step_timeout_s), verbose=False
         )
@@ -184,6 +190,10 @@ class LearnerWorker:
         )
         ds_config = deepspeed_config(self.cfg, self.cfg.optimizer.lr)
         ds_config = {k: v for k, v in ds_config.items() if v is not None}
+        if self.algo.kl_coef > 0:
+            # Before the HF DeepSpeed config below exists: while it lives, from_pretrained builds every model
+            # partitioned by ZeRO-3, and the frozen reference has no engine that would gather it.
+            self.ref_model = self._reference_model(dtype)
         if self.cfg.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -196,15 +206,18 @@ class LearnerWorker:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config
         )
-        if self.algo.kl_coef > 0:
-            self.ref_model = (
-                AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype).to(self.device).eval()
-            )
-            self.ref_model.requires_grad_(False)
         return {
             "rank": self.rank,
             "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
         }
+
+    def _reference_model(self, dtype: torch.dtype):
+        """The frozen reference policy of the KL penalty: a whole (never partitioned) copy on this rank."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype).to(self.device).eval()
+        model.requires_grad_(False)
+        return model
 
     def ready(self) -> str:
         return self.name
@@ -316,8 +329,10 @@ class LearnerWorker:
         return out
 
     # -- weights out ----------------------------------------------------------------------------------------------
-    def _full_parameters(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full (gathered under ZeRO-3) named tensors, one bucket at a time, on CPU. Under ZeRO-3 only the
+    def _full_parameters(
+        self, bucket_bytes: int, device: torch.device | str = "cpu"
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (gathered under ZeRO-3) named tensors, one bucket at a time, on `device`. Under ZeRO-3 only the
         current bucket is materialised; every rank must iterate (the gathers are collectives)."""
         import deepspeed
 
@@ -329,10 +344,13 @@ class LearnerWorker:
             for group in groups:
                 params = [lookup[n] for n, _ in group]
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    yield [(n, p.detach().to("cpu", copy=True)) for (n, _), p in zip(group, params)]
+                    if self.rank != 0:  # only joined the gather
+                        yield []
+                        continue
+                    yield [(n, p.detach().to(device, copy=True)) for (n, _), p in zip(group, params)]
         else:
             for group in group_into_buckets(named, bucket_bytes):
-                yield [(n, p.detach().to("cpu")) for n, p in group]
+                yield [(n, p.detach().to(device)) for n, p in group] if self.rank == 0 else []
 
     def weight_buckets(
         self, version: int, bucket_bytes: int, transport: str = "object_store", shm_dir: str | None = None
@@ -340,28 +358,26 @@ class LearnerWorker:
         """Streaming generator (a Ray generator method): rank 0 yields one bucket per group of modules, other
         ranks only join the ZeRO-3 gathers and yield None. object_store: the bucket with its bytes; shm: a
         descriptor of a file in /dev/shm; torch_dist: a descriptor, then rank 0 broadcasts the bytes to the
-        engines, which receive as they load that bucket."""
-        for i, named in enumerate(self._full_parameters(bucket_bytes)):
+        engines, which receive as they load that bucket (packed on the group's device: over NCCL the bytes never
+        leave the GPU)."""
+        device = self.weight_device if transport == "torch_dist" else torch.device("cpu")
+        for i, named in enumerate(self._full_parameters(bucket_bytes, device)):
             if self.rank != 0:
                 yield None
                 continue
-            bucket = pack_bucket(version, i, named)
-            if transport == "object_store":
+            if transport == "torch_dist":
+                bucket, flat = pack_flat(version, i, named, device)
                 yield bucket
-            elif transport == "shm":
-                yield write_shm(bucket, shm_dir)
-            else:
-                yield bucket.descriptor("torch_dist")
-                buffer = torch.from_numpy(bucket.flat())
-                broadcast_buffer(
-                    self.weight_group, buffer.to(self.device) if self.device.type == "cuda" else buffer
-                )
+                broadcast_buffer(self.weight_group, flat)
+                continue
+            bucket = pack_bucket(version, i, named)
+            yield bucket if transport == "object_store" else write_shm(bucket, shm_dir)
 
-    def open_weight_group(self, port: int, world_size: int, timeout_s: float) -> None:
-        """Rank 0 joins (and hosts) the process group it shares with the engines for the torch_dist transport."""
-        self.weight_group = open_weight_group(
-            node_address(), port, 0, world_size, timeout_s, self.cfg.backend
-        )
+    def open_weight_group(self, port: int, world_size: int, timeout_s: float, backend: str) -> None:
+        """Rank 0 joins (and hosts) the process group it shares with the engines for the torch_dist transport:
+        NCCL over GPU buffers or gloo over CPU buffers (`JobConfig.weight_group_backend`)."""
+        self.weight_group = open_weight_group(node_address(), port, 0, world_size, timeout_s, backend)
+        self.weight_device = transport_device(backend)
 
     def node_id(self) -> str:
         import ray
@@ -397,10 +413,11 @@ class LearnerWorker:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(self.model_cfg.path)
-        with torch.device("meta"):
+        with _without_hf_zero3(), torch.device("meta"):
             shell = AutoModelForCausalLM.from_config(config)
         with model_folder(Path(directory)) as staging:  # a cut export never looks complete
-            shell.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            with _without_hf_zero3():
+                shell.save_pretrained(staging, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
         return directory
 
@@ -409,6 +426,21 @@ class LearnerWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def _without_hf_zero3():
+    """Suspend the HF DeepSpeed config that ZeRO-3 keeps alive: under it transformers builds every model inside
+    zero.Init, whose parameter broadcasts are collectives, and rank 0 building alone would wait for the other
+    ranks forever (the export's shell)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 class _Sized:

@@ -62,6 +62,15 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/integration/test_submit.py",
         "starts a head with explicit ports and a private --temp-dir",
     ),
+    r"ray start --address=\S+ '--resources=\{.*\}'": (
+        "tests/integration/test_multinode.py",
+        "starts nodes with such custom resources (Ray's own multi-node test utility, same raylet options) and "
+        "runs a job pinned to them",
+    ),
+    r"bash scripts/gpu_check\.sh": (
+        "tests/unit/test_device.py",
+        "runs it on this GPU-less machine: one JSON line saying it skipped; the GPU run itself is manual",
+    ),
     r"python -m cluster\.reference > docs/configuration\.md": (
         "tests/unit/test_config.py",
         "regenerates the reference and compares it with the committed file",

@@ -1,0 +1,239 @@
+"""The cluster shape on a 3-node Ray cluster simulated on this machine (three raylets, each with its own object
+store and custom resources): `aha run` of deploy/examples/multinode_cpu.yaml joins it by address, as on a real
+cluster. Checked: every role lands on the node type its YAML `resources` name (Ray's actor table in the GCS);
+weights reach engines on other nodes through the object store, and the two ZeRO ranks train over gloo across
+two nodes; removing a node mid-run (its raylet and workers killed) loses no prompt, and the lost engine is
+replaced on a surviving node.
+
+Slow (about 2-3 minutes on 2 cores). The cluster lives in a private RAY_TMPDIR, so no other Ray on the machine
+(a `ray.init()` elsewhere) can find and join it; it is stopped by its own processes, never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.config import RolloutConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The node-loss checks need the rollout pool to replace lost engines by itself (`rollout.max_engine_restarts`,
+# the fault-tolerance work). Before it, a loss first seen in a weight sync restarts the engine at once, and
+# Ray can still place the replacement on the node it has not yet noticed is gone: the run then fails. Until
+# that pool is in, these two are expected failures; with it, they are plain tests.
+POOL_RESTARTS = "max_engine_restarts" in RolloutConfig.model_fields
+needs_pool_restarts = pytest.mark.xfail(
+    not POOL_RESTARTS,
+    strict=False,
+    reason="needs the rollout pool to restart lost engines itself (rollout.max_engine_restarts)",
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "deploy" / "examples" / "multinode_cpu.yaml"
+# node type -> (logical CPUs, custom resources); the same table is in the job YAML's header
+NODES = {
+    "head": (3, {"node_train": 1, "node_score": 1}),
+    "gen-a": (3, {"node_train": 1, "node_gen": 2}),
+    "gen-b": (2, {"node_gen": 2}),
+}
+VICTIM = "gen-b"  # hosts engines only: the run must survive losing it
+# steps take ~0.25 s here: 160 leave a replacement engine the ~15-30 s it needs to start (importing vLLM alone
+# takes ~8 s on these cores) and be synced before the run ends
+STEPS = 160
+PROMPTS_PER_STEP = 8
+REMOVE_AFTER_STEP = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def actors_by_name(cluster, alive_only: bool = True) -> dict[str, list[dict]]:
+    """name -> actor records (oldest first) from Ray's actor table in the GCS."""
+    table = cluster.global_state.actor_table(None)
+    out: dict[str, list[dict]] = {}
+    for info in sorted(table.values(), key=lambda a: a["StartTime"]):
+        if info["Name"] and (info["State"] == "ALIVE" or not alive_only):
+            out.setdefault(info["Name"], []).append(info)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="aha-mn-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp  # where the nodes and `ray_current_cluster` live: private to this test
+    cluster = None
+    try:
+        cpus, resources = NODES["head"]
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args=dict(
+                num_cpus=cpus,
+                resources=resources,
+                gcs_server_port=free_port(),
+                dashboard_agent_listen_port=free_port(),
+                metrics_export_port=free_port(),
+                include_dashboard=False,
+                object_store_memory=200 * 2**20,
+                # Ray notices a node whose raylet is gone after missing health checks (default ~15 s; until then
+                # it may still place a replacement there): 0.5 s x 3 here, so the test sees the loss promptly
+                _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 3},
+            ),
+        )
+        nodes = {"head": cluster.head_node}
+        for name in ("gen-a", "gen-b"):
+            cpus, resources = NODES[name]
+            nodes[name] = cluster.add_node(
+                num_cpus=cpus,
+                resources=resources,
+                metrics_export_port=free_port(),
+                object_store_memory=200 * 2**20,
+            )
+        cluster.wait_for_nodes()
+        yield cluster, {name: node.node_id for name, node in nodes.items()}, nodes, tmp
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def run(three_nodes, tmp_path_factory):
+    """`aha run` against the cluster; after step REMOVE_AFTER_STEP the victim node is removed. Returns what was
+    observed: placement before the loss, actor records after the run, metrics, prompts and the summary."""
+    from cluster.models import make_tiny_model
+
+    cluster, node_ids, nodes, tmp = three_nodes
+    work = tmp_path_factory.mktemp("multinode")
+    model = make_tiny_model(work / "tiny", seed=0)
+    run_dir = work / "run"
+    env = {**os.environ, "RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "run",
+            str(JOB),
+            f"model.path={model}",
+            f"logging.run_dir={run_dir}",
+            f"cluster.address={cluster.address}",
+            "logging.progress=false",
+            f"schedule.steps={STEPS}",
+            f"schedule.prompts_per_step={PROMPTS_PER_STEP}",
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = work / "driver.log"
+    placement: dict[str, list[dict]] = {}
+    removed_at = None
+    try:
+        deadline = time.monotonic() + 240
+        while driver.poll() is None and time.monotonic() < deadline:
+            steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "sync_s" in r]
+            if removed_at is None and len(steps) >= REMOVE_AFTER_STEP:
+                placement = actors_by_name(cluster)
+                removed_at = time.time() * 1000  # ms, as the actor table's StartTime
+                # the node's raylet, object store and workers die at once (no graceful shutdown)
+                cluster.remove_node(nodes[VICTIM], allow_graceful=False)
+            time.sleep(0.5)
+        if driver.poll() is None:
+            driver.kill()
+        output = driver.communicate(timeout=60)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    log.write_text(output)
+    return {
+        "rc": driver.returncode,
+        "output": output,
+        "node_ids": node_ids,
+        "placement": placement,
+        "removed_at_ms": removed_at,
+        "actors": actors_by_name(cluster, alive_only=False),
+        "metrics": read_jsonl(run_dir / "metrics.jsonl"),
+        "prompts": read_jsonl(run_dir / "prompts.jsonl"),
+        "summary": json.loads((run_dir / "summary.json").read_text())
+        if (run_dir / "summary.json").is_file()
+        else None,
+    }
+
+
+def node_type(run, info: dict) -> str:
+    by_id = {v: k for k, v in run["node_ids"].items()}
+    return by_id.get(info["Address"]["NodeID"], "?")
+
+
+def test_actors_land_on_the_node_types_the_yaml_names(run):
+    placement = run["placement"]
+    assert placement, f"the run never reached step {REMOVE_AFTER_STEP}:\n{run['output'][-3000:]}"
+    where = {name: node_type(run, infos[-1]) for name, infos in placement.items()}
+    assert where["reward-0"] == "head"  # node_score
+    assert {where["learner-0"], where["learner-1"]} == {"head", "gen-a"}  # node_train, one rank each
+    assert {where["rollout-0"], where["rollout-1"]} == {"gen-a", "gen-b"}  # node_gen, spread
+    assert where["replay-buffer"] != VICTIM, "the buffer (0 CPUs, unpinned) landed on the node to be removed"
+
+
+def test_weights_sync_across_nodes_and_ranks_train_across_nodes(run):
+    steps = [r for r in run["metrics"] if "sync_s" in r]
+    assert len(steps) >= STEPS, run["output"][-3000:]
+    for record in steps:  # every sync reached every engine and passed the logprob probe
+        assert record["sync_bytes"] > 0 and record["sync_probe_max_diff"] < 1e-3
+    assert all(r["train/tokens"] > 0 for r in steps)  # the two ranks (two nodes) stepped together
+
+
+@needs_pool_restarts
+def test_node_loss_mid_run_loses_no_prompt(run):
+    assert run["removed_at_ms"] is not None
+    assert run["rc"] == 0, run["output"][-4000:]
+    summary = run["summary"]
+    assert summary["steps"] == STEPS and summary["failed_prompts"] == 0
+    trained = [p for record in run["prompts"] for p in record["prompts"]]
+    assert [r["step"] for r in run["prompts"]] == list(range(1, STEPS + 1))
+    assert len(trained) == len(set(trained)) == STEPS * PROMPTS_PER_STEP  # each prompt once, none dropped
+    assert summary["prompts_consumed"] == STEPS * PROMPTS_PER_STEP
+
+
+@needs_pool_restarts
+def test_lost_engine_is_restarted_on_a_surviving_node(run):
+    lost = [
+        n
+        for n, infos in run["placement"].items()
+        if n.startswith("rollout-") and node_type(run, infos[-1]) == VICTIM
+    ]
+    assert lost
+    for name in lost:
+        later = [a for a in run["actors"][name] if a["StartTime"] > run["removed_at_ms"]]
+        assert later, f"{name} was not restarted after its node was removed"
+        assert node_type(run, later[-1]) != VICTIM
+    assert run["metrics"][-1].get("engines_live", 2) == 2  # serving again before the run ended

@@ -1,0 +1,244 @@
+"""Everything about the GPU path that is decided without a GPU: the resolved device, backends, dtype, probe
+tolerance, the accelerator environment of each actor, the engine's memory share, what validation rejects, and
+the torch_dist buffers (layout, device, checksum)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.rollout import engine_options
+from actors.weights import (
+    buffer_checksum,
+    checksum,
+    device_checksum,
+    pack_bucket,
+    pack_flat,
+    transport_device,
+)
+from cluster.config import ConfigError, JobConfig, ModelConfig, RolloutConfig, load_config
+from cluster.runtime import accelerator_env, actor_runtime_env
+from tests.unit.test_config import MINIMAL, write
+
+GPU = ["learner.gpus_per_rank=1", "rollout.gpus_per_engine=1"]
+
+
+def resolved(tmp_path, overrides: list[str]) -> JobConfig:
+    return load_config(write(tmp_path, MINIMAL), overrides).resolved()
+
+
+def decisions(cfg: JobConfig) -> tuple:
+    return (
+        cfg.device,
+        cfg.learner.backend,
+        cfg.learner.dtype,
+        cfg.weight_sync.transport,
+        cfg.weight_group_backend,
+        cfg.weight_sync.probe_tolerance,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], ("cpu", "gloo", "float32", "object_store", "gloo", 1e-3)),
+        (GPU, ("cuda", "nccl", "bfloat16", "torch_dist", "nccl", 5e-2)),
+        # GPU learner, CPU engines: NCCL cannot reach the engines, so the weights go by the object store
+        (["learner.gpus_per_rank=1"], ("cuda", "nccl", "bfloat16", "object_store", "gloo", 5e-2)),
+        # learner and engine share a GPU: NCCL refuses two members on one device
+        (
+            ["learner.gpus_per_rank=0.5", "rollout.gpus_per_engine=0.5"],
+            ("cuda", "nccl", "bfloat16", "object_store", "gloo", 5e-2),
+        ),
+        # the dtype decides the tolerance, whatever the device
+        ([*GPU, "learner.dtype=float32"], ("cuda", "nccl", "float32", "torch_dist", "nccl", 1e-3)),
+        (["learner.dtype=bfloat16"], ("cpu", "gloo", "bfloat16", "object_store", "gloo", 5e-2)),
+        # explicit choices are kept
+        ([*GPU, "weight_sync.probe_tolerance=0.2"], ("cuda", "nccl", "bfloat16", "torch_dist", "nccl", 0.2)),
+        (
+            [*GPU, "weight_sync.transport=object_store"],
+            ("cuda", "nccl", "bfloat16", "object_store", "nccl", 5e-2),
+        ),
+        # torch_dist asked for without GPUs on both sides runs over gloo, from CPU buffers
+        (
+            ["learner.gpus_per_rank=1", "weight_sync.transport=torch_dist"],
+            ("cuda", "nccl", "bfloat16", "torch_dist", "gloo", 5e-2),
+        ),
+    ],
+)
+def test_resolved_device_settings(tmp_path, overrides, expected):
+    assert decisions(resolved(tmp_path, overrides)) == expected
+
+
+def test_resolved_leaves_no_auto(tmp_path):
+    for overrides in ([], GPU):
+        cfg = resolved(tmp_path, overrides)
+        assert "auto" not in (cfg.learner.backend, cfg.learner.dtype, cfg.weight_sync.transport)
+        assert cfg.weight_sync.probe_tolerance is not None
+    unresolved = load_config(write(tmp_path, MINIMAL), GPU)
+    assert unresolved.weight_sync.probe_tolerance is None  # resolved() returns a copy
+
+
+@pytest.mark.parametrize(
+    "overrides, field, words",
+    [
+        (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size", "not supported yet"),
+        (["rollout.gpus_per_engine=2"], "rollout.gpus_per_engine", "less than or equal to 1"),
+        (["learner.gpus_per_rank=2"], "learner.gpus_per_rank", "less than or equal to 1"),
+        (
+            ["learner.num_ranks=2", "learner.gpus_per_rank=0.5"],
+            "learner.gpus_per_rank",
+            "NCCL refuses",
+        ),
+        (["rollout.resources={CPU: 1}"], "rollout.resources", "its own field"),
+        (["learner.resources={GPU: 1}"], "learner.resources", "its own field"),
+        (["reward.resources={node_a: 0}"], "reward.resources", "must be > 0"),
+    ],
+)
+def test_what_a_gpu_run_cannot_honour_is_rejected(tmp_path, overrides, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL), overrides)
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_tensor_parallel_message_says_why(tmp_path):
+    with pytest.raises(ConfigError, match="reach only an engine's driver worker"):
+        load_config(write(tmp_path, MINIMAL), ["rollout.tensor_parallel_size=4", "rollout.gpus_per_engine=1"])
+
+
+def test_fractional_ranks_over_gloo_and_custom_resources_are_accepted(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        [
+            "learner.num_ranks=2",
+            "learner.gpus_per_rank=0.5",
+            "learner.backend=gloo",
+            "rollout.resources={node_gen: 0.01}",
+            "reward.resources={node_score: 1}",
+            "learner.resources={node_train: 1}",
+        ],
+    )
+    assert cfg.rollout.resources == {"node_gen": 0.01} and cfg.learner.resources == {"node_train": 1.0}
+
+
+# -- the environment each actor starts with ------------------------------------------------------------------------
+
+
+def test_gpu_actors_get_deepspeeds_cuda_accelerator_even_from_a_cpu_driver(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what apply_base_env leaves in the driver
+    gpu = actor_runtime_env(2, gpus=1)["env_vars"]
+    assert gpu["DS_ACCELERATOR"] == "cuda" and gpu["OMP_NUM_THREADS"] == "2"
+    assert "CUDA_VISIBLE_DEVICES" not in gpu  # Ray assigns the actor's GPUs
+    cpu = actor_runtime_env(1)["env_vars"]
+    assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == ""  # sees no GPU at all
+
+
+def test_accelerator_env_by_gpu_count():
+    assert accelerator_env(0) == {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    assert accelerator_env(0.5) == accelerator_env(1) == {"DS_ACCELERATOR": "cuda"}
+
+
+def test_engine_options_per_device():
+    model = ModelConfig(path="m", max_model_len=64)
+    cpu = engine_options(model, RolloutConfig(), seed=3, dtype="float32")
+    assert "gpu_memory_utilization" not in cpu  # the CPU build would read it as a share of host memory
+    assert (cpu["tensor_parallel_size"], cpu["distributed_executor_backend"], cpu["seed"]) == (1, "uni", 3)
+    whole = engine_options(model, RolloutConfig(gpus_per_engine=1), seed=0, dtype="bfloat16")
+    assert whole["gpu_memory_utilization"] == 0.9 and whole["dtype"] == "bfloat16"
+    shared = engine_options(model, RolloutConfig(gpus_per_engine=0.5), seed=0, dtype="bfloat16")
+    assert shared["gpu_memory_utilization"] == 0.45  # its half of the GPU, not vLLM's default 0.9 of all
+
+
+# -- torch_dist buffers ---------------------------------------------------------------------------------------------
+
+
+def named_tensors() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("model.layers.0.mlp.up_proj.weight", torch.randn(3, 3, generator=g).to(torch.bfloat16)),  # 18 bytes
+        ("model.layers.0.mlp.down_proj.weight", torch.randn(5, generator=g)),  # odd start without alignment
+        ("model.empty", torch.empty(0)),
+        ("model.norm.weight", torch.randn(7, generator=g).double()),
+    ]
+
+
+def test_gloo_buffers_live_on_the_cpu():
+    assert transport_device("gloo") == torch.device("cpu")
+
+
+def test_a_flat_buffer_gives_back_its_tensors_from_aligned_offsets():
+    named = named_tensors()
+    bucket, flat = pack_flat(4, 2, named, torch.device("cpu"))
+    assert (bucket.version, bucket.index, bucket.transport, bucket.arrays) == (4, 2, "torch_dist", None)
+    assert flat.dtype == torch.uint8 and flat.numel() == bucket.size
+    assert all(e.offset % 16 == 0 for e in bucket.entries)
+    assert bucket.checksum == buffer_checksum(flat) == checksum([flat.numpy()])
+    received = bucket.fill_from_buffer(flat.clone())  # what an engine holds after the broadcast
+    assert received.verify()
+    for (name, original), (got_name, got) in zip(named, received.tensors()):
+        assert got_name == name and got.dtype == original.dtype and torch.equal(got, original)
+
+
+def test_a_flipped_byte_in_a_received_buffer_fails_verification():
+    bucket, flat = pack_flat(1, 0, named_tensors(), torch.device("cpu"))
+    corrupted = flat.clone()
+    corrupted[20] ^= 0x01
+    assert not bucket.fill_from_buffer(corrupted).verify()
+    assert not bucket.fill_from_buffer(flat[:-1].clone()).verify()  # short
+
+
+def test_the_descriptor_ships_without_bytes():
+    bucket, _ = pack_flat(1, 0, named_tensors(), torch.device("cpu"))
+    assert bucket.buffer is None and bucket.arrays is None  # only the table and checksum go to the driver
+    assert pack_bucket(1, 0, named_tensors()).buffer is None
+
+
+def test_device_checksum_is_exact_in_any_chunking_and_sees_every_change():
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 256, (100_003,), dtype=torch.uint8, generator=g)
+    whole = device_checksum(data)
+    assert device_checksum(data, chunk_bytes=4096) == device_checksum(data, chunk_bytes=7) == whole
+    weights = torch.arange(data.numel(), dtype=torch.int64) % 65521 + 1
+    assert whole == int((data.to(torch.int64) * weights).sum())
+    for position in (0, 1, 65520, 65521, 100_002):
+        changed = data.clone()
+        changed[position] ^= 0x80
+        assert device_checksum(changed) != whole, position
+    swapped = data.clone()
+    swapped[[10, 11]] = torch.tensor([1, 2], dtype=torch.uint8)
+    reordered = swapped.clone()
+    reordered[[10, 11]] = torch.tensor([2, 1], dtype=torch.uint8)
+    assert device_checksum(swapped) != device_checksum(reordered)
+
+
+def test_weight_sync_takes_its_tolerance_from_the_dtype_unless_set():
+    from cluster.config import WeightSyncConfig
+    from learner.broadcast import WeightSync
+
+    def tolerance(cfg, dtype):
+        from types import SimpleNamespace
+
+        return WeightSync(None, SimpleNamespace(), cfg, [], dtype=dtype).tolerance
+
+    assert tolerance(WeightSyncConfig(), "float32") == 1e-3
+    assert tolerance(WeightSyncConfig(), "bfloat16") == 5e-2
+    assert tolerance(WeightSyncConfig(probe_tolerance=0.3), "bfloat16") == 0.3
+
+
+def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: scripts/gpu_check.sh would run the GPU tests")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "AHA_PYTHON": sys.executable, "AHA_GPU_CHECK_DIR": str(tmp_path)}
+    out = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["status"] == "skipped"
