@@ -65,6 +65,7 @@ class Run:
     # -- setup ---------------------------------------------------------------------------------------------------
     def start(self, resume: bool, overwrite: bool = False) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         from transformers import AutoTokenizer
 
         from actors.reward import RewardPool
@@ -97,7 +98,16 @@ class Run:
         self.rewards = RewardPool(cfg.reward, self.namespace)
         self.buffer = (
             ray.remote(ReplayBuffer)
-            .options(name="replay-buffer", namespace=self.namespace, num_cpus=0)
+            .options(
+                name="replay-buffer",
+                namespace=self.namespace,
+                num_cpus=0,
+                # on the driver's node: the run's state stays with the driver instead of on any node (a lost
+                # engine node would take it along)
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    ray.get_runtime_context().get_node_id(), soft=True
+                ),
+            )
             .remote(cfg.buffer, cfg.rollout.samples_per_prompt)
         )
         self.pool.start()
