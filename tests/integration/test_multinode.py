@@ -23,20 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import RolloutConfig
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-# The node-loss checks need the rollout pool to replace lost engines by itself (`rollout.max_engine_restarts`,
-# the fault-tolerance work). Before it, a loss first seen in a weight sync restarts the engine at once, and
-# Ray can still place the replacement on the node it has not yet noticed is gone: the run then fails. Until
-# that pool is in, these two are expected failures; with it, they are plain tests.
-POOL_RESTARTS = "max_engine_restarts" in RolloutConfig.model_fields
-needs_pool_restarts = pytest.mark.xfail(
-    not POOL_RESTARTS,
-    strict=False,
-    reason="needs the rollout pool to restart lost engines itself (rollout.max_engine_restarts)",
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "deploy" / "examples" / "multinode_cpu.yaml"
@@ -213,7 +200,6 @@ def test_weights_sync_across_nodes_and_ranks_train_across_nodes(run):
     assert all(r["train/tokens"] > 0 for r in steps)  # the two ranks (two nodes) stepped together
 
 
-@needs_pool_restarts
 def test_node_loss_mid_run_loses_no_prompt(run):
     assert run["removed_at_ms"] is not None
     assert run["rc"] == 0, run["output"][-4000:]
@@ -225,7 +211,6 @@ def test_node_loss_mid_run_loses_no_prompt(run):
     assert summary["prompts_consumed"] == STEPS * PROMPTS_PER_STEP
 
 
-@needs_pool_restarts
 def test_lost_engine_is_restarted_on_a_surviving_node(run):
     lost = [
         n
