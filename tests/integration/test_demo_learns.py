@@ -27,4 +27,4 @@ def test_demo_imitation_then_rl_improves_held_out_accuracy(ray_cluster, tmp_path
     final = summary["eval_accuracy_final"]
     assert summary["eval_accuracy_start"] < 0.05
     assert 0.05 < after_imitation < 0.7  # imitation learns something, but leaves room
-    assert final >= after_imitation + 0.2, summary  # the demo shows +30 points or more; tolerant here
+    assert final >= after_imitation + 0.2, summary  # the README shows +24.5 points (seed 0); tolerant here
