@@ -80,7 +80,7 @@ def test_learner_bf16_step_over_nccl_matches_torch(ray_cluster, tiny_model, stag
         ModelConfig(path=str(tiny_model)),
         learner_cfg(stage),
         algo,
-        max_tokens=MAX_TOKENS,
+        sampling=SamplingConfig(max_tokens=MAX_TOKENS),
         namespace=f"aha-gpu-zero{stage}",
     )
     started = time.perf_counter()
@@ -191,7 +191,14 @@ def test_torch_dist_broadcast_over_nccl_to_a_gpu_receiver(ray_cluster, tiny_mode
             runtime_env=actor_runtime_env(1, extra=env("aha-learner"), gpus=share),
             max_restarts=0,
         )
-        .remote(0, 1, ModelConfig(path=str(tiny_model)), learner_cfg(2, share), AlgorithmConfig(), MAX_TOKENS)
+        .remote(
+            0,
+            1,
+            ModelConfig(path=str(tiny_model)),
+            learner_cfg(2, share),
+            AlgorithmConfig(),
+            SamplingConfig(max_tokens=MAX_TOKENS),
+        )
     )
     receiver = (
         ray.remote(Receiver)
@@ -267,7 +274,7 @@ def test_vllm_engine_serves_the_learners_bf16_weights(ray_cluster, tiny_model, m
     )
     pool = RolloutPool(cfg.model, cfg.rollout, namespace="aha-gpu-engine", dtype=cfg.learner.dtype)
     group = LearnerGroup(
-        cfg.model, cfg.learner, cfg.algorithm, max_tokens=MAX_TOKENS, namespace="aha-gpu-engine"
+        cfg.model, cfg.learner, cfg.algorithm, sampling=cfg.rollout.sampling, namespace="aha-gpu-engine"
     )
     try:
         pool.start()  # first, as the driver does: vLLM checks its memory share is free at start
