@@ -304,10 +304,11 @@ class LearnerWorker:
             kl = 0.0
             for olds, mbs in zip(old, batches):
                 for o, mb in zip(olds, mbs):
-                    new = self._logprobs(mb, sampled)
-                    kl += float(
-                        (approx_kl(o, new, "k3", mb.loss_mask) * mb.loss_mask).sum()
-                    )  # KL(old || new)
+                    mask = mb.loss_mask.to(self.device)
+                    kl_old_new = approx_kl(
+                        o, self._logprobs(mb, sampled), "k3", mask
+                    )  # samples came from old
+                    kl += float((kl_old_new * mask).sum())
             sums["policy_kl"] = kl
         self.step += 1
         sums["updates"] = records
