@@ -434,9 +434,11 @@ class Run:
         if final:
             self.metrics.log(self.state.version, {**final, "phase": 2.0})
         self.checkpoint()
-        export = None
+        export = adapter = None
         if self.cfg.checkpoint.export_hf:
-            export = self.group.export_hf(str(self.run_dir / "final_model"))
+            export = self.group.export_hf(str(self.run_dir / "final_model"))  # adapters merged in, with LoRA
+            if self.cfg.learner.lora is not None:
+                adapter = self.group.export_adapter(str(self.run_dir / "final_adapter"))
         engines = self._engine_stats()
         summary = {
             "job": self.cfg.name,
@@ -454,6 +456,7 @@ class Run:
             "wall_s": round(self.before.wall_s + time.time() - self.started, 1),
             "reward_errors": self.rewards.metrics(),
             "final_model": export,
+            "final_adapter": adapter,
         }
         write_report(self.run_dir, summary)
         return summary
