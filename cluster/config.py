@@ -615,7 +615,8 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1, le=10_000, strict=True)
     """Checkpoints kept on disk."""
     export_hf: bool = True
-    """Also write the final weights as a Hugging Face folder (safetensors + tokenizer)."""
+    """Also write the final weights as a Hugging Face folder (safetensors + tokenizer), run_dir/final_model;
+    with learner.lora, the adapters merged in, and the adapter alone as a peft folder in run_dir/final_adapter."""
 
 
 class LoggingConfig(Section):

@@ -165,3 +165,19 @@ def test_exports_load_as_the_merged_model_and_as_an_adapter(stack, tiny_model, t
         max_diff(transformers_logprobs(load_adapter_merged(tiny_model, adapter_dir), PROBES), learner) < 1e-4
     )
     assert max_diff(learner, stack["base"]) > 1e-2
+
+
+@pytest.mark.slow
+def test_aha_run_with_lora_exports_the_adapter(ray_cluster, tiny_model, tmp_path):
+    """The knob end to end: `aha run` with learner.lora trains, syncs (probe-checked) and writes both exports."""
+    from pathlib import Path
+
+    from tests.integration.test_run import run_job
+
+    summary, records = run_job(tmp_path, tiny_model, "sync", ["learner.lora.rank=8", "learner.lora.alpha=16"])
+    run_dir = Path(tmp_path) / "e2e-sync"
+    assert summary["version"] == 7 and summary["final_adapter"] == str(run_dir / "final_adapter")
+    assert (run_dir / "final_adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "final_model" / "config.json").is_file()
+    steps = [r for r in records if "reward_mean" in r]
+    assert all(r["sync_probe_max_diff"] < 1e-3 for r in steps)
