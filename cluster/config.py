@@ -386,6 +386,22 @@ class OptimizerConfig(Section):
     own lr (imitation.lr, optimizer.lr). 0 = constant lr."""
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (LoRA, arXiv:2106.09685, through peft): the base weights stay frozen and only the adapters
+    train (and hold optimizer state). Every weight sync and the final export merge the adapters into the base
+    weights (W + alpha / rank * B A), so the engines serve a plain model and need no adapter support."""
+
+    rank: int = Field(8, ge=1, le=65536, strict=True)
+    """Rank r of each adapter (A is r x in_features, B is out_features x r)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale: the adapter adds alpha / rank * B A to its weight."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input while training (0 = none: training logprobs equal the engines')."""
+    target_modules: Literal["all-linear"] | list[str] = Field("all-linear", min_length=1)
+    """Modules given an adapter: all-linear (every linear layer but the output head) or module names matched
+    by suffix, e.g. [q_proj, v_proj]. A name the model does not have fails the learner's start-up."""
+
+
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1, le=MAX_ACTORS, strict=True)
     """DeepSpeed ranks, one Ray actor each (`learner-<rank>`)."""
@@ -418,11 +434,23 @@ class LearnerConfig(Section):
     optimizer steps gets that many times this); also the timeout of every collective."""
     startup_timeout_s: Seconds = 600.0
     """Limit for starting the group (includes DeepSpeed's one-time op compilation)."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters instead of every weight (None = full fine-tuning). ZeRO stages 0-2 only."""
 
     @field_validator("resources")
     @classmethod
     def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
         return check_custom_resources(resources)
+
+    @model_validator(mode="after")
+    def _lora_stage(self) -> LearnerConfig:
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError(
+                "learner.lora with learner.zero_stage 3: merging an adapter into its base weight for the engines "
+                "needs the whole weight on one rank, which ZeRO-3 partitions. Use zero_stage 2 (the adapters' "
+                "optimizer state, which ZeRO-1/2 shard, is all that LoRA trains)"
+            )
+        return self
 
 
 ADVANTAGE_NAMES = ("filter", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
@@ -587,7 +615,8 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1, le=10_000, strict=True)
     """Checkpoints kept on disk."""
     export_hf: bool = True
-    """Also write the final weights as a Hugging Face folder (safetensors + tokenizer)."""
+    """Also write the final weights as a Hugging Face folder (safetensors + tokenizer), run_dir/final_model;
+    with learner.lora, the adapters merged in, and the adapter alone as a peft folder in run_dir/final_adapter."""
 
 
 class LoggingConfig(Section):

@@ -61,6 +61,9 @@ class Run:
         self.source: PromptSource = make_source(self.cfg.data)
         self.started = time.time()
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
+        self.last_accuracy: float | None = (
+            None  # of the latest evaluation in this process (the progress bar's)
+        )
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def start(self, resume: bool, overwrite: bool = False) -> None:
@@ -207,8 +210,9 @@ class Run:
                 flush=True,
             )
         threshold = self.cfg.schedule.eval_threshold
+        self.last_accuracy = sum(t.reward >= threshold for t in judged) / max(len(judged), 1)
         return {
-            "eval/accuracy": sum(t.reward >= threshold for t in judged) / max(len(judged), 1),
+            "eval/accuracy": self.last_accuracy,
             "eval/reward_mean": sum(t.reward for t in judged) / max(len(judged), 1),
             "eval/completion_len": sum(len(t.completion_ids) for t in scored) / max(len(scored), 1),
             "eval/reward_errors": float(errors),
@@ -367,9 +371,7 @@ class Run:
         metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / metrics["step_s"]
         self.metrics.log(self.state.version, metrics)
         progress.update(1)
-        progress.set_postfix(
-            reward=f"{metrics['reward_mean']:.2f}", acc=metrics.get("eval/accuracy", float("nan"))
-        )
+        progress.set_postfix(progress_fields(metrics["reward_mean"], self.last_accuracy))
         if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
             self.checkpoint()
 
@@ -434,9 +436,11 @@ class Run:
         if final:
             self.metrics.log(self.state.version, {**final, "phase": 2.0})
         self.checkpoint()
-        export = None
+        export = adapter = None
         if self.cfg.checkpoint.export_hf:
-            export = self.group.export_hf(str(self.run_dir / "final_model"))
+            export = self.group.export_hf(str(self.run_dir / "final_model"))  # adapters merged in, with LoRA
+            if self.cfg.learner.lora is not None:
+                adapter = self.group.export_adapter(str(self.run_dir / "final_adapter"))
         engines = self._engine_stats()
         summary = {
             "job": self.cfg.name,
@@ -454,6 +458,7 @@ class Run:
             "wall_s": round(self.before.wall_s + time.time() - self.started, 1),
             "reward_errors": self.rewards.metrics(),
             "final_model": export,
+            "final_adapter": adapter,
         }
         write_report(self.run_dir, summary)
         return summary
@@ -507,6 +512,12 @@ def _state_dict(state: RunState) -> dict[str, Any]:
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def progress_fields(reward_mean: float, accuracy: float | None) -> dict[str, str]:
+    """The trial-and-error bar's fields: this step's mean reward and the latest held-out accuracy, which holds
+    between evaluations ("-" before the first one)."""
+    return {"reward": f"{reward_mean:.2f}", "acc": "-" if accuracy is None else f"{100 * accuracy:.1f}%"}
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

@@ -215,6 +215,10 @@ class LearnerGroup:
     def export_hf(self, directory: str) -> str:
         return self._call("export_hf", directory, timeout_s=self.cfg.step_timeout_s)[0]
 
+    def export_adapter(self, directory: str) -> str | None:
+        """The LoRA adapter as a peft folder (None without learner.lora)."""
+        return self._call("export_adapter", directory, timeout_s=self.cfg.step_timeout_s, ranks=[0])[0]
+
 
 def _stream(gen, deadline: float, name: str, what: str) -> Iterator[Any]:
     import ray

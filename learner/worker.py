@@ -41,6 +41,7 @@ from learner.algorithms import (
     token_logprobs,
 )
 from learner.batch import MicroBatch, Sample, StepTotals, collate
+from learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
 from learner.ops import build_deepspeed_ops
 
 
@@ -190,7 +191,7 @@ class LearnerWorker:
         )
         ds_config = deepspeed_config(self.cfg, self.cfg.optimizer.lr)
         ds_config = {k: v for k, v in ds_config.items() if v is not None}
-        if self.algo.kl_coef > 0:
+        if self.algo.kl_coef > 0 and self.cfg.lora is None:  # with LoRA the reference is the frozen base
             # Before the HF DeepSpeed config below exists: while it lives, from_pretrained builds every model
             # partitioned by ZeRO-3, and the frozen reference has no engine that would gather it.
             self.ref_model = self._reference_model(dtype)
@@ -203,12 +204,14 @@ class LearnerWorker:
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
-        self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config
-        )
+        if self.cfg.lora is not None:
+            model = add_adapters(model, self.cfg.lora)
+        trainable = trainable_parameters(model)  # the optimizer's: every weight, or only the adapters
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         return {
             "rank": self.rank,
             "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable),
         }
 
     def _reference_model(self, dtype: torch.dtype):
@@ -316,6 +319,9 @@ class LearnerWorker:
         return sums
 
     def _ref_logprobs(self, mb: MicroBatch, sampled: bool) -> torch.Tensor | None:
+        if self.algo.kl_coef > 0 and self.cfg.lora is not None:
+            with self.engine.module.disable_adapter():  # the frozen base model is the reference
+                return self._logprobs(mb, sampled)
         return self._logprobs(mb, sampled, self.ref_model) if self.ref_model is not None else None
 
     @torch.no_grad()
@@ -350,8 +356,10 @@ class LearnerWorker:
                         continue
                     yield [(n, p.detach().to(device, copy=True)) for (n, _), p in zip(group, params)]
         else:
+            if self.cfg.lora is not None:  # the base model's names and shapes, adapters merged in
+                named = merged_parameters(module)
             for group in group_into_buckets(named, bucket_bytes):
-                yield [(n, p.detach().to(device)) for n, p in group] if self.rank == 0 else []
+                yield [(n, _tensor(p).to(device)) for n, p in group] if self.rank == 0 else []
 
     def weight_buckets(
         self, version: int, bucket_bytes: int, transport: str = "object_store", shm_dir: str | None = None
@@ -422,6 +430,15 @@ class LearnerWorker:
             self.tokenizer.save_pretrained(staging)
         return directory
 
+    def export_adapter(self, directory: str) -> str | None:
+        """Write the LoRA adapter as a peft folder (adapter_config.json + adapter_model.safetensors, loadable with
+        `PeftModel.from_pretrained(base, directory)`); rank 0 writes. None without LoRA."""
+        if self.cfg.lora is None or self.rank != 0:
+            return None
+        with model_folder(Path(directory)) as staging:
+            self.engine.module.save_pretrained(staging, safe_serialization=True)
+        return directory
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
@@ -442,6 +459,10 @@ def _without_hf_zero3():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _tensor(p: torch.Tensor | MergedWeight) -> torch.Tensor:
+    return p.value() if isinstance(p, MergedWeight) else p.detach()
 
 
 class _Sized:
