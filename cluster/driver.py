@@ -29,7 +29,7 @@ from cluster.config import JobConfig, dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
 from cluster.files import write_atomic
 from cluster.metrics import MetricsLogger, write_report
-from cluster.monitor import trajectory_metrics
+from cluster.monitor import environment_metrics, trajectory_metrics
 from cluster.preflight import check_cluster_resources, prepare_run_dir
 from cluster.runtime import apply_base_env, init_ray
 
@@ -97,7 +97,13 @@ class Run:
             namespace=self.namespace,
             cluster=cfg.cluster,
         )
-        self.pool = RolloutPool(cfg.model, cfg.rollout, namespace=self.namespace, dtype=cfg.learner.dtype)
+        self.pool = RolloutPool(
+            cfg.model,
+            cfg.rollout,
+            namespace=self.namespace,
+            dtype=cfg.learner.dtype,
+            environment=cfg.environment,
+        )
         self.rewards = RewardPool(cfg.reward, self.namespace)
         self.buffer = (
             ray.remote(ReplayBuffer)
@@ -217,6 +223,7 @@ class Run:
             "eval/completion_len": sum(len(t.completion_ids) for t in scored) / max(len(scored), 1),
             "eval/reward_errors": float(errors),
             "eval/failed_prompts": float(len(done.failed)),
+            **{f"eval/{k}": v for k, v in environment_metrics(scored).items()},
         }
 
     def _score_and_store(self, done) -> int:
@@ -358,6 +365,7 @@ class Run:
             "version": float(self.state.version),
         }
         metrics.update(trajectory_metrics(trajectories, cfg.monitor))  # monitor/*: sample behaviour
+        metrics.update(environment_metrics(trajectories))  # env/*: multi-turn episodes
         if self.state.step % sched.sync_every == 0 or self.state.step == sched.steps:
             metrics.update(self._sync())
         if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
