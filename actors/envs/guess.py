@@ -32,7 +32,7 @@ class GuessNumber(Environment):
         if not 1 <= int(secret) <= self.high:
             raise ValueError(f"secret {secret} is outside 1..{self.high}")
         self.secret = int(secret)
-        return "\n"
+        return ">"
 
     def step(self, turn: str) -> StepResult:
         text = turn.strip()
@@ -40,14 +40,14 @@ class GuessNumber(Environment):
         if guess == self.secret:
             return StepResult("", 1.0, True, {"won": 1.0})
         if guess is None or not 1 <= guess <= self.high:
-            hint = " invalid\n"
+            hint = ",invalid>"
         else:
-            hint = " higher\n" if guess < self.secret else " lower\n"
+            hint = ",higher>" if guess < self.secret else ",lower>"
         return StepResult(hint, 0.0, False, {"won": 0.0})
 
 
 def prompt_text(high: int) -> str:
-    return f"Guess 1-{high}."
+    return f"Guess(1-{high})"
 
 
 def write_data(

@@ -8,13 +8,13 @@ from typing import Any
 
 
 class TalkBack:
-    """Answers each turn with a multi-token observation; never done (episodes end at the turn limit). A prompt's
+    """Answers each turn with a multi-token observation (no whitespace: the tiny tokenizer drops it); never done (episodes end at the turn limit). A prompt's
     `fault` field makes a step misbehave: "exit" kills the environment's process, "hang" sleeps past any timeout,
     "raise" raises."""
 
     def start(self, prompt: str, *, fault: str = "", **_: Any) -> str:
         self.fault = fault
-        return " ok:"
+        return "ok:"
 
     def step(self, turn: str):
         if self.fault == "exit":
@@ -23,4 +23,4 @@ class TalkBack:
             time.sleep(60)
         if self.fault == "raise":
             raise RuntimeError("environment bug")
-        return (f" [{len(turn)} chars] next:", 0.25, False)
+        return (f"[{len(turn)}chars]next:", 0.25, False)

@@ -248,7 +248,7 @@ def binary_search(env: GuessNumber, turns: int) -> bool:
         result = env.step(str(guess))
         if result.done:
             return True
-        if "higher" in result.observation:
+        if result.observation == ",higher>":
             low = guess + 1
         else:
             high = guess - 1
@@ -258,27 +258,34 @@ def binary_search(env: GuessNumber, turns: int) -> bool:
 def test_guess_number_hints_lead_binary_search_to_every_secret_in_four_turns():
     for secret in range(1, 10):
         env = GuessNumber(high=9)
-        assert env.start("Guess 1-9.", secret=secret) == "\n"
+        assert env.start("Guess(1-9)", secret=secret) == ">"
         assert binary_search(env, 4)
     env = GuessNumber(high=9)
     env.start("", secret=3)
-    assert env.step("5") == StepResult(" lower\n", 0.0, False, {"won": 0.0})
-    assert env.step("x").observation == " invalid\n"
+    assert env.step("5") == StepResult(",lower>", 0.0, False, {"won": 0.0})
+    assert env.step("x").observation == ",invalid>"
     assert env.step(" 3 ") == StepResult("", 1.0, True, {"won": 1.0})
     with pytest.raises(ValueError):
         GuessNumber(high=9).start("", secret=10)
 
 
-def test_guess_demo_data_fits_the_tiny_tokenizer(tmp_path):
+def test_guess_demo_data_is_what_the_generator_writes_and_fits_the_tiny_tokenizer(tmp_path):
+    import json
+    from pathlib import Path
+
     from actors.envs.guess import write_data
     from cluster.models import CHARACTERS
 
-    write_data(tmp_path, train=20, eval_=5, demos=20)
-    text = "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
-    import json
-
+    write_data(tmp_path)  # the defaults and seed that wrote deploy/examples/guess/
+    committed = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "guess"
+    for name in ("train.jsonl", "eval.jsonl", "demos.jsonl"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
     rows = [json.loads(line) for p in tmp_path.glob("*.jsonl") for line in p.read_text().splitlines()]
-    assert all(set(r["prompt"] + r.get("completion", "")) <= set(CHARACTERS) for r in rows) and text
+    text = "".join(r["prompt"] + r.get("completion", "") for r in rows)
+    # the tiny tokenizer (as AutoTokenizer loads it) drops whitespace: the game's text has none
+    assert set(text) <= set(CHARACTERS) and not any(c.isspace() for c in text)
+    train = {(r["prompt"], r["secret"]) for r in rows if "secret" in r}
+    assert {secret for _, secret in train} == set(range(1, 10))
 
 
 # ---------------------------------------------------------------------------------------------------------------
