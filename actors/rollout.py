@@ -68,6 +68,7 @@ class RolloutWorker:
         dtype: str = "float32",
         environment: EnvironmentConfig | None = None,
         base_dir: str | None = None,
+        namespace: str | None = None,
     ):
         import torch
 
@@ -85,7 +86,11 @@ class RolloutWorker:
         self.llm = LLM(**engine_options(model, cfg, seed, dtype))
         self.tokenizer = self.llm.get_tokenizer()
         self.startup_s = time.perf_counter() - started
-        self.env = None if environment is None else _EnvironmentClient(f"{name}-env", environment, base_dir)
+        self.env = (
+            None
+            if environment is None
+            else _EnvironmentClient(f"{name}-env", environment, base_dir, namespace)
+        )
 
     # -- queries --------------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -337,8 +342,8 @@ class _EnvironmentClient:
     Every call is bounded (its items x `timeout_s`, plus slack); an actor that dies or stops answering is killed,
     the episodes of that call end with an error, and the next call starts a fresh actor."""
 
-    def __init__(self, name: str, cfg: EnvironmentConfig, base_dir: str | None):
-        self.name, self.cfg, self.base_dir = name, cfg, base_dir
+    def __init__(self, name: str, cfg: EnvironmentConfig, base_dir: str | None, namespace: str | None):
+        self.name, self.cfg, self.base_dir, self.namespace = name, cfg, base_dir, namespace
         self.actor: Any = None
         self.restarts = 0
 
@@ -356,6 +361,7 @@ class _EnvironmentClient:
                         ray.remote(EnvironmentHost)
                         .options(
                             name=self.name,
+                            namespace=self.namespace,  # the engine's: two jobs on one Ray do not clash
                             num_cpus=self.cfg.cpus_per_actor,
                             runtime_env=actor_runtime_env(1),
                             max_restarts=0,
@@ -564,6 +570,7 @@ class RolloutPool:
                     dtype=self.dtype,
                     environment=self.environment,
                     base_dir=self._base_dir,
+                    namespace=self.namespace,
                 )
             except ValueError as e:  # a just-killed actor may hold its name a moment longer
                 if "already taken" not in str(e) or time.monotonic() > deadline:
