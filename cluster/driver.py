@@ -93,7 +93,7 @@ class Run:
             cfg.model,
             cfg.learner,
             cfg.algorithm,
-            sampling=cfg.rollout.sampling,
+            sampling=learner_sampling(cfg),
             namespace=self.namespace,
             cluster=cfg.cluster,
         )
@@ -487,6 +487,15 @@ class Run:
             ray.kill(self.buffer)
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+def learner_sampling(cfg: JobConfig):
+    """The sampling settings the learner scores with: the engines' (temperature, top-k, top-p), and as the longest
+    sample (the `constant` loss normaliser) an environment's episode length when samples are episodes."""
+    sampling = cfg.rollout.sampling
+    if cfg.environment is not None:
+        sampling = sampling.model_copy(update={"max_tokens": cfg.environment.max_tokens})
+    return sampling
 
 
 def _refill_cause(before: dict[str, float], after: dict[str, float], failed: int) -> str:

@@ -471,3 +471,15 @@ def test_python_tool_runs_blocks_in_the_sandbox_and_verifies_the_final_answer():
     assert env.step("It is 4.") == StepResult(
         "", 0.0, True, {"tool_calls": 0.0, "tool_failures": 0.0, "correct": 0.0}
     )
+
+
+def test_the_learner_normalises_episodes_by_the_episode_length():
+    from cluster.driver import learner_sampling
+
+    cfg = JobConfig.model_validate({**job(max_tokens=40), "rollout": {"sampling": {"max_tokens": 1}}})
+    sampling = learner_sampling(cfg)
+    assert sampling.max_tokens == 40 and sampling.temperature == cfg.rollout.sampling.temperature
+    single = JobConfig.model_validate(
+        {"model": {"path": "m"}, "reward": {"functions": [{"function": "a:b"}]}}
+    )
+    assert learner_sampling(single) is single.rollout.sampling
