@@ -24,6 +24,11 @@ class Trajectory:
 
     Invariant: `completion_ids` and `logprobs` have the same length; `logprobs[t]` is the behaviour policy's
     log-probability of `completion_ids[t]` (the engine's own numbers, used for the off-policy correction).
+
+    A multi-turn episode (an environment is set) keeps one token sequence: `completion_ids` holds every token
+    after the prompt, the model's turns and the environment's observations in order, and `completion_mask[t]`
+    is 1 for a model token (trained) and 0 for an environment token (not trained; its logprob is 0.0, there
+    is no behaviour logprob for it). `completion_mask` None means every token is the model's.
     """
 
     prompt_id: str
@@ -38,6 +43,12 @@ class Trajectory:
     engine: str  # name of the rollout actor, e.g. "rollout-0"
     fields: dict[str, Any] = field(default_factory=dict)  # the prompt's fields, for the reward functions
     generate_s: float = 0.0  # wall time of the engine call that produced it
+    # Multi-turn episodes only (actors/environment.py).
+    completion_mask: list[int] | None = None
+    turns: int = 0  # model turns taken
+    env_reward: float | None = None  # the environment's rewards summed over the episode
+    env_error: str | None = None  # why the environment failed (the episode ended there)
+    env_info: dict[str, float] = field(default_factory=dict)  # numbers the environment reported (won, ...)
     # Filled by the reward pool.
     reward: float | None = None
     reward_parts: dict[str, float] = field(default_factory=dict)
@@ -48,6 +59,11 @@ class Trajectory:
             raise ValueError(
                 f"trajectory {self.prompt_id}/{self.sample_index}: {len(self.completion_ids)} completion ids "
                 f"but {len(self.logprobs)} logprobs"
+            )
+        if self.completion_mask is not None and len(self.completion_mask) != len(self.completion_ids):
+            raise ValueError(
+                f"trajectory {self.prompt_id}/{self.sample_index}: {len(self.completion_ids)} completion ids "
+                f"but a mask of {len(self.completion_mask)}"
             )
 
     @property

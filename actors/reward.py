@@ -3,7 +3,9 @@ actors (`reward-<i>`) that does it at scale.
 
 A reward function is a plain callable `(prompt, completion, **fields) -> float | dict[str, float]`, sync or
 async. `fields` are the trajectory's fields plus `finish_reason` and `completion_tokens`, then the config's
-`kwargs`. A dict return is several named parts; the sample's reward is the weighted sum over functions.
+`kwargs`. A dict return is several named parts; the sample's reward is the weighted sum over functions, plus,
+for a multi-turn episode, its environment's reward (part `environment`). An episode whose environment failed
+gets `error_reward`, counted as `environment/<kind>`.
 
 Fault isolation is per sample: a function that raises, hangs past `timeout_s`, or returns NaN, inf or a
 non-number gives that sample `error_reward` and a `reward_error`; the batch goes on. A function that kills its
@@ -36,35 +38,35 @@ from cluster.config import RewardConfig
 # loading
 
 
-def load_function(spec: str, base_dir: str | None = None) -> Callable[..., Any]:
-    """Resolve `module:function` or `path/to/file.py:function`.
+def load_function(
+    spec: str, base_dir: str | None = None, what: str = "reward function"
+) -> Callable[..., Any]:
+    """Resolve `module:function` or `path/to/file.py:function` (also a class: environments load the same way).
 
     A relative file path is looked up in the working directory, then in `base_dir` (the driver's working
-    directory, for actors started elsewhere).
+    directory, for actors started elsewhere). `what` names the object in errors.
     """
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise ValueError(
-            f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'"
-        )
+        raise ValueError(f"{what} {spec!r}: expected 'module:name' or 'path/to/file.py:name'")
     if target.endswith(".py"):
-        module = _load_file(target, base_dir)
+        module = _load_file(target, base_dir, what)
     else:
         module = importlib.import_module(target)
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {target} has no callable {name!r}")
+        raise ValueError(f"{what} {spec!r}: {target} has no callable {name!r}")
     return fn
 
 
-def _load_file(target: str, base_dir: str | None) -> Any:
+def _load_file(target: str, base_dir: str | None, what: str = "reward function") -> Any:
     candidates = [Path(target)] if os.path.isabs(target) else [Path.cwd() / target]
     if base_dir and not os.path.isabs(target):
         candidates.append(Path(base_dir) / target)
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(
-            f"reward function file {target!r} not found (looked in {[str(c) for c in candidates]})"
+            f"{what} file {target!r} not found (looked in {[str(c) for c in candidates]})"
         )
     # One module per file path, under a name that cannot clash with an installed package.
     module_name = "aha_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
@@ -175,8 +177,7 @@ class RewardScorer:
     """
 
     def __init__(self, cfg: RewardConfig, base_dir: str | None = None):
-        if not cfg.functions:
-            raise ValueError("reward.functions is empty: configure at least one reward function")
+        # no functions: the environment's reward is the whole reward (the job config checks that one exists)
         self.cfg = cfg
         self.functions = [
             RewardFunction(f.display_name, load_function(f.function, base_dir), f.weight, dict(f.kwargs))
@@ -218,6 +219,13 @@ class RewardScorer:
         return {"samples": self.samples, "errors": dict(self.errors), "hung_threads": self.hung_threads}
 
     def _score_one(self, traj: Trajectory) -> None:
+        if traj.env_error is not None:  # the episode broke off: no reward is meaningful
+            kind, _, text = traj.env_error.partition(": ")
+            self.samples += 1
+            traj.reward_parts = {}
+            traj.reward = self.cfg.error_reward
+            traj.reward_error = self._error("environment", kind, text)
+            return
         deadline = time.monotonic() + self.cfg.timeout_s
         base = {
             **traj.fields,
@@ -225,6 +233,10 @@ class RewardScorer:
             "completion_tokens": len(traj.completion_ids),
         }
         total, parts, failures = 0.0, {}, []
+        if traj.env_reward is None and not self.functions:
+            raise ValueError("reward.functions is empty and the sample is not an environment's episode")
+        if traj.env_reward is not None:  # a multi-turn episode: its environment's reward, plus the functions'
+            total, parts = traj.env_reward, {"environment": traj.env_reward}
         for f in self.functions:
             remaining = deadline - time.monotonic()
             try:

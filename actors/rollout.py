@@ -24,7 +24,7 @@ from typing import Any
 from actors.prompts import encode_prompt
 from actors.records import Prompt, Trajectory
 from actors.weights import WeightBucket, open_weight_group, read_shm, receive_bucket, transport_device
-from cluster.config import ModelConfig, RolloutConfig, SamplingConfig
+from cluster.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
 
 
 class EngineError(RuntimeError):
@@ -59,7 +59,16 @@ class RolloutWorker:
     """One vLLM engine. Serves the model folder's weights as version 0 until `load_weights` replaces them."""
 
     def __init__(
-        self, name: str, model: ModelConfig, cfg: RolloutConfig, *, seed: int, dtype: str = "float32"
+        self,
+        name: str,
+        model: ModelConfig,
+        cfg: RolloutConfig,
+        *,
+        seed: int,
+        dtype: str = "float32",
+        environment: EnvironmentConfig | None = None,
+        base_dir: str | None = None,
+        namespace: str | None = None,
     ):
         import torch
 
@@ -77,6 +86,11 @@ class RolloutWorker:
         self.llm = LLM(**engine_options(model, cfg, seed, dtype))
         self.tokenizer = self.llm.get_tokenizer()
         self.startup_s = time.perf_counter() - started
+        self.env = (
+            None
+            if environment is None
+            else _EnvironmentClient(f"{name}-env", environment, base_dir, namespace)
+        )
 
     # -- queries --------------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -125,6 +139,8 @@ class RolloutWorker:
             stop=sampling.stop or None,
             logprobs=0,  # the sampled token's logprob at every step (of the processed distribution: see LLM())
         )
+        if self.env is not None:
+            return self._play(prompts, sampling, n)
         requests = [(p, i) for p in prompts for i in range(n if greedy else 1)]
         started = time.perf_counter()
         outputs = self.llm.generate([self._prompt_ids(p) for p, _ in requests], params, use_tqdm=False)
@@ -151,6 +167,82 @@ class RolloutWorker:
                     )
                 )
         return trajectories
+
+    def _play(self, prompts: list[Prompt], sampling: SamplingConfig, n: int) -> list[Trajectory]:
+        """n episodes per prompt against the environment, all turns batched (actors/environment.py)."""
+        from vllm import SamplingParams
+
+        from actors.environment import Episode, Generated, run_episodes
+
+        env = self.env
+        assert env is not None
+
+        def generate(sequences: list[list[int]], budgets: list[int]) -> list[Generated]:
+            params = [
+                SamplingParams(
+                    n=1,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    max_tokens=min(sampling.max_tokens, budget),
+                    stop=sampling.stop or None,
+                    logprobs=0,
+                )
+                for budget in budgets
+            ]
+            outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+            turns = []
+            for out in outs:
+                sample = out.outputs[0]
+                ids = list(sample.token_ids)
+                turns.append(
+                    Generated(ids, [st[t].logprob for st, t in zip(sample.logprobs, ids)], sample.text)
+                )
+            return turns
+
+        def encode(text: str) -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+        started = time.perf_counter()
+        episodes = [
+            Episode(f"{p.id}/{j}", p.text, dict(p.fields), self._prompt_ids(p)["prompt_token_ids"])
+            for p in prompts
+            for j in range(n)
+        ]
+        run_episodes(
+            episodes,
+            generate,
+            env.start,
+            env.step,
+            env.close,
+            encode,
+            max_turns=env.cfg.max_turns,
+            max_tokens=env.cfg.max_tokens,
+            max_model_len=self.model_cfg.max_model_len,
+        )
+        elapsed = time.perf_counter() - started
+        return [
+            Trajectory(
+                prompt_id=p.id,
+                sample_index=j,
+                prompt=p.text,
+                completion="".join(ep.text),
+                prompt_ids=ep.prompt_ids,
+                completion_ids=ep.ids,
+                logprobs=ep.logprobs,
+                finish_reason=ep.finish or "error",
+                version=self.version,
+                engine=self.name,
+                fields=dict(p.fields),
+                generate_s=elapsed,
+                completion_mask=ep.mask,
+                turns=ep.turns,
+                env_reward=ep.reward,
+                env_error=ep.error,
+                env_info=ep.info,
+            )
+            for ep, (p, j) in zip(episodes, [(p, j) for p in prompts for j in range(n)], strict=True)
+        ]
 
     def probe_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Logprob of every token after the first of each sequence under the served weights (prompt logprobs):
@@ -233,6 +325,8 @@ class RolloutWorker:
         return self.finish_update(version)
 
     def shutdown(self) -> None:
+        if getattr(self, "env", None) is not None:
+            self.env.kill()
         llm = getattr(self, "llm", None)
         if llm is not None:
             try:
@@ -241,6 +335,80 @@ class RolloutWorker:
                 self.llm = None
                 del llm
                 gc.collect()
+
+
+class _EnvironmentClient:
+    """The engine's side of its environment actor (`<engine>-env`, an `EnvironmentHost`), started on first use.
+    Every call is bounded (its items x `timeout_s`, plus slack); an actor that dies or stops answering is killed,
+    the episodes of that call end with an error, and the next call starts a fresh actor."""
+
+    def __init__(self, name: str, cfg: EnvironmentConfig, base_dir: str | None, namespace: str | None):
+        self.name, self.cfg, self.base_dir, self.namespace = name, cfg, base_dir, namespace
+        self.actor: Any = None
+        self.restarts = 0
+
+    def _actor(self):
+        import ray
+
+        from actors.environment import EnvironmentHost
+        from cluster.runtime import actor_runtime_env
+
+        if self.actor is None:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    self.actor = (
+                        ray.remote(EnvironmentHost)
+                        .options(
+                            name=self.name,
+                            namespace=self.namespace,  # the engine's: two jobs on one Ray do not clash
+                            num_cpus=self.cfg.cpus_per_actor,
+                            runtime_env=actor_runtime_env(1),
+                            max_restarts=0,
+                        )
+                        .remote(self.cfg.class_path, self.cfg.kwargs, self.cfg.timeout_s, self.base_dir)
+                    )
+                    break
+                except ValueError as e:  # a just-killed actor may hold its name a moment longer
+                    if "already taken" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        return self.actor
+
+    def _call(self, method: str, items: list) -> list:
+        import ray
+
+        from actors.environment import crashed_replies
+
+        if not items:
+            return []
+        timeout = len(items) * self.cfg.timeout_s + 30.0
+        try:
+            return ray.get(getattr(self._actor(), method).remote(items), timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - the host died, hung or failed to start: these episodes end
+            reason = f"{self.name}: {type(e).__name__}: {str(e)[:300]}"
+            print(f"aha: environment actor {reason}; replacing it", flush=True)
+            self.kill()
+            self.restarts += 1
+            return crashed_replies(len(items), reason)
+
+    def start(self, items: list) -> list:
+        return self._call("start", items)
+
+    def step(self, items: list) -> list:
+        return self._call("step", items)
+
+    def close(self, keys: list[str]) -> None:
+        if self.actor is not None:
+            self.actor.close.remote(keys)  # fire and forget: nothing waits on forgetting an episode
+
+    def kill(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            with suppress(Exception):  # already gone
+                ray.kill(self.actor, no_restart=True)
+            self.actor = None
 
 
 @contextmanager
@@ -347,9 +515,17 @@ class RolloutPool:
     """
 
     def __init__(
-        self, model: ModelConfig, cfg: RolloutConfig, *, namespace: str | None = None, dtype: str = "float32"
+        self,
+        model: ModelConfig,
+        cfg: RolloutConfig,
+        *,
+        namespace: str | None = None,
+        dtype: str = "float32",
+        environment: EnvironmentConfig | None = None,
     ):
         self.model, self.cfg, self.namespace, self.dtype = model, cfg, namespace, dtype
+        self.environment = environment  # episodes against it instead of single completions
+        self._base_dir = os.getcwd()  # where a `file.py:Class` environment is looked up
         self.engines: list[Any] = [None] * cfg.num_engines
         self.alive: list[bool] = [False] * cfg.num_engines
         self.restarts: list[int] = [0] * cfg.num_engines
@@ -386,7 +562,16 @@ class RolloutPool:
                     scheduling_strategy="SPREAD" if self.cfg.spread else "DEFAULT",
                     runtime_env=actor_runtime_env(self.cfg.threads_per_engine, gpus=self.cfg.gpus_per_engine),
                     max_restarts=0,
-                ).remote(self.name(i), self.model, self.cfg, seed=self.cfg.seed + i, dtype=self.dtype)
+                ).remote(
+                    self.name(i),
+                    self.model,
+                    self.cfg,
+                    seed=self.cfg.seed + i,
+                    dtype=self.dtype,
+                    environment=self.environment,
+                    base_dir=self._base_dir,
+                    namespace=self.namespace,
+                )
             except ValueError as e:  # a just-killed actor may hold its name a moment longer
                 if "already taken" not in str(e) or time.monotonic() > deadline:
                     raise

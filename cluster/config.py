@@ -368,6 +368,40 @@ class RewardConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# environment (multi-turn episodes)
+
+
+class EnvironmentConfig(Section):
+    """A multi-turn environment: each sample is an episode of turns (docs/environments.md)."""
+
+    class_path: str
+    """`module:Class` or `path/to/file.py:Class` (the file is shipped with the job's working dir). Built-ins:
+    `actors.envs.guess:GuessNumber`, `actors.envs.python_tool:PythonTool`."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the class's constructor (one instance per episode)."""
+    max_turns: int = Field(4, ge=1, le=1000, strict=True)
+    """Model turns per episode; an episode still running after them ends (finish reason "turns")."""
+    max_tokens: int = Field(256, ge=1, le=1 << 21, strict=True)
+    """Longest episode after the prompt, model and environment tokens together; an episode that reaches it ends
+    (finish reason "length"). One turn is also bounded by `rollout.sampling.max_tokens`."""
+    timeout_s: Seconds = 30.0
+    """Limit for one call of the environment (start or one step); past it the episode ends with
+    `reward.error_reward` and is counted as an environment error."""
+    cpus_per_actor: float = Field(0.0, ge=0, le=4096)
+    """Logical CPUs reserved per environment actor (`rollout-<i>-env`, one next to each engine)."""
+
+    @field_validator("class_path")
+    @classmethod
+    def _module_colon_class(cls, spec: str) -> str:
+        target, sep, name = spec.rpartition(":")
+        if not sep or not target.strip() or not name.isidentifier():
+            raise ValueError("expected 'module:Class' or 'path/to/file.py:Class'")
+        if not target.endswith(".py") and not all(part.isidentifier() for part in target.split(".")):
+            raise ValueError(f"{shorten(target, 60)} is neither a dotted module name nor a .py file")
+        return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # learner and algorithm
 
 
@@ -804,6 +838,8 @@ class JobConfig(Section):
     """`aha generate`: prompts to sample, output files, filter and dedup of the dataset."""
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     """Behaviour metrics of the completions (length, self-check phrases, final answers) per step."""
+    environment: EnvironmentConfig | None = None
+    """A multi-turn environment the engines play episodes against (unset: one completion per sample)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -833,8 +869,11 @@ class JobConfig(Section):
                 "learner.gpus_per_rank is a fraction with several ranks: two ranks could share one GPU, which "
                 "NCCL refuses (use 1 GPU per rank, or one rank)"
             )
-        if self.schedule.steps > 0 and not self.reward.functions and self.algorithm.loss != "sft":
-            raise ValueError("reward.functions is empty: trial and error needs at least one reward function")
+        rewarded = self.reward.functions or self.environment is not None
+        if self.schedule.steps > 0 and not rewarded and self.algorithm.loss != "sft":
+            raise ValueError(
+                "reward.functions is empty and no environment is set: trial and error needs a reward"
+            )
         step_samples = self.schedule.prompts_per_step * self.rollout.samples_per_prompt
         if self.algorithm.mini_batches > step_samples:
             raise ValueError(
@@ -860,6 +899,12 @@ class JobConfig(Section):
                     f"rollout.{key}.max_tokens ({max_tokens}) must be below model.max_model_len "
                     f"({self.model.max_model_len}), which also holds the prompt: lower it or raise max_model_len"
                 )
+        env = self.environment
+        if env is not None and env.max_tokens >= self.model.max_model_len:
+            raise ValueError(
+                f"environment.max_tokens ({env.max_tokens}) must be below model.max_model_len "
+                f"({self.model.max_model_len}), which also holds the prompt: lower it or raise max_model_len"
+            )
         if sched.steps == 0:
             return self
         group_based = self.algorithm.advantage in GROUP_ADVANTAGES and self.algorithm.loss != "sft"

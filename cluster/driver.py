@@ -29,7 +29,7 @@ from cluster.config import JobConfig, dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
 from cluster.files import write_atomic
 from cluster.metrics import MetricsLogger, write_report
-from cluster.monitor import trajectory_metrics
+from cluster.monitor import environment_metrics, trajectory_metrics
 from cluster.preflight import check_cluster_resources, prepare_run_dir
 from cluster.runtime import apply_base_env, init_ray
 
@@ -93,11 +93,17 @@ class Run:
             cfg.model,
             cfg.learner,
             cfg.algorithm,
-            sampling=cfg.rollout.sampling,
+            sampling=learner_sampling(cfg),
             namespace=self.namespace,
             cluster=cfg.cluster,
         )
-        self.pool = RolloutPool(cfg.model, cfg.rollout, namespace=self.namespace, dtype=cfg.learner.dtype)
+        self.pool = RolloutPool(
+            cfg.model,
+            cfg.rollout,
+            namespace=self.namespace,
+            dtype=cfg.learner.dtype,
+            environment=cfg.environment,
+        )
         self.rewards = RewardPool(cfg.reward, self.namespace)
         self.buffer = (
             ray.remote(ReplayBuffer)
@@ -217,6 +223,7 @@ class Run:
             "eval/completion_len": sum(len(t.completion_ids) for t in scored) / max(len(scored), 1),
             "eval/reward_errors": float(errors),
             "eval/failed_prompts": float(len(done.failed)),
+            **{f"eval/{k}": v for k, v in environment_metrics(scored).items()},
         }
 
     def _score_and_store(self, done) -> int:
@@ -358,6 +365,7 @@ class Run:
             "version": float(self.state.version),
         }
         metrics.update(trajectory_metrics(trajectories, cfg.monitor))  # monitor/*: sample behaviour
+        metrics.update(environment_metrics(trajectories))  # env/*: multi-turn episodes
         if self.state.step % sched.sync_every == 0 or self.state.step == sched.steps:
             metrics.update(self._sync())
         if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
@@ -479,6 +487,15 @@ class Run:
             ray.kill(self.buffer)
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+def learner_sampling(cfg: JobConfig):
+    """The sampling settings the learner scores with: the engines' (temperature, top-k, top-p), and as the longest
+    sample (the `constant` loss normaliser) an environment's episode length when samples are episodes."""
+    sampling = cfg.rollout.sampling
+    if cfg.environment is not None:
+        sampling = sampling.model_copy(update={"max_tokens": cfg.environment.max_tokens})
+    return sampling
 
 
 def _refill_cause(before: dict[str, float], after: dict[str, float], failed: int) -> str:

@@ -62,7 +62,7 @@ FIELDS = (
     "reward_error",  # why scoring failed, else null
     "passed",  # reward >= generate.pass_threshold
     "kept",  # chosen by the filter (and not a duplicate)
-    "finish_reason",  # stop | length
+    "finish_reason",  # stop | length (an environment's episode: stop | turns | length | error)
     "completion_tokens",
     "version",  # policy version of the weights that sampled it (0: the model folder's weights)
     "model",  # model.path
@@ -224,6 +224,8 @@ def dataset_settings(cfg: JobConfig) -> dict[str, Any]:
         "filter": cfg.generate.filter.model_dump(mode="json"),
         "dedup": cfg.generate.dedup,
     }
+    if cfg.environment is not None:  # only when set: datasets made without one still resume
+        settings["environment"] = cfg.environment.model_dump(mode="json", exclude={"cpus_per_actor"})
     return json.loads(json.dumps(settings))
 
 
@@ -388,15 +390,23 @@ def generate(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
     gen = cfg.generate
     if not Path(cfg.model.path, "config.json").is_file():
         raise FileNotFoundError(f"model.path {cfg.model.path!r} has no config.json")
-    if not cfg.reward.functions:
-        raise ConfigError("reward.functions is empty: aha generate scores every sample")
+    if not cfg.reward.functions and cfg.environment is None:
+        raise ConfigError(
+            "reward.functions is empty and no environment is set: aha generate scores every sample"
+        )
     started = time.time()
     files = DatasetFiles(gen.output.format(name=cfg.name))
     state = files.open(dataset_settings(cfg), resume)
     if state.cursor < gen.prompts:
         seen = {text_key(r["prompt"], r["completion"]) for r in files.read("kept")} if gen.dedup else None
         init_ray(cfg.cluster)
-        pool = RolloutPool(cfg.model, cfg.rollout, namespace=cfg.cluster.namespace, dtype=cfg.learner.dtype)
+        pool = RolloutPool(
+            cfg.model,
+            cfg.rollout,
+            namespace=cfg.cluster.namespace,
+            dtype=cfg.learner.dtype,
+            environment=cfg.environment,  # multi-turn: a row's completion is the episode's transcript
+        )
         rewards = None
         try:
             rewards = RewardPool(cfg.reward, cfg.cluster.namespace)

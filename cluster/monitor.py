@@ -114,6 +114,35 @@ def trajectory_metrics(trajectories: Sequence[Any], cfg: MonitorConfig) -> dict[
     return {f"monitor/{k}": v for k, v in metrics.items()}
 
 
+def environment_metrics(trajectories: Sequence[Any]) -> dict[str, float]:
+    """Multi-turn episodes (docs/environments.md); {} when no trajectory is an episode.
+
+    env/turns_mean          model turns per episode
+    env/errors              episodes ended by an environment error (raised, hung, malformed, actor died)
+    env/finish_<reason>     share of episodes ending by stop (the environment said done), turns, length, error
+    env/<key>               mean of a number the environments report in `info` (over the episodes reporting
+                            it): the built-in game reports `won` (env/won is the win rate), the python tool
+                            `tool_calls` and `tool_failures`
+    env/tool_failure_rate   tool_failures / tool_calls over the batch, when any tool was called
+    """
+    episodes = [t for t in trajectories if t.completion_mask is not None]
+    if not episodes:
+        return {}
+    out = {
+        "env/turns_mean": _mean([t.turns for t in episodes]),
+        "env/errors": float(sum(t.env_error is not None for t in episodes)),
+    }
+    for reason in ("stop", "turns", "length", "error"):
+        out[f"env/finish_{reason}"] = _mean([t.finish_reason == reason for t in episodes])
+    keys = sorted({k for t in episodes for k in t.env_info})
+    for key in keys:
+        out[f"env/{key}"] = _mean([t.env_info[key] for t in episodes if key in t.env_info])
+    calls = sum(t.env_info.get("tool_calls", 0.0) for t in episodes)
+    if calls:
+        out["env/tool_failure_rate"] = sum(t.env_info.get("tool_failures", 0.0) for t in episodes) / calls
+    return out
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k).
 

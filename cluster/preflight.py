@@ -205,6 +205,45 @@ def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
     return problems
 
 
+def environment_problems(cfg: JobConfig, files: bool) -> list[str]:
+    """The environment class imports, has start/step, takes its kwargs, and gets the fields its `start` needs."""
+    from actors.environment import load_environment
+
+    env = cfg.environment
+    if env is None or (not files and env.class_path.rsplit(":", 1)[0].endswith(".py")):
+        return []
+    try:
+        cls = load_environment(env.class_path)
+    except BaseException as e:  # noqa: BLE001 - an import may raise anything, even SystemExit
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return [
+            f"environment.class_path {shorten(env.class_path)}: {type(e).__name__}: {shorten(str(e), 300)[1:-1]}"
+        ]
+    problems = []
+    try:
+        inspect.signature(cls).bind(**env.kwargs)
+    except TypeError as e:
+        problems.append(f"environment.kwargs: {cls.__name__}(**kwargs) fails: {e}")
+    except ValueError:  # no signature to check
+        pass
+    fields = prompt_fields(cfg, files)
+    try:
+        params = list(inspect.signature(cls.start).parameters.values())[2:]  # after self, prompt
+    except (TypeError, ValueError):
+        params = []
+    needed = [
+        p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+    ]
+    missing = [n for n in needed if fields is not None and n not in fields]
+    if missing:
+        problems.append(
+            f"environment.class_path {shorten(env.class_path)}: start needs {', '.join(missing)}, not a field of "
+            f"the prompts ({', '.join(sorted(fields or ())) or 'none'})"
+        )
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # everything the config names
 
@@ -212,7 +251,7 @@ def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
 def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
     """Every problem with what the config names, each starting with the field. `files=False` skips the model and
     data files (and reward .py files), for a config that will run on another machine."""
-    problems = reward_problems(cfg, files)
+    problems = reward_problems(cfg, files) + environment_problems(cfg, files)
     if not files:
         return problems
     if problem := model_problem(cfg.model.path):
@@ -321,6 +360,17 @@ def job_demands(cfg: JobConfig) -> list[Demand]:
             {"CPU": r.cpus_per_engine, "GPU": r.gpus_per_engine, **_custom(r)},
         ),
         Demand(f"reward-0..{w.num_workers - 1}", w.num_workers, {"CPU": w.cpus_per_worker, **_custom(w)}),
+        *(
+            [
+                Demand(
+                    f"rollout-0..{r.num_engines - 1}-env",
+                    r.num_engines,
+                    {"CPU": cfg.environment.cpus_per_actor},
+                )
+            ]
+            if cfg.environment is not None
+            else []
+        ),
         Demand(
             f"learner-0..{lr.num_ranks - 1}",
             lr.num_ranks,

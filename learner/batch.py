@@ -19,12 +19,15 @@ from actors.records import Trajectory
 
 @dataclass
 class Sample:
-    """Invariant: len(behaviour_logprobs) == len(tokens) - prompt_len (one per completion token)."""
+    """Invariant: len(behaviour_logprobs) == len(tokens) - prompt_len (one per completion token), and so is
+    len(mask) when it is set. `mask[k]` is 1 for a completion token the loss trains (the model's) and 0 for one
+    it does not (an environment's observation in a multi-turn episode); None trains every completion token."""
 
     tokens: list[int]  # prompt + completion
     prompt_len: int
     behaviour_logprobs: list[float]
     advantage: float
+    mask: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.behaviour_logprobs) != len(self.tokens) - self.prompt_len:
@@ -32,9 +35,16 @@ class Sample:
                 f"sample has {len(self.tokens) - self.prompt_len} completion tokens but "
                 f"{len(self.behaviour_logprobs)} behaviour logprobs"
             )
+        if self.mask is not None and len(self.mask) != len(self.behaviour_logprobs):
+            raise ValueError(
+                f"sample has {len(self.behaviour_logprobs)} completion tokens but a mask of {len(self.mask)}"
+            )
 
     @property
     def completion_len(self) -> int:
+        """Completion tokens the loss trains (the model's own)."""
+        if self.mask is not None:
+            return sum(self.mask)
         return len(self.tokens) - self.prompt_len
 
 
@@ -52,7 +62,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # (B, L) long, right-padded
     attention_mask: torch.Tensor  # (B, L) long
     targets: torch.Tensor  # (B, T) long, T = L - 1: the token each position predicts
-    loss_mask: torch.Tensor  # (B, T) float, 1 where the target is a completion token
+    loss_mask: torch.Tensor  # (B, T) float, 1 where the target is a trained completion token
     behaviour_logprobs: torch.Tensor  # (B, T) float, 0 outside the completion
     advantages: torch.Tensor  # (B, T) float, the sample's advantage on its completion tokens
 
@@ -64,7 +74,13 @@ def samples_from_trajectories(
     beforehand). mask_truncated: trajectories cut off by max_tokens (finish reason "length") get no loss, so they
     are left out (DAPO's overlong filtering)."""
     return [
-        Sample(t.prompt_ids + t.completion_ids, len(t.prompt_ids), list(t.logprobs), float(a))
+        Sample(
+            t.prompt_ids + t.completion_ids,
+            len(t.prompt_ids),
+            list(t.logprobs),
+            float(a),
+            None if t.completion_mask is None else list(t.completion_mask),
+        )
         for t, a in zip(trajectories, advantages, strict=True)
         if not (mask_truncated and t.finish_reason == "length")
     ]
@@ -120,7 +136,7 @@ def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
         attention_mask[i, :n] = 1
         # completion token k sits at position prompt_len + k and is predicted at position prompt_len + k - 1
         start, end = s.prompt_len - 1, n - 1
-        loss_mask[i, start:end] = 1.0
+        loss_mask[i, start:end] = 1.0 if s.mask is None else torch.tensor(s.mask, dtype=torch.float32)
         behaviour[i, start:end] = torch.tensor(s.behaviour_logprobs)
         advantages[i, start:end] = s.advantage
     if not samples:

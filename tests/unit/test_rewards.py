@@ -253,6 +253,6 @@ def test_hang_is_abandoned_and_batch_goes_on(user_file):
     assert all(math.isfinite(t.reward) for t in out)
 
 
-def test_no_functions_is_an_error():
+def test_no_functions_is_an_error_for_a_single_turn_sample():
     with pytest.raises(ValueError, match="empty"):
-        RewardScorer(RewardConfig())
+        RewardScorer(RewardConfig()).score([traj("a", answer="a")])
