@@ -96,7 +96,12 @@ class Run:
             cluster=cfg.cluster,
         )
         self.pool = RolloutPool(cfg.model, cfg.rollout, namespace=self.namespace, dtype=cfg.learner.dtype)
-        self.rewards = RewardPool(cfg.reward, self.namespace)
+        # A step's samples in one call per worker: each call costs ~10 ms of Ray and pickling, scoring an
+        # exact match microseconds (measured: 8 calls of 32 took 80 ms of a 0.75 s demo step)
+        per_worker = -(
+            -cfg.schedule.prompts_per_step * cfg.rollout.samples_per_prompt // cfg.reward.num_workers
+        )
+        self.rewards = RewardPool(cfg.reward, self.namespace, batch_size=max(32, per_worker))
         # In the driver's process: the driver is its only user, so every trajectory would otherwise be pickled
         # into an actor and back, with several calls per step (measured: ~20 ms of a 0.45 s demo step).
         self.buffer = ReplayBuffer(cfg.buffer, cfg.rollout.samples_per_prompt)
