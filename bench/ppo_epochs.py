@@ -67,7 +67,6 @@ def run_arm(name: str, model: Path, root: Path, args) -> dict:
             "logging.progress=false",
             "logging.tensorboard=false",
             f"cluster.namespace=aha-bench-ppo-{name}-{os.getpid()}",
-            "schedule.mode=sync",  # the schedule of its recorded figures (the demo's is async now)
             f"schedule.steps={args.steps}",
             f"schedule.eval_every={args.eval_every}",
             f"schedule.seed={args.seed}",

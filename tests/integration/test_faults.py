@@ -40,7 +40,6 @@ def overrides(tiny_model, root: Path, name: str, *extra: str) -> list[str]:
         "logging.progress=false",
         "logging.tensorboard=false",
         "imitation.steps=0",
-        "schedule.mode=sync",  # exact resume is checked in the deterministic schedule (the demo's is async)
         f"schedule.steps={STEPS}",
         f"schedule.prompts_per_step={PER_STEP}",
         "schedule.eval_prompts=4",

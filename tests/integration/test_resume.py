@@ -26,7 +26,6 @@ def overrides(tiny_model, run_root) -> list[str]:
         "logging.progress=false",
         "logging.tensorboard=false",
         "imitation.steps=0",
-        "schedule.mode=sync",  # as before the demo's schedule became async
         f"schedule.steps={STEPS}",
         f"schedule.prompts_per_step={PER_STEP}",
         "schedule.eval_prompts=0",
