@@ -57,3 +57,18 @@ def test_pipeline_bench():
     assert result["sync"]["staleness_max"] == 0.0
     assert result["async"]["staleness_max"] <= 1.0
     assert result["overlap_ratio"] > 0 and result["async_speedup"] > 0
+
+
+def test_vs_trl_bench():
+    """aha's side always; TRL's from its own venv (.cache/trl-venv, created on first use: ~70 s with the
+    package registries), skipped with the reason when it cannot be created."""
+    result = run_bench("vs_trl.py")
+    demo = result["results"]["demo"]
+    aha = demo["aha"]
+    assert aha["steps"]["step_s"] > 0 and aha["steps"]["train_s"] > 0 and aha["cores_used"] > 0
+    assert set(aha["eval"]) == {"0", "3"}  # held-out accuracy before and after the quick run's 3 steps
+    if "skipped" in demo["trl"]:
+        pytest.skip(f"TRL side: {demo['trl']['skipped']}")
+    assert demo["trl"]["versions"]["trl"] == "1.16.0"
+    assert set(demo["trl"]["eval"]) == {"0", "3"}  # the same steps on both sides
+    assert demo["trl"]["steps"]["step_s"] > 0 and demo["ratio_aha_over_trl"] > 0

@@ -188,8 +188,6 @@ def test_actors_land_on_the_node_types_the_yaml_names(run):
     assert where["reward-0"] == "head"  # node_score
     assert {where["learner-0"], where["learner-1"]} == {"head", "gen-a"}  # node_train, one rank each
     assert {where["rollout-0"], where["rollout-1"]} == {"gen-a", "gen-b"}  # node_gen, spread
-    # with the driver, on the node whose raylet the driver joined (Ray prefers the head; seen on gen-a too)
-    assert where["replay-buffer"] != VICTIM, "the driver and its buffer joined the node this test removes"
 
 
 def test_weights_sync_across_nodes_and_ranks_train_across_nodes(run):

@@ -1,0 +1,381 @@
+"""aha against TRL's GRPOTrainer on the same work: per-step time, its breakdown, cores used, learning per step.
+
+Per workload, both sides start from the same weights, train on the same prompts in the same order with the same
+batch, sampling, optimizer, loss and reward functions, and are evaluated (greedy, the same held-out prompts and
+reward) at the same step counts:
+  demo     the CPU demo (`deploy/examples/cpu_demo.yaml`): the tiny model after the demo's imitation phase
+           (run here first, exported, and used as both sides' start), 3-digit addition, 32 prompts x 8 samples,
+           6 tokens, T=1, AdamW lr 3e-4, GRPO advantages, token-mean policy gradient;
+  smollm2  SmolLM2-135M-Instruct (`aha convert-smollm2`) on reasoning-gym basic_arithmetic as in
+           `deploy/examples/smollm2_cpu.yaml` (4 prompts x 4 samples, 48 tokens), a few steps.
+aha runs in this process (its own local Ray); TRL runs `bench/trl_grpo.py` in its own virtual environment,
+created on first use under `.cache/trl-venv` (pinned: see TRL_PINS) and reused after, one after the other.
+What cannot be matched is listed under "unmatched" in the output.
+
+Per side: median `step_s` (evaluation excluded) with `generate_score_s` (aha: what the driver waited for
+rollouts and rewards, in async mode only what did not overlap training), `train_s` (aha: the learner's own
+optimizer step; TRL: the rest of its step) and aha's `sync_s` (weight broadcast); `cores_used` = CPU time of
+every process of the side (aha: driver, Ray and every actor) / wall time over the training phase; held-out
+accuracy at each `eval_at` step. `ratio_aha_over_trl` = aha step_s / TRL step_s (goal <= 0.5).
+
+    .venv/bin/python bench/vs_trl.py                      # both workloads, ~15 min on 2 cores
+    .venv/bin/python bench/vs_trl.py --workloads demo     # ~6 min
+    .venv/bin/python bench/vs_trl.py --quick              # smoke run: demo only, a few steps
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]  # see bench/weight_sync.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from cluster.files import emit_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_PINS = [
+    ["torch==2.13.0"],  # first, alone: the CPU wheel (as for aha itself)
+    ["trl==1.16.0", "transformers>=5.19,<5.20", "datasets", "reasoning-gym==0.1.25"],
+]
+"""TRL's environment, installed in this order (reasoning-gym: the same reward functions as aha's)."""
+
+UNMATCHED = [
+    "sampling: different random streams (vLLM engine seeded per chunk vs torch's generator in TRL): the same "
+    "prompts, not the same samples",
+    "generation: aha samples with vLLM (CPU build, fp32, eager) in its own process; TRL with transformers "
+    "generate in the training process, one batch",
+    "off-policy correction: aha's loss applies truncated importance sampling (algorithm.off_policy=tis) to the "
+    "engine/learner logprob gap (~1e-6 in fp32 sync mode); TRL without vLLM has none (its sampler is its learner)",
+    "async schedule (when used): aha's batch of step k was sampled with the weights of step k-1 "
+    "(buffer.max_staleness=1); TRL is strictly on-policy",
+    "advantage std epsilon: aha 1e-6 (algorithm.std_eps), TRL 1e-4 (fixed)",
+    "optimizer implementation: aha DeepSpeed ZeRO-2 with torch AdamW; TRL accelerate with torch AdamW (same "
+    "betas, eps, weight decay, clip 1.0, constant lr)",
+    "dropout: both models have none (attention_dropout 0)",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", choices=["demo", "smollm2"], default=["demo", "smollm2"])
+    p.add_argument("--steps", type=int, default=100, help="demo: RL steps per side")
+    p.add_argument("--eval-every", type=int, default=25, help="demo: held-out accuracy every N steps")
+    p.add_argument("--imitation-steps", type=int, default=None, help="demo: default the demo's (400)")
+    p.add_argument("--smollm2-steps", type=int, default=4)
+    p.add_argument("--smollm2-model", default="models/smollm2-135m", help="converted here if missing")
+    p.add_argument("--schedule", choices=["sync", "async"], default=None, help="aha; default: the config's")
+    p.add_argument(
+        "--trl-threads",
+        type=int,
+        default=None,
+        help="torch threads for TRL; default: the threads aha's engines and learner ranks get together",
+    )
+    p.add_argument("--trl-venv", default=str(ROOT / ".cache" / "trl-venv"), help="created if missing")
+    p.add_argument("--no-trl", action="store_true", help="the aha side only")
+    p.add_argument("--ray-cpus", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="a smoke run: demo only, a few steps")
+    p.add_argument("--out", help="also write the JSON object to this file")
+    args = p.parse_args()
+    if args.quick:
+        args.workloads, args.steps, args.eval_every, args.imitation_steps = ["demo"], 3, 3, 20
+    return args
+
+
+# -- TRL's environment ----------------------------------------------------------------------------------------
+def trl_python(venv: Path) -> tuple[Path | None, str | None]:
+    """The venv's python, creating the venv if missing; (None, why) when it cannot be made."""
+    python = venv / "bin" / "python"
+    marker = venv / "aha-pins.json"  # written last: a venv cut off half-way is rebuilt
+    if marker.is_file() and json.loads(marker.read_text()) == TRL_PINS and python.is_file():
+        return python, None
+    started = time.monotonic()
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+        for pins in TRL_PINS:
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", *pins],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        return None, f"could not create TRL's venv at {venv}: {str(detail).strip()[-500:]}"
+    marker.write_text(json.dumps(TRL_PINS))
+    print(f"vs_trl: created TRL's venv at {venv} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return python, None
+
+
+# -- aha ----------------------------------------------------------------------------------------------------------
+def tree_cpu_s() -> float:
+    """CPU seconds of this process and every descendant (the local Ray: GCS, raylet, every actor)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
+def run_aha(cfg, eval_at: list[int]) -> dict:
+    """One RL run of `cfg`: accuracy before, every schedule.eval_every steps and after; per-step figures from
+    its metrics.jsonl; CPU time of every process over the training phase."""
+    from cluster.driver import Run
+
+    job = Run(cfg)
+    evals = {}
+    try:
+        job.start(resume=False, overwrite=True)
+        if 0 in eval_at:
+            evals["0"] = job.evaluate()["eval/accuracy"]
+        cpu0, wall0 = tree_cpu_s(), time.perf_counter()
+        job.train()
+        cpu1, wall1 = tree_cpu_s(), time.perf_counter()
+        evals[str(job.state.step)] = job.evaluate()["eval/accuracy"]
+    finally:
+        job.shutdown()
+    records = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").open()]
+    steps = [r for r in records if "step_s" in r]
+    for r in steps:
+        if "eval/accuracy" in r:
+            evals[str(int(r["version"]) - (job.state.version - job.state.step))] = r["eval/accuracy"]
+    return {
+        "steps": _medians(
+            steps,
+            {
+                "step_s": lambda r: r["step_s"] - r.get("eval_s", 0.0),
+                "generate_score_s": lambda r: r["generate_score_s"],
+                "train_s": lambda r: r["train/step_s"],
+                "sync_s": lambda r: r.get("sync_s", 0.0),
+            },
+        ),
+        "eval": {k: evals[k] for k in sorted(evals, key=int) if int(k) in eval_at},
+        "cores_used": round((cpu1 - cpu0) / (wall1 - wall0), 2),
+        "wall_s": round(wall1 - wall0, 1),
+        "schedule": cfg.schedule.mode,
+        "threads": {
+            "engine": cfg.rollout.threads_per_engine * cfg.rollout.num_engines,
+            "learner": cfg.learner.threads_per_rank * cfg.learner.num_ranks,
+        },
+    }
+
+
+def _medians(steps: list[dict], keys: dict) -> dict:
+    """Medians after the first step (start-up: first calls, first compilation of kernels)."""
+    measured = steps[1:] or steps
+    out = {name: round(statistics.median(f(r) for r in measured), 4) for name, f in keys.items()}
+    out["steps_measured"] = len(measured)
+    return out
+
+
+def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: str) -> Path:
+    """The demo's imitation phase on the tiny model, exported: both sides' starting weights."""
+    from cluster.config import load_config
+    from cluster.driver import run
+
+    overrides = [
+        "name=vs-trl-imitation",
+        f"model.path={model}",
+        f"logging.run_dir={root}/{{name}}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        f"cluster.namespace={namespace}-imitation",
+        "schedule.steps=0",
+        "schedule.eval_prompts=0",
+        "checkpoint.export_hf=true",
+    ]
+    if steps is not None:
+        overrides.append(f"imitation.steps={steps}")
+    run(load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", overrides))
+    return root / "vs-trl-imitation" / "final_model"
+
+
+# -- TRL ----------------------------------------------------------------------------------------------------------
+def trl_job(cfg, eval_at: list[int], threads: int, work: Path) -> dict:
+    """What TRL needs to run the same work as `cfg`: weights, prompts in aha's order, rewards, settings."""
+    from cluster.data import make_source
+
+    source = make_source(cfg.data)
+    sched, sampling, opt = cfg.schedule, cfg.rollout.sampling, cfg.learner.optimizer
+    return {
+        "model": str(cfg.model.path),
+        "chat_template": cfg.model.chat_template,
+        "seed": sched.seed,
+        "steps": sched.steps,
+        "threads": threads,
+        "eval_at": eval_at,
+        "eval_threshold": sched.eval_threshold,
+        "train_prompts": [
+            {"text": p.text, "fields": p.fields}
+            for p in source.train_prompts(0, sched.steps * sched.prompts_per_step)
+        ],
+        "eval_prompts": [
+            {"text": p.text, "fields": p.fields} for p in source.eval_prompts(sched.eval_prompts)
+        ],
+        "rewards": [
+            {"function": f.function, "weight": f.weight, "kwargs": f.kwargs} for f in cfg.reward.functions
+        ],
+        "settings": {
+            "prompts_per_step": sched.prompts_per_step,
+            "samples_per_prompt": cfg.rollout.samples_per_prompt,
+            "max_tokens": sampling.max_tokens,
+            "eval_max_tokens": cfg.rollout.eval_sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": max(sampling.top_k, 0),  # TRL: 0 = off (aha: -1)
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+            "grad_clip": cfg.learner.grad_clip,
+        },
+        "work_dir": str(work / "trl-out"),
+        "out": str(work / "trl-result.json"),
+    }
+
+
+def run_trl(python: Path, job: dict, work: Path) -> dict:
+    path = work / "trl-job.json"
+    path.write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run(
+        [str(python), str(ROOT / "bench" / "trl_grpo.py"), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    record = json.loads(Path(job["out"]).read_text())
+    return {
+        "steps": _medians(
+            record["steps"],
+            {k: (lambda r, k=k: r[k]) for k in ("step_s", "generate_score_s", "train_s")},
+        ),
+        "eval": record["eval"],
+        "cores_used": round(record["cpu_s"] / record["wall_s"], 2),
+        "wall_s": round(record["wall_s"] - record["eval_s"], 1),
+        "threads": record["threads"],
+        "versions": record["versions"],
+    }
+
+
+# -- workloads ------------------------------------------------------------------------------------------------
+def workload_config(name: str, args, root: Path, start: Path, namespace: str):
+    from cluster.config import load_config
+
+    common = [
+        f"name=vs-trl-{name}",
+        f"model.path={start}",
+        f"logging.run_dir={root}/{{name}}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        f"cluster.namespace={namespace}-{name}",
+        "imitation.steps=0",
+        "checkpoint.export_hf=false",
+    ]
+    if args.schedule:
+        common.append(f"schedule.mode={args.schedule}")
+    if name == "demo":
+        extra = [f"schedule.steps={args.steps}", f"schedule.eval_every={args.eval_every}"]
+        if args.quick:
+            extra.append("schedule.eval_prompts=16")
+        return load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", common + extra).resolved()
+    extra = [f"schedule.steps={args.smollm2_steps}", "schedule.eval_every=0"]
+    return load_config(ROOT / "deploy" / "examples" / "smollm2_cpu.yaml", common + extra).resolved()
+
+
+def compare(aha: dict, trl: dict | None) -> dict:
+    if trl is None:
+        return {}
+    return {
+        "ratio_aha_over_trl": round(aha["steps"]["step_s"] / trl["steps"]["step_s"], 3),
+        "accuracy_gap_at_last_eval": round(
+            aha["eval"][max(aha["eval"], key=int)] - trl["eval"][max(trl["eval"], key=int)], 4
+        ),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    from cluster.runtime import apply_base_env
+
+    apply_base_env()
+    import ray
+
+    from cluster.models import convert_smollm2, make_tiny_model
+
+    python, skipped = (None, "--no-trl") if args.no_trl else trl_python(Path(args.trl_venv))
+    namespace = f"aha-bench-vs-trl-{os.getpid()}"
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="aha-bench-vs-trl-") as tmp:
+        root = Path(tmp)
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            for name in args.workloads:
+                if name == "demo":
+                    tiny = make_tiny_model(root / "tiny", seed=0)
+                    start = imitation_checkpoint(tiny, root, args.imitation_steps, namespace)
+                else:
+                    start = Path(args.smollm2_model)
+                    if not (start / "config.json").is_file():
+                        convert_smollm2(start)
+                cfg = workload_config(name, args, root, start.resolve(), namespace)
+                every = cfg.schedule.eval_every or cfg.schedule.steps
+                eval_at = sorted({0, *range(every, cfg.schedule.steps + 1, every), cfg.schedule.steps})
+                aha = run_aha(cfg, eval_at)
+                threads = args.trl_threads or aha["threads"]["engine"] + aha["threads"]["learner"]
+                trl = None
+                if python is not None:
+                    work = root / f"trl-{name}"
+                    work.mkdir()
+                    trl = run_trl(python, trl_job(cfg, eval_at, threads, work), work)
+                results[name] = {
+                    "workload": {
+                        "model": name,
+                        "steps": cfg.schedule.steps,
+                        "prompts_per_step": cfg.schedule.prompts_per_step,
+                        "samples_per_prompt": cfg.rollout.samples_per_prompt,
+                        "max_tokens": cfg.rollout.sampling.max_tokens,
+                        "temperature": cfg.rollout.sampling.temperature,
+                        "lr": cfg.learner.optimizer.lr,
+                        "loss": cfg.algorithm.loss,
+                        "eval_prompts": cfg.schedule.eval_prompts,
+                    },
+                    "aha": aha,
+                    "trl": trl if trl is not None else {"skipped": skipped},
+                    **compare(aha, trl),
+                }
+        finally:
+            ray.shutdown()
+    result = {
+        "bench": "vs_trl",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "results": results,
+        "unmatched": UNMATCHED,
+        "target": "ratio_aha_over_trl <= 0.5 with TRL given aha's thread count, equal accuracy per step",
+        "notes": "medians over steps after the first, evaluation excluded"
+        + ("; QUICK smoke run" if args.quick else ""),
+    }
+    emit_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
