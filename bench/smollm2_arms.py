@@ -259,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     grpo = run_grpo(arm_config(cfg, "grpo", out), Clock(args.budget_s, args.evals), base=True)
     base_point = grpo["points"].pop(0)
-    filt = run_filter(arm_config(cfg, "filter", out), Clock(args.budget_s, args.evals), args)
+    try:
+        filt = run_filter(arm_config(cfg, "filter", out), Clock(args.budget_s, args.evals), args)
+    except Exception as e:  # noqa: BLE001 - the GRPO arm's results are still written, with the error
+        print(f"[arms] filter arm failed: {e!r}", flush=True)
+        filt = {"points": [], "rounds": [], "error": repr(e)}
 
     import ray
 
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 "final": filt["points"][-1]["accuracy"] if filt["points"] else None,
                 "rounds": filt["rounds"],
                 "settings": {k: getattr(args, k) for k in vars(args) if k.startswith("filter_")},
+                "error": filt.get("error"),
             },
             "grpo": {
                 "points": grpo["points"],
