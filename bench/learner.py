@@ -76,7 +76,7 @@ class TorchReference:
 
         from learner.algorithms import token_logprobs
         from learner.batch import collate
-        from learner.worker import micro_batch_loss
+        from learner.worker import completion_window, micro_batch_loss
 
         started = time.perf_counter()
         algo = self.algo
@@ -85,8 +85,10 @@ class TorchReference:
         sums = {"loss": 0.0, "tokens": 0.0}
         ordered = sorted(samples, key=lambda s: len(s.tokens))
         for start in range(0, len(ordered), micro):
-            mb = collate(ordered[start : start + micro], pad_id)
-            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+            mb = completion_window(collate(ordered[start : start + micro], pad_id))
+            keep = mb.targets.shape[1] + 1  # the completion positions only, as the learner does
+            out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=keep)
+            logits = out.logits[:, :-1]
             logprobs = token_logprobs(logits, mb.targets)
             loss, out = micro_batch_loss(logprobs, logits, mb, totals, algo)
             mask = out.mask

@@ -95,6 +95,7 @@ class ReasoningGymSource(PromptSource):
             if cfg.eval_size
             else []
         )
+        self._eval_questions = {entry["question"] for entry in self._eval}
 
     def _prompt(self, pid: str, entry: dict[str, Any]) -> Prompt:
         entry = json.loads(json.dumps(entry, default=str))  # plain JSON types: safe to ship and to log
@@ -105,7 +106,15 @@ class ReasoningGymSource(PromptSource):
         )
 
     def train_prompt(self, index: int) -> Prompt:
-        return self._prompt(f"train-{index}", self._train[index % self.cfg.size])
+        # The held-out split is drawn with another seed but from the same generator: a training entry whose
+        # question is also held out is replaced by the next one that is not, so no held-out problem is trained on.
+        position = index % self.cfg.size
+        for _ in range(self.cfg.size):
+            entry = self._train[position]
+            if entry["question"] not in self._eval_questions:
+                return self._prompt(f"train-{index}", entry)
+            position = (position + 1) % self.cfg.size
+        raise ValueError(f"every training problem of data.task {self.cfg.task!r} is also held out")
 
     def eval_prompts(self, count: int | None = None) -> list[Prompt]:
         n = len(self._eval) if count is None else min(count, len(self._eval))

@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,22 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return base_lr
     return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def completion_window(mb: MicroBatch) -> MicroBatch:
+    """The micro-batch with its (B, T) target-aligned tensors cut to start at the first position that predicts
+    a completion token (in any row). Positions before it carry no loss, and the logits there are the largest
+    tensors of a step ((B, T, V), V ~ 50k for real vocabularies): `LearnerWorker._forward` then projects only
+    the kept positions. input_ids and attention_mask stay whole: the model still reads the prompt."""
+    columns = mb.loss_mask.any(dim=0).nonzero()  # (K, 1) positions with loss in some row
+    start = int(columns[0, 0]) if len(columns) else mb.loss_mask.shape[1] - 1  # all padding: keep one
+    return replace(
+        mb,
+        targets=mb.targets[:, start:],
+        loss_mask=mb.loss_mask[:, start:],
+        behaviour_logprobs=mb.behaviour_logprobs[:, start:],
+        advantages=mb.advantages[:, start:],
+    )
 
 
 @dataclass
@@ -231,12 +247,16 @@ class LearnerWorker:
 
     # -- training ---------------------------------------------------------------------------------------------
     def _forward(self, mb: MicroBatch, sampled: bool, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprobs (B, T) of the targets and the logits (B, T, V) they come from. sampled: of the distribution the
-        engines sample from (temperature, top-k, top-p: `sampling_logits`); else of the model's own softmax."""
+        """Logprobs (B, T) of the targets and the logits (B, T, V) they come from, T = mb.targets' width: the
+        model's last T + 1 positions are projected to logits (the prompt positions a `completion_window` cut
+        off never reach the lm_head). sampled: of the distribution the engines sample from (temperature,
+        top-k, top-p: `sampling_logits`); else of the model's own softmax."""
         model = self.engine if model is None else model
-        input_ids = mb.input_ids.to(self.device)
+        input_ids = mb.input_ids.to(self.device)  # (B, L)
         attention_mask = mb.attention_mask.to(self.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T, V)
+        keep = mb.targets.shape[1] + 1
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+        logits = out.logits[:, :-1]  # (B, T, V): the last position predicts past the sequence
         if sampled:
             s = self.sampling
             logits = sampling_logits(logits, s.temperature, s.top_k, s.top_p)
@@ -266,7 +286,9 @@ class LearnerWorker:
         started = time.perf_counter()
         algo = self.algo if loss_name is None else self.algo.model_copy(update={"loss": loss_name})
         sampled = algo.loss != "sft"  # imitation fits the model's own distribution, not the sampled one
-        batches = [[collate(samples, self.pad_id) for samples in mbs] for mbs in updates]  # collated once
+        batches = [  # collated once, cut to the completions
+            [completion_window(collate(samples, self.pad_id)) for samples in mbs] for mbs in updates
+        ]
         several = epochs * len(batches) > 1
         if several:  # the proximal policy: this step's starting weights
             self.engine.eval()

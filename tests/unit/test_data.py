@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cluster.config import AdditionData, JsonlData
-from cluster.data import AdditionSource, JsonlSource
+from cluster.config import AdditionData, JsonlData, ReasoningGymData
+from cluster.data import AdditionSource, JsonlSource, make_source
 
 
 def test_addition_is_deterministic_disjoint_and_correct():
@@ -32,3 +32,18 @@ def test_jsonl_epochs_reshuffle_and_ids_stay_unique(tmp_path):
     assert sorted(p.text for p in first) == sorted(p.text for p in second) == [f"Q{i}" for i in range(5)]
     assert len({p.id for p in first + second}) == 10
     assert first[0].fields["answer"] == first[0].text[1:]
+
+
+def test_reasoning_gym_training_never_shows_a_held_out_problem():
+    # one-digit a +/- b: ~200 distinct problems, so two seeds overlap a lot
+    kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    cfg = ReasoningGymData(task="chain_sum", task_kwargs=kwargs, size=300, eval_size=60, seed=0)
+    source = make_source(cfg)
+    held_out = {p.fields["entry"]["question"] for p in source.eval_prompts()}
+    train = [source.train_prompt(i).fields["entry"]["question"] for i in range(300)]
+    import reasoning_gym
+
+    raw = reasoning_gym.create_dataset("chain_sum", size=300, seed=0, **kwargs)
+    assert any(raw[i]["question"] in held_out for i in range(300))  # the overlap this guards against
+    assert not held_out & set(train)
+    assert len(set(train)) > 100

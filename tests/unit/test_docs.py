@@ -96,6 +96,10 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/unit/test_deploy.py",
         "not run: needs a cloud account; the YAML is validated with Ray's own cluster schema",
     ),
+    r"python -m bench\.smollm2_arms( --[\w-]+ \S+)*( \S+=\S+)*": (
+        "tests/integration/test_smollm2_arms.py",
+        "runs the three arms with a budget of a few steps each (slow, in CI); the full budget takes ~20 minutes",
+    ),
     r"docker build .*": (
         "tests/unit/test_deploy.py",
         "not run: no Docker here; the Dockerfile's versions are checked against pyproject.toml",
