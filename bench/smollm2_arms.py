@@ -100,7 +100,7 @@ def run_grpo(cfg: JobConfig, clock: Clock, base: bool) -> dict[str, Any]:
             run.train()
             clock.charge(started)
             if clock.eval_due():
-                stats = run._get(run.buffer.stats.remote(), "stats")
+                stats = run.buffer.stats()
                 points.append(_point(run, clock, int(stats["buffer_added"]), {"steps": run.state.step}))
         steps = [m for m in read_metrics(run.run_dir / "metrics.jsonl") if "step_s" in m]
     finally:
