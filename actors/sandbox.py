@@ -252,6 +252,20 @@ def isolation_available() -> str:
     return weak.isolation if weak.passed else f"none: {probe.reason}"
 
 
+def require_isolation(allow_rlimits_only: bool, setting: str) -> bool:
+    """Whether model-written code may run here, as namespaces (True) or rlimits only (False); raises where the
+    sandbox does not work, or has only rlimits and `setting` (the knob that allows that) is not set."""
+    isolation = isolation_available()
+    if isolation == "rlimits" and not allow_rlimits_only:
+        raise RuntimeError(
+            "the sandbox cannot create namespaces on this host (isolation: rlimits only); "
+            f"set {setting}=true to run model-written code with rlimits only"
+        )
+    if isolation not in ("namespaces", "rlimits"):
+        raise RuntimeError(f"the sandbox does not work on this host ({isolation})")
+    return isolation == "namespaces"
+
+
 def _python_prefix() -> str:
     return os.path.realpath(sys.base_prefix)
 

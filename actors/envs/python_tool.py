@@ -18,7 +18,7 @@ from typing import Any
 
 from actors.environment import Environment, StepResult
 from actors.reward import load_function
-from actors.sandbox import SandboxLimits, isolation_available, run_python
+from actors.sandbox import SandboxLimits, require_isolation, run_python
 
 FENCE = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -38,15 +38,8 @@ class PythonTool(Environment):
         `allow_rlimits_only`: run code on a host without namespaces (weaker isolation, see actors/sandbox.py)."""
         self.verify = load_function(verifier)
         self.max_calls, self.max_output_chars = max_calls, max_output_chars
-        isolation = isolation_available()
-        if isolation == "rlimits" and not allow_rlimits_only:
-            raise RuntimeError(
-                "the sandbox cannot create namespaces on this host (isolation: rlimits only); "
-                "set environment.kwargs.allow_rlimits_only=true to run model-written code with rlimits only"
-            )
-        if isolation not in ("namespaces", "rlimits"):
-            raise RuntimeError(f"no sandbox on this host: {isolation}")
-        self.limits = SandboxLimits(wall_s=wall_s, memory_mb=memory_mb, namespaces=isolation == "namespaces")
+        namespaces = require_isolation(allow_rlimits_only, "environment.kwargs.allow_rlimits_only")
+        self.limits = SandboxLimits(wall_s=wall_s, memory_mb=memory_mb, namespaces=namespaces)
         self.calls = self.failures = 0
         self.prompt, self.fields = "", {}
 

@@ -24,7 +24,7 @@ import secrets
 from typing import Any
 
 from actors.records import Prompt
-from actors.sandbox import SandboxLimits, isolation_available, run_python
+from actors.sandbox import SandboxLimits, require_isolation, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 _VERDICT = "passed"
@@ -214,19 +214,10 @@ def code_tests(
     Where the sandbox cannot create namespaces it only has resource limits and the seccomp filter (no file
     system protection, same user); running model code there needs `allow_rlimits_only=True`.
     """
-    isolation = isolation_available()
-    if isolation == "rlimits" and not allow_rlimits_only:
-        raise RuntimeError(
-            "the sandbox cannot create namespaces on this host (isolation: rlimits only); "
-            "set kwargs.allow_rlimits_only=true to run model-written code with rlimits only"
-        )
-    if isolation not in ("namespaces", "rlimits"):
-        raise RuntimeError(f"the sandbox does not work on this host ({isolation})")
+    namespaces = require_isolation(allow_rlimits_only, "kwargs.allow_rlimits_only")
     stub = fields.get("prompt", "")
     program = build_judge(completion, entry_point=entry_point, prompt=stub)
-    limits = SandboxLimits(
-        wall_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, namespaces=isolation == "namespaces"
-    )
+    limits = SandboxLimits(wall_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, namespaces=namespaces)
     nonce = secrets.token_hex(16)
     result = run_python(program, limits, stdin=judge_input(nonce, test, stub))
     if result.reason.startswith("sandbox error"):

@@ -12,6 +12,7 @@ import torch
 
 from actors.records import Prompt
 from cluster.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig, load_config
+from tests.integration.test_rollout import learner_logprobs  # the same oracle as single-turn
 
 pytestmark = pytest.mark.integration
 
@@ -34,21 +35,6 @@ def pool(ray_cluster, tiny_model):
     pool.start()
     yield pool
     pool.shutdown()
-
-
-def learner_logprobs(model_dir, t, sampling: SamplingConfig) -> torch.Tensor:
-    """What the learner computes on the whole sequence (learner.algorithms: sampling_logits, token_logprobs)."""
-    from transformers import AutoModelForCausalLM
-
-    from learner.algorithms import sampling_logits, token_logprobs
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([t.prompt_ids + t.completion_ids])
-    p = len(t.prompt_ids)
-    with torch.no_grad():
-        logits = model(ids).logits[:, p - 1 : -1]
-    processed = sampling_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-    return token_logprobs(processed, ids[:, p:])[0]
 
 
 def test_multi_turn_episodes_keep_one_sequence_whose_model_tokens_match_the_learner(pool, tiny_model):

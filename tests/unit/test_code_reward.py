@@ -229,13 +229,13 @@ def test_exceptions_and_plain_results_cross_the_pipe():
 
 
 def test_rlimits_only_mode_needs_the_switch(monkeypatch):
-    import actors.rewards.code as code
+    import actors.sandbox as sandbox
 
-    monkeypatch.setattr(code, "isolation_available", lambda: "rlimits")
+    monkeypatch.setattr(sandbox, "isolation_available", lambda: "rlimits")
     with pytest.raises(RuntimeError, match="allow_rlimits_only"):
         code_tests("q", "    return x + y\n", **FIELDS)
     assert code_tests("q", "    return x + y\n", **FIELDS, allow_rlimits_only=True) == 1.0
     assert code_tests("q", "    import os\n    os._exit(0)\n", **FIELDS, allow_rlimits_only=True) == 0.0
-    monkeypatch.setattr(code, "isolation_available", lambda: "none: sandbox error: seccomp: no table")
+    monkeypatch.setattr(sandbox, "isolation_available", lambda: "none: sandbox error: seccomp: no table")
     with pytest.raises(RuntimeError, match="does not work on this host"):
         code_tests("q", "    return x + y\n", **FIELDS, allow_rlimits_only=True)
