@@ -61,9 +61,7 @@ class Run:
         self.source: PromptSource = make_source(self.cfg.data)
         self.started = time.time()
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
-        self.last_accuracy: float | None = (
-            None  # of the latest evaluation in this process (the progress bar's)
-        )
+        self.last_accuracy: float | None = None  # of this process's latest evaluation (the progress bar's)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def start(self, resume: bool, overwrite: bool = False) -> None:
