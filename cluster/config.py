@@ -463,6 +463,10 @@ class LearnerConfig(Section):
     """Clip the global gradient norm to this."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time)."""
+    share_prompts: bool = True
+    """Run each distinct prompt of a micro-batch through the model once, its samples' completions against its
+    KV cache (same logits and gradient; a group of G samples saves G - 1 prompt passes). Needs the KV cache in
+    training, so not with gradient_checkpointing."""
     step_timeout_s: Seconds = 600.0
     """Limit for one optimizer step (all ranks; a training step of algorithm.epochs x algorithm.mini_batches
     optimizer steps gets that many times this); also the timeout of every collective."""
@@ -478,6 +482,12 @@ class LearnerConfig(Section):
 
     @model_validator(mode="after")
     def _lora_stage(self) -> LearnerConfig:
+        if self.share_prompts and self.gradient_checkpointing:
+            raise ValueError(
+                "learner.share_prompts with learner.gradient_checkpointing: sharing a prompt's forward pass reads "
+                "its KV cache, which gradient checkpointing turns off in training. Set learner.share_prompts: "
+                "false to checkpoint"
+            )
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError(
                 "learner.lora with learner.zero_stage 3: merging an adapter into its base weight for the engines "

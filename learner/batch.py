@@ -65,6 +65,10 @@ class MicroBatch:
     loss_mask: torch.Tensor  # (B, T) float, 1 where the target is a trained completion token
     behaviour_logprobs: torch.Tensor  # (B, T) float, 0 outside the completion
     advantages: torch.Tensor  # (B, T) float, the sample's advantage on its completion tokens
+    # set only in the shared-prompt layout (learner.prompt_sharing), where input_ids are the completions
+    prompt_ids: torch.Tensor | None = None  # (U, P) long, the distinct prompts, right-padded
+    prompt_mask: torch.Tensor | None = None  # (U, P) long
+    prompt_index: torch.Tensor | None = None  # (B,) long, each row's prompt
 
 
 def samples_from_trajectories(
@@ -107,11 +111,20 @@ def split_mini_batches(samples: list[Sample], count: int, seed: int) -> list[lis
     return [[samples[i] for i in order[k::count]] for k in range(count)]
 
 
-def shard(samples: list[Sample], world_size: int, micro_batch_size: int) -> list[list[list[Sample]]]:
-    """rank -> micro-batches -> samples. Round-robin over ranks (after sorting by length, so micro-batches pad
-    little); every rank gets the same number of micro-batches, the short ones possibly empty."""
-    ordered = sorted(samples, key=lambda s: len(s.tokens))
-    per_rank = [ordered[r::world_size] for r in range(world_size)]
+def shard(
+    samples: list[Sample], world_size: int, micro_batch_size: int, by_prompt: bool = False
+) -> list[list[list[Sample]]]:
+    """rank -> micro-batches -> samples; every rank gets the same number of micro-batches, the short ones
+    possibly empty. Plain: round-robin over ranks after sorting by length, so micro-batches pad little.
+    by_prompt: sorted by prompt and dealt in contiguous runs, so a prompt's samples share ranks and
+    micro-batches (and the prompt's forward pass: learner.prompt_sharing)."""
+    if by_prompt:
+        ordered = sorted(samples, key=lambda s: (s.prompt_len, s.tokens[: s.prompt_len], len(s.tokens)))
+        n = len(ordered)
+        per_rank = [ordered[r * n // world_size : (r + 1) * n // world_size] for r in range(world_size)]
+    else:
+        ordered = sorted(samples, key=lambda s: len(s.tokens))
+        per_rank = [ordered[r::world_size] for r in range(world_size)]
     num_micro = max(1, max(-(-len(s) // micro_batch_size) for s in per_rank))
     return [
         [ranks[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(num_micro)]

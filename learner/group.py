@@ -12,6 +12,7 @@ from typing import Any
 
 from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig, SamplingConfig
 from learner.batch import Sample, shard, split_mini_batches, step_totals
+from learner.prompt_sharing import repeats_a_prompt
 from learner.worker import LearnerWorker
 
 PASS_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy")
@@ -161,13 +162,16 @@ class LearnerGroup:
         epochs, count = (self.algo.epochs, self.algo.mini_batches) if loss is None else (1, 1)
         minis = split_mini_batches(samples, count, seed=self.steps)
         totals = [step_totals(mb, self.sampling.max_tokens) for mb in minis]
+        # One layout for the whole step on every rank: under ZeRO-3 each forward pass gathers the weights in
+        # collectives, so every rank must run the same passes (the shared layout always runs two).
+        shared = self.cfg.share_prompts and repeats_a_prompt(samples)
         sharded = [
-            shard(mb, self.world_size, self.cfg.micro_batch_size) for mb in minis
+            shard(mb, self.world_size, self.cfg.micro_batch_size, by_prompt=shared) for mb in minis
         ]  # update -> rank -> ...
         per_rank = [[updates[r] for updates in sharded] for r in range(self.world_size)]
         lr = self.cfg.optimizer.lr if lr is None else lr
         started = time.monotonic()
-        refs = self._submit("train_step", totals, lr, phase_step, loss, epochs, per_rank=per_rank)
+        refs = self._submit("train_step", totals, lr, phase_step, loss, epochs, shared, per_rank=per_rank)
         if while_training is not None:
             while_training()
         remaining = self.cfg.step_timeout_s * epochs * count - (time.monotonic() - started)

@@ -43,6 +43,7 @@ from learner.algorithms import (
 from learner.batch import MicroBatch, Sample, StepTotals, collate
 from learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
 from learner.ops import build_deepspeed_ops
+from learner.prompt_sharing import collate_shared, shared_prompt_logits
 
 
 def free_port() -> int:
@@ -106,6 +107,12 @@ def completion_window(mb: MicroBatch) -> MicroBatch:
         behaviour_logprobs=mb.behaviour_logprobs[:, start:],
         advantages=mb.advantages[:, start:],
     )
+
+
+def training_batch(samples: list[Sample], pad_id: int, shared: bool) -> MicroBatch:
+    """A micro-batch as the learner trains on it: in the shared-prompt layout (learner.prompt_sharing), else
+    plain and cut to the completions."""
+    return collate_shared(samples, pad_id) if shared else completion_window(collate(samples, pad_id))
 
 
 @dataclass
@@ -247,16 +254,19 @@ class LearnerWorker:
 
     # -- training ---------------------------------------------------------------------------------------------
     def _forward(self, mb: MicroBatch, sampled: bool, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprobs (B, T) of the targets and the logits (B, T, V) they come from, T = mb.targets' width: the
-        model's last T + 1 positions are projected to logits (the prompt positions a `completion_window` cut
-        off never reach the lm_head). sampled: of the distribution the engines sample from (temperature,
+        """Logprobs (B, T) of the targets and the logits (B, T, V) they come from, T = mb.targets' width. Plain
+        layout: the model's last T + 1 positions are projected to logits (the prompt positions a
+        `completion_window` cut off never reach the lm_head); shared-prompt layout: `shared_prompt_logits`. sampled: of the distribution the engines sample from (temperature,
         top-k, top-p: `sampling_logits`); else of the model's own softmax."""
         model = self.engine if model is None else model
-        input_ids = mb.input_ids.to(self.device)  # (B, L)
-        attention_mask = mb.attention_mask.to(self.device)
-        keep = mb.targets.shape[1] + 1
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
-        logits = out.logits[:, :-1]  # (B, T, V): the last position predicts past the sequence
+        if mb.prompt_ids is not None:  # each distinct prompt once, completions against its cache
+            logits = shared_prompt_logits(model, mb, self.device)
+        else:
+            input_ids = mb.input_ids.to(self.device)  # (B, L)
+            attention_mask = mb.attention_mask.to(self.device)
+            keep = mb.targets.shape[1] + 1
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+            logits = out.logits[:, :-1]  # (B, T, V): the last position predicts past the sequence
         if sampled:
             s = self.sampling
             logits = sampling_logits(logits, s.temperature, s.top_k, s.top_p)
@@ -274,10 +284,11 @@ class LearnerWorker:
         phase_step: int,
         loss_name: str | None = None,
         epochs: int = 1,
+        shared: bool = False,
     ) -> dict[str, Any]:
         """One training step: `epochs` passes over this rank's mini-batches (`updates`: mini-batch ->
         micro-batches -> samples; `totals[u]` the counts of mini-batch u over all ranks), one optimizer step per
-        mini-batch. With more than one update, the proximal logprobs of every sample are computed first, without
+        mini-batch; `shared`: in the shared-prompt layout (the group decides, the same on every rank). With more than one update, the proximal logprobs of every sample are computed first, without
         gradient, and anchor every update; afterwards KL(proximal || new) is measured on the same tokens.
 
         Returns sums (not means) so the group can reduce exactly across ranks: token metrics summed over every
@@ -286,8 +297,8 @@ class LearnerWorker:
         started = time.perf_counter()
         algo = self.algo if loss_name is None else self.algo.model_copy(update={"loss": loss_name})
         sampled = algo.loss != "sft"  # imitation fits the model's own distribution, not the sampled one
-        batches = [  # collated once, cut to the completions
-            [completion_window(collate(samples, self.pad_id)) for samples in mbs] for mbs in updates
+        batches = [  # collated once
+            [training_batch(samples, self.pad_id, shared) for samples in mbs] for mbs in updates
         ]
         several = epochs * len(batches) > 1
         if several:  # the proximal policy: this step's starting weights

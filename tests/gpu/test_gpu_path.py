@@ -73,7 +73,7 @@ def test_learner_bf16_step_over_nccl_matches_torch(ray_cluster, tiny_model, stag
     from learner.group import LearnerGroup
 
     algo = AlgorithmConfig(loss="pg", off_policy="tis", loss_agg="token_mean")
-    samples = make_samples(12)
+    samples = make_samples(12, group_size=4)  # the shared-prompt layout on the GPU
     before = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
     expected = torch_reference_step(tiny_model, samples, algo)  # fp32, CPU: the oracle
     group = LearnerGroup(

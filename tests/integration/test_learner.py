@@ -17,11 +17,13 @@ LR = 1e-3
 MAX_TOKENS = 8
 
 
-def make_samples(n: int, seed: int = 0) -> list[Sample]:
+def make_samples(n: int, seed: int = 0, group_size: int = 1) -> list[Sample]:
+    """n samples, `group_size` per prompt (> 1: the learner's shared-prompt layout trains on them)."""
     rng = random.Random(seed)
     samples = []
-    for _ in range(n):
-        prompt = [rng.randrange(3, 100) for _ in range(rng.randint(2, 6))]
+    for i in range(n):
+        if i % group_size == 0:
+            prompt = [rng.randrange(3, 100) for _ in range(rng.randint(2, 6))]
         completion = [rng.randrange(3, 100) for _ in range(rng.randint(1, MAX_TOKENS))]
         behaviour = [-rng.uniform(3.0, 6.0) for _ in completion]
         samples.append(Sample(prompt + completion, len(prompt), behaviour, rng.uniform(-1, 1)))
@@ -141,10 +143,11 @@ def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tin
     optimizer steps with a warm-up, PPO clip against proximal logprobs at temperature 0.7. Each update's loss and
     global grad norm before clipping, and the weights after the last, against plain torch on the whole batch. A
     missing world-size factor or a double-counted accumulation changes the loss and grad norm by 2x; dropped
-    proximal logprobs make the ratio 1 (no clipping) and move the weights differently."""
+    proximal logprobs make the ratio 1 (no clipping) and move the weights differently. Four samples per prompt:
+    the ranks run each prompt once per micro-batch (learner.prompt_sharing), the oracle every whole sequence."""
     algo = AlgorithmConfig(loss="ppo", off_policy="tis", loss_agg="token_mean", epochs=2, mini_batches=2)
     sampling = SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.7)
-    samples = make_samples(16, seed=3)
+    samples = make_samples(16, seed=3, group_size=4)
     expected = torch_reference(tiny_model, samples, algo, sampling, warmup_steps=3)
     group = make_group(
         tiny_model,

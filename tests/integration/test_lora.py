@@ -93,7 +93,7 @@ def stack(ray_cluster, tiny_model):
         pool.start()
         before = raw_parameters(group)
         base_logprobs = group.sequence_logprobs(PROBES)
-        metrics = [group.train_step(make_samples(10, seed=s)) for s in (0, 1)]
+        metrics = [group.train_step(make_samples(10, seed=s, group_size=5)) for s in (0, 1)]  # shared prompts
         yield {"group": group, "pool": pool, "before": before, "metrics": metrics, "base": base_logprobs}
     finally:
         pool.shutdown()
