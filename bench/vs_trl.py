@@ -75,10 +75,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smollm2-model", default="models/smollm2-135m", help="converted here if missing")
     p.add_argument("--schedule", choices=["sync", "async"], default=None, help="aha; default: the config's")
     p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of aha's config (as `aha run` takes them), e.g. learner.threads_per_rank=2; repeatable",
+    )
+    p.add_argument(
         "--trl-threads",
         type=int,
         default=None,
-        help="torch threads for TRL; default: the threads aha's engines and learner ranks get together",
+        help="torch threads for TRL; default: as many as aha keeps busy at once (`busy_threads`)",
     )
     p.add_argument("--trl-venv", default=str(ROOT / ".cache" / "trl-venv"), help="created if missing")
     p.add_argument("--no-trl", action="store_true", help="the aha side only")
@@ -174,6 +182,13 @@ def run_aha(cfg, eval_at: list[int]) -> dict:
             "learner": cfg.learner.threads_per_rank * cfg.learner.num_ranks,
         },
     }
+
+
+def busy_threads(threads: dict[str, int], mode: str) -> int:
+    """Threads aha keeps busy at once, at most this machine's cores: in sync mode the engines and the learner
+    take turns (each may use every core while the other waits), in async mode they run side by side."""
+    wanted = threads["engine"] + threads["learner"] if mode == "async" else max(threads.values())
+    return min(wanted, os.cpu_count() or 1)
 
 
 def _medians(steps: list[dict], keys: dict) -> dict:
@@ -293,6 +308,7 @@ def workload_config(name: str, args, root: Path, start: Path, namespace: str):
     ]
     if args.schedule:
         common.append(f"schedule.mode={args.schedule}")
+    common += args.overrides
     if name == "demo":
         extra = [f"schedule.steps={args.steps}", f"schedule.eval_every={args.eval_every}"]
         if args.quick:
@@ -341,7 +357,7 @@ def main() -> None:
                 every = cfg.schedule.eval_every or cfg.schedule.steps
                 eval_at = sorted({0, *range(every, cfg.schedule.steps + 1, every), cfg.schedule.steps})
                 aha = run_aha(cfg, eval_at)
-                threads = args.trl_threads or aha["threads"]["engine"] + aha["threads"]["learner"]
+                threads = args.trl_threads or busy_threads(aha["threads"], cfg.schedule.mode)
                 trl = None
                 if python is not None:
                     work = root / f"trl-{name}"
