@@ -25,13 +25,12 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.reward import _call, _describe, _Timeout, load_function
+from actors.reward import TimedCaller, _describe, _Timeout, load_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # the protocol
@@ -130,7 +129,7 @@ class EnvironmentHost:
         self.kwargs = dict(kwargs)
         self.timeout_s = timeout_s
         self.episodes: dict[str, Any] = {}
-        self._abandoned: list[threading.Thread] = []
+        self._call = TimedCaller("environment-call")
 
     def ping(self) -> str:
         return "ok"
@@ -157,9 +156,9 @@ class EnvironmentHost:
 
     def _start(self, key: str, prompt: str, fields: dict[str, Any]) -> Reply:
         deadline = time.monotonic() + self.timeout_s
-        env = _call(self.cls, (), self.kwargs, self.timeout_s, self._abandoned)
+        env = self._call(self.cls, (), self.kwargs, self.timeout_s)
         remaining = max(deadline - time.monotonic(), 1e-3)
-        observation = _call(env.start, (prompt,), dict(fields), remaining, self._abandoned)
+        observation = self._call(env.start, (prompt,), dict(fields), remaining)
         if not isinstance(observation, str):
             raise Malformed(f"start returned {type(observation).__name__}, not a str")
         self.episodes[key] = env
@@ -171,7 +170,7 @@ class EnvironmentHost:
 
     def _step(self, key: str, text: str) -> Reply:
         env = self.episodes[key]
-        reply = as_reply(_call(env.step, (text,), {}, self.timeout_s, self._abandoned))
+        reply = as_reply(self._call(env.step, (text,), {}, self.timeout_s))
         if reply.done:
             del self.episodes[key]
         return reply

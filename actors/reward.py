@@ -22,6 +22,7 @@ import inspect
 import math
 import numbers
 import os
+import queue
 import sys
 import threading
 import time
@@ -100,38 +101,77 @@ class _Timeout(Exception):
     pass
 
 
-def _call(
-    fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float, abandoned: list
-) -> Any:
-    """`fn(*args, **kwargs)` on its own daemon thread, awaited if it returns an awaitable; raises `_Timeout`.
+class _Runner:
+    """One daemon thread that runs submitted jobs in order until it is told to stop."""
 
-    A running thread cannot be interrupted, so a hung sync call is abandoned (and remembered in `abandoned`);
-    an async one runs under `asyncio.wait_for` on the thread's own loop and is cancelled.
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Exit after the job in hand: an abandoned runner's thread ends when its hung call returns."""
+        self._jobs.put(None)
+
+
+class TimedCaller:
+    """Calls user code under a time limit, on a long-lived daemon thread (starting a thread per call costs
+    more than most reward functions take).
+
+    A running thread cannot be interrupted, so a call that overruns is abandoned: its runner is remembered in
+    `abandoned` until the call returns, and a fresh runner takes the later calls. An awaitable result is awaited
+    under `asyncio.wait_for` on the runner's own event loop, and cancelled when it overruns. One caller at a
+    time: the actors that own one call it from a single thread.
     """
-    box: dict[str, Any] = {}
-    finished = threading.Event()
 
-    def run() -> None:
-        try:
-            out = fn(*args, **kwargs)
-            if inspect.isawaitable(out):
-                out = asyncio.run(asyncio.wait_for(_awaited(out), timeout))
-            box["value"] = out
-        except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
-            box["error"] = e
-        finally:
-            finished.set()
+    def __init__(self, name: str = "reward-call"):
+        self.name = name
+        self.abandoned: list[threading.Thread] = []
+        self._runner: _Runner | None = None
 
-    thread = threading.Thread(target=run, name=f"reward-call-{getattr(fn, '__name__', 'fn')}", daemon=True)
-    thread.start()
-    if not finished.wait(timeout):
-        abandoned.append(thread)
-        raise _Timeout
-    if "error" in box:
-        if isinstance(box["error"], asyncio.TimeoutError):
+    @property
+    def hung_threads(self) -> int:
+        """Abandoned calls still running."""
+        self.abandoned = [t for t in self.abandoned if t.is_alive()]
+        return len(self.abandoned)
+
+    def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float) -> Any:
+        """`fn(*args, **kwargs)`, awaited if it returns an awaitable; raises `_Timeout`, or what `fn` raised."""
+        box: dict[str, Any] = {}
+        finished = threading.Event()
+
+        def job() -> None:
+            try:
+                out = fn(*args, **kwargs)
+                if inspect.isawaitable(out):
+                    out = asyncio.run(asyncio.wait_for(_awaited(out), timeout))
+                box["value"] = out
+            except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
+                box["error"] = e
+            finally:
+                finished.set()
+
+        if self._runner is None:
+            self._runner = _Runner(self.name)
+        runner = self._runner
+        runner.submit(job)
+        if not finished.wait(timeout):
+            runner.stop()
+            self.abandoned.append(runner.thread)
+            self._runner = None
             raise _Timeout
-        raise box["error"]
-    return box["value"]
+        if "error" in box:
+            if isinstance(box["error"], asyncio.TimeoutError):
+                raise _Timeout
+            raise box["error"]
+        return box["value"]
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -189,15 +229,14 @@ class RewardScorer:
         self.errors: Counter[str] = Counter()
         self._messages: dict[str, str] = {}  # first text of each error key, for the batch being scored
         self.samples = 0
-        self._abandoned: list[threading.Thread] = []
+        self._call = TimedCaller()
 
     def ping(self) -> str:
         return "ok"
 
     @property
     def hung_threads(self) -> int:
-        self._abandoned = [t for t in self._abandoned if t.is_alive()]
-        return len(self._abandoned)
+        return self._call.hung_threads
 
     def score(self, trajectories: list[Trajectory]) -> list[Trajectory]:
         """Fill `reward`, `reward_parts` and `reward_error` of each trajectory (in place) and return them."""
@@ -242,9 +281,7 @@ class RewardScorer:
             try:
                 if remaining <= 0:
                     raise _Timeout
-                out = _call(
-                    f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining, self._abandoned
-                )
+                out = self._call(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
                 values = (
                     {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
                     if isinstance(out, dict)

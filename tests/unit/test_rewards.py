@@ -3,13 +3,16 @@ from a file, and per-sample fault isolation (raise, hang, NaN, non-number)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import textwrap
+import threading
+import time
 
 import pytest
 
 from actors.records import Trajectory
-from actors.reward import RewardScorer, load_function
+from actors.reward import RewardScorer, TimedCaller, _Timeout, load_function
 from actors.rewards.code import build_solution, code_tests, human_eval_prompts, read_human_eval
 from actors.rewards.format import format_reward
 from actors.rewards.gym import reasoning_gym, reasoning_gym_entry_fields
@@ -256,3 +259,77 @@ def test_hang_is_abandoned_and_batch_goes_on(user_file):
 def test_no_functions_is_an_error_for_a_single_turn_sample():
     with pytest.raises(ValueError, match="empty"):
         RewardScorer(RewardConfig()).score([traj("a", answer="a")])
+
+
+# -- the caller's runner thread --------------------------------------------------------------------------------
+
+
+def test_scorer_reuses_one_thread_for_many_samples():
+    # A thread per call cost more than the reward itself: all calls of a batch run on one runner thread.
+    seen: list[int] = []
+
+    def who(prompt, completion, **fields):
+        seen.append(threading.get_ident())
+        return 1.0
+
+    s = scorer({"function": "actors.rewards.match:exact_match"})
+    s.functions.append(type(s.functions[0])("who", who, 1.0, {}))
+    before = threading.active_count()
+    for _ in range(3):  # batches too
+        out = s.score([traj(str(i), i, answer=str(i)) for i in range(100)])
+        assert all(t.reward == 2.0 for t in out)
+    assert len(seen) == 300 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
+    assert threading.active_count() <= before + 1 and s.hung_threads == 0
+
+
+def test_caller_replaces_a_hung_runner_and_keeps_timing_out():
+    call = TimedCaller()
+    release = threading.Event()
+
+    def ident(hang: bool = False) -> int:
+        if hang:
+            release.wait(30)
+        return threading.get_ident()
+
+    first = call(ident, (), {}, 5.0)
+    assert call(ident, (), {}, 5.0) == first  # one runner
+    start = time.monotonic()
+    with pytest.raises(_Timeout):
+        call(ident, (), {"hang": True}, 0.2)
+    assert 0.2 <= time.monotonic() - start < 2.0
+    assert call.hung_threads == 1
+    second = call(ident, (), {}, 5.0)  # a fresh runner takes the later calls at once
+    assert second != first and call(ident, (), {}, 5.0) == second
+    start = time.monotonic()
+    with pytest.raises(_Timeout):  # the new runner's calls are timed out too
+        call(ident, (), {"hang": True}, 0.2)
+    assert 0.2 <= time.monotonic() - start < 2.0
+    assert call.hung_threads == 2
+    third = call(ident, (), {}, 5.0)
+    assert third not in (first, second)
+    release.set()  # the hung calls return: their runners end instead of taking more work
+    for t in list(call.abandoned):
+        t.join(5)
+    assert call.hung_threads == 0 and call(ident, (), {}, 5.0) == third
+
+
+def test_caller_errors_and_async_on_the_runner():
+    call = TimedCaller()
+
+    def exits():
+        raise SystemExit(3)
+
+    async def sleepy(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    with pytest.raises(SystemExit):  # raised to the caller, which turns it into the sample's error
+        call(exits, (), {}, 5.0)
+    with pytest.raises(ValueError, match="bad"):
+        call(lambda: (_ for _ in ()).throw(ValueError("bad")), (), {}, 5.0)
+    assert call(sleepy, (0.01,), {}, 5.0) == 0.01
+    with pytest.raises(_Timeout):
+        call(sleepy, (60,), {}, 0.1)
+    for t in list(call.abandoned):  # the runner may be abandoned a moment before wait_for fires, but the
+        t.join(2)  # coroutine is cancelled on its loop: the thread ends rather than sleeping on
+    assert call.hung_threads == 0 and call(lambda: 7, (), {}, 5.0) == 7
