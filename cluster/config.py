@@ -236,7 +236,8 @@ class SamplingConfig(Section):
     max_tokens: int = Field(64, ge=1, le=1 << 21, strict=True)
     """Longest completion, in tokens."""
     stop: list[str] = Field(default_factory=list)
-    """Stop strings (not included in the completion)."""
+    """Stop strings (not included in the completion). They make the engines detokenize every token as it is
+    sampled; without them each batch's completions are decoded once at the end, which is faster."""
 
     @field_validator("stop")
     @classmethod

@@ -110,6 +110,26 @@ def test_engines_sample_from_the_prompt_ids_the_learner_uses(pool, tiny_model):
         assert t.prompt_ids == encode_prompt(tokenizer, t.prompt, chat_template=False)
 
 
+def test_batch_decoded_text_is_vllms(pool, tiny_model):
+    # Without stop strings the engine skips vLLM's detokenizer and decodes the batch itself; a stop string that
+    # cannot occur (no such character in the vocabulary) turns vLLM's on. Same seed: same tokens, same text.
+    import ray
+    from transformers import AutoTokenizer
+    from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+    assert uses_fast_detokenizer(
+        AutoTokenizer.from_pretrained(tiny_model)
+    )  # so the first run is the batch path
+    engine, prompts = pool.engines[0], PROMPTS + [LONG]
+    ours, vllms = (
+        ray.get(engine.generate.remote(prompts, SamplingConfig(max_tokens=24, stop=stop), 16, 5), timeout=120)
+        for stop in ([], ["\u00a7"])
+    )
+    assert [t.completion_ids for t in ours] == [t.completion_ids for t in vllms]
+    assert [t.completion for t in ours] == [t.completion for t in vllms]
+    assert {t.finish_reason for t in ours} == {"stop", "length"}  # ends on EOS and cut by max_tokens
+
+
 def test_greedy_with_several_samples_repeats_the_prompt(pool):
     done = pool.generate_all(PROMPTS[:2], SamplingConfig(temperature=0.0, max_tokens=8), n=2)
     by_prompt = {}
