@@ -12,7 +12,7 @@ import time
 import pytest
 
 from actors.records import Trajectory
-from actors.reward import RewardScorer, TimedCaller, _Timeout, load_function
+from actors.reward import RewardFunction, RewardScorer, TimedCaller, _Timeout, load_function
 from actors.rewards.code import build_solution, code_tests, human_eval_prompts, read_human_eval
 from actors.rewards.format import format_reward
 from actors.rewards.gym import reasoning_gym, reasoning_gym_entry_fields
@@ -261,11 +261,11 @@ def test_no_functions_is_an_error_for_a_single_turn_sample():
         RewardScorer(RewardConfig()).score([traj("a", answer="a")])
 
 
-# -- the caller's runner thread --------------------------------------------------------------------------------
+# -- the runner threads -----------------------------------------------------------------------------------------
 
 
 def test_scorer_reuses_one_thread_for_many_samples():
-    # A thread per call cost more than the reward itself: all calls of a batch run on one runner thread.
+    # A thread (or a thread handoff) per call cost more than the reward itself: batches run on one runner thread.
     seen: list[int] = []
 
     def who(prompt, completion, **fields):
@@ -273,13 +273,43 @@ def test_scorer_reuses_one_thread_for_many_samples():
         return 1.0
 
     s = scorer({"function": "actors.rewards.match:exact_match"})
-    s.functions.append(type(s.functions[0])("who", who, 1.0, {}))
+    s.functions.append(RewardFunction("who", who, 1.0, {}))
     before = threading.active_count()
     for _ in range(3):  # batches too
         out = s.score([traj(str(i), i, answer=str(i)) for i in range(100)])
         assert all(t.reward == 2.0 for t in out)
     assert len(seen) == 300 and len(set(seen)) == 1 and seen[0] != threading.get_ident()
     assert threading.active_count() <= before + 1 and s.hung_threads == 0
+
+
+def test_scorer_replaces_a_hung_runner_and_scores_the_rest():
+    release = threading.Event()
+    threads: dict[str, int] = {}
+
+    def who(prompt, completion, **fields):
+        if completion == "hang":
+            release.wait(30)
+        threads.setdefault(completion, threading.get_ident())
+        return 1.0
+
+    s = scorer({"function": "actors.rewards.match:exact_match"}, timeout_s=0.3)
+    s.functions.append(RewardFunction("who", who, 1.0, {}))
+    pairs = [("aa", "aa"), ("hang", "hang"), ("bx", "b"), ("hang", "hang"), ("cc", "cc")]
+    batch = [traj(completion, i, answer=answer) for i, (completion, answer) in enumerate(pairs)]
+    start = time.monotonic()
+    out = s.score(batch)
+    assert 0.6 <= time.monotonic() - start < 3.0  # each hang waited for its own deadline, no longer
+    assert [t.reward for t in out] == [2.0, -1.0, 1.0, -1.0, 2.0]
+    assert out[1].reward_error == "who: timeout after 0.3 s"
+    assert out[1].reward_parts == {"exact_match": 1.0}  # what finished before the hang is kept
+    assert s.errors == {"who/timeout": 2} and s.hung_threads == 2 and s.samples == 5
+    assert len({threads["aa"], threads["bx"], threads["cc"]}) == 3  # a fresh runner after each hang
+    assert s.score([traj("dd", 9, answer="dd")])[0].reward == 2.0 and threads["dd"] == threads["cc"]
+    release.set()  # the hung calls return late: their runners end, and their results are dropped
+    for t in list(s._abandoned):
+        t.join(5)
+    assert s.hung_threads == 0 and s.samples == 6 and s.errors == {"who/timeout": 2}
+    assert out[1].reward == -1.0 and out[1].reward_parts == {"exact_match": 1.0}
 
 
 def test_caller_replaces_a_hung_runner_and_keeps_timing_out():
