@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig, SamplingConfig
 from learner.batch import Sample, shard, split_mini_batches, step_totals
-from learner.prompt_sharing import repeats_a_prompt
+from learner.prompt_sharing import shares_prompts
 from learner.worker import LearnerWorker
 
 PASS_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy")
@@ -164,7 +164,7 @@ class LearnerGroup:
         totals = [step_totals(mb, self.sampling.max_tokens) for mb in minis]
         # One layout for the whole step on every rank: under ZeRO-3 each forward pass gathers the weights in
         # collectives, so every rank must run the same passes (the shared layout always runs two).
-        shared = self.cfg.share_prompts and repeats_a_prompt(samples)
+        shared = shares_prompts(self.cfg.share_prompts, samples)
         sharded = [
             shard(mb, self.world_size, self.cfg.micro_batch_size, by_prompt=shared) for mb in minis
         ]  # update -> rank -> ...

@@ -26,9 +26,10 @@ def prompt_of(sample: Sample) -> tuple[int, ...]:
     return tuple(sample.tokens[: sample.prompt_len])
 
 
-def repeats_a_prompt(samples: list[Sample]) -> bool:
-    """Whether the shared layout saves anything: some prompt occurs twice."""
-    return len({prompt_of(s) for s in samples}) < len(samples)
+def shares_prompts(enabled: bool, samples: list[Sample]) -> bool:
+    """Whether a step trains in the shared layout: `learner.share_prompts` is on and it saves something (some
+    prompt occurs twice; imitation's distinct demonstrations stay in the plain layout, one pass each)."""
+    return enabled and len({prompt_of(s) for s in samples}) < len(samples)
 
 
 def collate_shared(samples: list[Sample], pad_id: int) -> MicroBatch:

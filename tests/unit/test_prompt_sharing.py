@@ -10,7 +10,7 @@ import torch
 
 from cluster.config import AlgorithmConfig, LearnerConfig, SamplingConfig
 from learner.batch import Sample, collate, shard, step_totals
-from learner.prompt_sharing import collate_shared, repeats_a_prompt
+from learner.prompt_sharing import collate_shared, shares_prompts
 from learner.worker import LearnerWorker, completion_window, micro_batch_loss, training_batch
 
 VOCAB = 61
@@ -117,7 +117,9 @@ def test_shared_layout_runs_both_passes_for_any_micro_batch():
     same two passes, and its padding trains nothing."""
     samples = groups()
     distinct = [samples[0]] + [s for s in samples if s.prompt_len != samples[0].prompt_len][:1]
-    assert repeats_a_prompt(samples) and not repeats_a_prompt(distinct)
+    # learner.share_prompts decides, and a step without a repeated prompt stays plain
+    assert shares_prompts(True, samples) and not shares_prompts(False, samples)
+    assert not shares_prompts(True, distinct)
     one_token = [s for s in samples if len(s.tokens) - s.prompt_len == 1]
     model, calls = tiny("qwen2"), []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
