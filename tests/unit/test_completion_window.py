@@ -15,12 +15,13 @@ from learner.worker import LearnerWorker, completion_window, micro_batch_loss
 VOCAB = 61
 
 
-@pytest.fixture(scope="module")
-def model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny(kind: str = "qwen2"):
+    """A tiny random causal LM (fp32, seed 0) of the Qwen2 or Llama family."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(
+    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
+    cfg = config(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -29,7 +30,12 @@ def model():
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return Qwen2ForCausalLM(cfg).float()
+    return cls(cfg).float()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
 
 
 def samples(seed: int = 0) -> list[Sample]:

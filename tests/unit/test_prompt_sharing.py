@@ -8,29 +8,11 @@ import random
 import pytest
 import torch
 
-from cluster.config import AlgorithmConfig, LearnerConfig, SamplingConfig
+from cluster.config import AlgorithmConfig, LearnerConfig
 from learner.batch import Sample, collate, shard, step_totals
 from learner.prompt_sharing import collate_shared, shares_prompts
-from learner.worker import LearnerWorker, completion_window, micro_batch_loss, training_batch
-
-VOCAB = 61
-
-
-def tiny(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
-    cfg = config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return cls(cfg).float()
+from learner.worker import completion_window, micro_batch_loss, training_batch
+from tests.unit.test_completion_window import VOCAB, tiny, worker
 
 
 def groups(seed: int = 0, masked: bool = False) -> list[Sample]:
@@ -54,12 +36,6 @@ def groups(seed: int = 0, masked: bool = False) -> list[Sample]:
             )
     rng.shuffle(out)
     return out
-
-
-def worker(model) -> LearnerWorker:
-    w = LearnerWorker.__new__(LearnerWorker)  # only what _forward reads
-    w.engine, w.device, w.sampling = model, torch.device("cpu"), SamplingConfig(temperature=0.7, top_k=20)
-    return w
 
 
 def per_token(logprobs: torch.Tensor, mb) -> dict[tuple[int, int], float]:
