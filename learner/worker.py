@@ -256,8 +256,9 @@ class LearnerWorker:
     def _forward(self, mb: MicroBatch, sampled: bool, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprobs (B, T) of the targets and the logits (B, T, V) they come from, T = mb.targets' width. Plain
         layout: the model's last T + 1 positions are projected to logits (the prompt positions a
-        `completion_window` cut off never reach the lm_head); shared-prompt layout: `shared_prompt_logits`. sampled: of the distribution the engines sample from (temperature,
-        top-k, top-p: `sampling_logits`); else of the model's own softmax."""
+        `completion_window` cut off never reach the lm_head); shared-prompt layout: `shared_prompt_logits`.
+        sampled: of the distribution the engines sample from (temperature, top-k, top-p: `sampling_logits`);
+        else of the model's own softmax."""
         model = self.engine if model is None else model
         if mb.prompt_ids is not None:  # each distinct prompt once, completions against its cache
             logits = shared_prompt_logits(model, mb, self.device)
@@ -288,8 +289,9 @@ class LearnerWorker:
     ) -> dict[str, Any]:
         """One training step: `epochs` passes over this rank's mini-batches (`updates`: mini-batch ->
         micro-batches -> samples; `totals[u]` the counts of mini-batch u over all ranks), one optimizer step per
-        mini-batch; `shared`: in the shared-prompt layout (the group decides, the same on every rank). With more than one update, the proximal logprobs of every sample are computed first, without
-        gradient, and anchor every update; afterwards KL(proximal || new) is measured on the same tokens.
+        mini-batch; `shared`: in the shared-prompt layout (the group decides, the same on every rank). With more
+        than one update, the proximal logprobs of every sample are computed first, without gradient, and anchor
+        every update; afterwards KL(proximal || new) is measured on the same tokens.
 
         Returns sums (not means) so the group can reduce exactly across ranks: token metrics summed over every
         pass ("token_passes" counts their tokens), engine/learner agreement over the proximal logprobs ("tokens"
