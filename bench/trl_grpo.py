@@ -102,7 +102,7 @@ def main() -> None:
         loss_type="dapo",  # token-level mean over the whole batch = aha's loss_agg token_mean
         scale_rewards="group",
         reward_weights=[f["weight"] for f in job["rewards"]],
-        bf16=False,
+        bf16=s["bf16"],  # CPU autocast: fp32 weights, bf16 matmuls (aha: bf16 weights, fp32 master copy)
         fp16=False,
         logging_steps=10**9,
         save_strategy="no",

@@ -62,6 +62,8 @@ UNMATCHED = [
     "optimizer implementation: aha DeepSpeed ZeRO-2 with torch AdamW; TRL accelerate with torch AdamW (same "
     "betas, eps, weight decay, clip 1.0, constant lr)",
     "dropout: both models have none (attention_dropout 0)",
+    "bf16 (when learner.dtype=bfloat16): aha's engine and learner hold bf16 weights (the learner with DeepSpeed's "
+    "fp32 master copy); TRL keeps fp32 weights and runs under bf16 autocast",
 ]
 
 
@@ -259,6 +261,8 @@ def trl_job(cfg, eval_at: list[int], threads: int, work: Path) -> dict:
             "eps": opt.eps,
             "weight_decay": opt.weight_decay,
             "grad_clip": cfg.learner.grad_clip,
+            "bf16": cfg.learner.dtype
+            == "bfloat16",  # aha's engines and learner in bf16: TRL in bf16 autocast
         },
         "work_dir": str(work / "trl-out"),
         "out": str(work / "trl-result.json"),
