@@ -94,7 +94,7 @@ class RewardFunction:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# running user code with a time limit, on long-lived threads
+# calling one function with a time limit
 
 
 class _Timeout(Exception):
@@ -122,9 +122,8 @@ class _Runner:
 
 
 class TimedCaller:
-    """Calls user code one call at a time under a time limit, on a long-lived daemon thread (starting a thread
-    per call costs more than most such calls take). Environment hosts use it; the scorer hands a runner whole
-    batches (`RewardScorer`).
+    """Calls user code under a time limit, on a long-lived daemon thread (starting a thread per call costs
+    more than most reward functions take).
 
     A running thread cannot be interrupted, so a call that overruns is abandoned: its runner is remembered in
     `abandoned` until the call returns, and a fresh runner takes the later calls. An awaitable result is awaited
@@ -150,7 +149,10 @@ class TimedCaller:
 
         def job() -> None:
             try:
-                box["value"] = _invoke(fn, args, kwargs, timeout)
+                out = fn(*args, **kwargs)
+                if inspect.isawaitable(out):
+                    out = asyncio.run(asyncio.wait_for(_awaited(out), timeout))
+                box["value"] = out
             except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
                 box["error"] = e
             finally:
@@ -166,19 +168,10 @@ class TimedCaller:
             self._runner = None
             raise _Timeout
         if "error" in box:
+            if isinstance(box["error"], asyncio.TimeoutError):
+                raise _Timeout
             raise box["error"]
         return box["value"]
-
-
-def _invoke(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float) -> Any:
-    """`fn(*args, **kwargs)`; an awaitable result is awaited under `asyncio.wait_for` on a fresh event loop."""
-    try:
-        out = fn(*args, **kwargs)
-        if inspect.isawaitable(out):
-            out = asyncio.run(asyncio.wait_for(_awaited(out), timeout))
-    except asyncio.TimeoutError as e:
-        raise _Timeout from e
-    return out
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -217,36 +210,10 @@ class ScoredBatch:
     duration_s: float = 0.0
 
 
-@dataclass
-class _Outcome:
-    """One sample's result, made on the runner thread and applied (counted) by the caller."""
-
-    total: float = 0.0
-    parts: dict[str, float] = field(default_factory=dict)
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (function, kind, text)
-
-
-class _Run:
-    """Samples being scored on the runner thread; the caller reads it under `lock` to watch each deadline."""
-
-    def __init__(self, deadline: float):
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.outcomes: list[_Outcome] = []  # of the samples finished, in order
-        self.current = _Outcome()  # of the sample in progress
-        self.function = ""  # the function in progress
-        self.deadline = deadline  # of the sample in progress
-        self.abandoned = False
-
-
 class RewardScorer:
     """Applies the configured reward functions to trajectories. A plain class: the pool wraps it in Ray.
 
-    Samples are scored one after another; `cfg.timeout_s` bounds one sample, all its functions together. A batch
-    runs on one long-lived thread while the caller watches the deadline of the sample in progress (a thread
-    handoff per call would cost more than most reward functions take). A sync call cannot be interrupted: a
-    sample past its deadline abandons that thread (counted in `hung_threads` until the call returns) and a
-    fresh one scores the rest. Async functions run under `asyncio.wait_for` and are cancelled.
+    Samples are scored one after another; `cfg.timeout_s` bounds one sample, all its functions together.
     """
 
     def __init__(self, cfg: RewardConfig, base_dir: str | None = None):
@@ -262,27 +229,19 @@ class RewardScorer:
         self.errors: Counter[str] = Counter()
         self._messages: dict[str, str] = {}  # first text of each error key, for the batch being scored
         self.samples = 0
-        self._runner: _Runner | None = None
-        self._abandoned: list[threading.Thread] = []
+        self._call = TimedCaller()
 
     def ping(self) -> str:
         return "ok"
 
     @property
     def hung_threads(self) -> int:
-        self._abandoned = [t for t in self._abandoned if t.is_alive()]
-        return len(self._abandoned)
+        return self._call.hung_threads
 
     def score(self, trajectories: list[Trajectory]) -> list[Trajectory]:
         """Fill `reward`, `reward_parts` and `reward_error` of each trajectory (in place) and return them."""
-        if not self.functions and any(t.env_reward is None and t.env_error is None for t in trajectories):
-            raise ValueError("reward.functions is empty and the sample is not an environment's episode")
-        todo = trajectories
-        while todo:
-            outcomes = self._score_on_runner(todo)
-            for traj, outcome in zip(todo, outcomes):
-                self._apply(traj, outcome)
-            todo = todo[len(outcomes) :]
+        for traj in trajectories:
+            self._score_one(traj)
         return trajectories
 
     def score_batch(self, batch_id: int, trajectories: list[Trajectory]) -> ScoredBatch:
@@ -298,38 +257,50 @@ class RewardScorer:
     def metrics(self) -> dict[str, Any]:
         return {"samples": self.samples, "errors": dict(self.errors), "hung_threads": self.hung_threads}
 
-    # -- the caller's side --------------------------------------------------------------------------------------
-
-    def _score_on_runner(self, samples: list[Trajectory]) -> list[_Outcome]:
-        """Outcomes of `samples` in order: all of them, or up to the one that overran (which then ends in a
-        timeout failure and abandons the runner)."""
-        if self._runner is None:
-            self._runner = _Runner("reward-scorer")
-        runner, run = self._runner, _Run(time.monotonic() + self.cfg.timeout_s)
-        runner.submit(lambda: self._run(run, samples))
-        while not run.done.wait(max(0.0, run.deadline - time.monotonic())):
-            with run.lock:
-                if run.done.is_set() or time.monotonic() < run.deadline:
-                    continue  # finished, or on to a later sample, just now
-                run.abandoned = True
-                hung = _Outcome(run.current.total, dict(run.current.parts), list(run.current.failures))
-                hung.failures.append((run.function, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
-                outcomes = [*run.outcomes, hung]
-            runner.stop()
-            self._abandoned.append(runner.thread)
-            self._runner = None
-            return outcomes
-        if len(run.outcomes) != len(samples):  # only a bug in this class gets here
-            raise RuntimeError(
-                f"the reward runner stopped after {len(run.outcomes)} of {len(samples)} samples"
-            )
-        return run.outcomes
-
-    def _apply(self, traj: Trajectory, outcome: _Outcome) -> None:
-        failures = [self._error(function, kind, text) for function, kind, text in outcome.failures]
+    def _score_one(self, traj: Trajectory) -> None:
+        if traj.env_error is not None:  # the episode broke off: no reward is meaningful
+            kind, _, text = traj.env_error.partition(": ")
+            self.samples += 1
+            traj.reward_parts = {}
+            traj.reward = self.cfg.error_reward
+            traj.reward_error = self._error("environment", kind, text)
+            return
+        deadline = time.monotonic() + self.cfg.timeout_s
+        base = {
+            **traj.fields,
+            "finish_reason": traj.finish_reason,
+            "completion_tokens": len(traj.completion_ids),
+        }
+        total, parts, failures = 0.0, {}, []
+        if traj.env_reward is None and not self.functions:
+            raise ValueError("reward.functions is empty and the sample is not an environment's episode")
+        if traj.env_reward is not None:  # a multi-turn episode: its environment's reward, plus the functions'
+            total, parts = traj.env_reward, {"environment": traj.env_reward}
+        for f in self.functions:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise _Timeout
+                out = self._call(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
+                values = (
+                    {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
+                    if isinstance(out, dict)
+                    else {f.name: _as_number(out)}
+                )
+            except _Timeout:
+                failures.append(self._error(f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
+                break  # the sample's time is spent: the later functions are not run
+            except _BadValue as e:
+                failures.append(self._error(f.name, e.kind, str(e)))
+                continue
+            except BaseException as e:  # noqa: BLE001
+                failures.append(self._error(f.name, "exception", _describe(e)))
+                continue
+            parts.update(values)
+            total += f.weight * sum(values.values())
         self.samples += 1
-        traj.reward_parts = outcome.parts
-        traj.reward = self.cfg.error_reward if failures else outcome.total
+        traj.reward_parts = parts
+        traj.reward = self.cfg.error_reward if failures else total
         traj.reward_error = "; ".join(failures) if failures else None
 
     def _error(self, function: str, kind: str, text: str) -> str:
@@ -338,71 +309,6 @@ class RewardScorer:
         self.errors[key] += 1
         self._messages.setdefault(key, message)
         return message
-
-    # -- the runner's side: only `run` is shared, and nothing is written to it once it is abandoned -------------
-
-    def _run(self, run: _Run, samples: list[Trajectory]) -> None:
-        try:
-            for traj in samples:
-                outcome = run.current  # the caller made the first one; each next one is made with the result
-                if not self._score_one(run, traj, outcome):
-                    return
-                with run.lock:  # one step: the caller never sees a finished sample as the one in progress
-                    if run.abandoned:
-                        return
-                    run.outcomes.append(outcome)
-                    run.current, run.deadline = _Outcome(), time.monotonic() + self.cfg.timeout_s
-        finally:
-            run.done.set()
-
-    def _score_one(self, run: _Run, traj: Trajectory, outcome: _Outcome) -> bool:
-        """Fill `outcome` (under `run.lock`, as the caller may read it at the deadline); False once abandoned."""
-        if traj.env_error is not None:  # the episode broke off: no reward is meaningful
-            kind, _, text = traj.env_error.partition(": ")
-            with run.lock:
-                outcome.failures.append(("environment", kind, text))
-            return True
-        base = {
-            **traj.fields,
-            "finish_reason": traj.finish_reason,
-            "completion_tokens": len(traj.completion_ids),
-        }
-        if traj.env_reward is not None:  # a multi-turn episode: its environment's reward, plus the functions'
-            with run.lock:
-                outcome.total, outcome.parts["environment"] = traj.env_reward, traj.env_reward
-        for f in self.functions:
-            with run.lock:
-                if run.abandoned:
-                    return False
-                run.function = f.name
-            remaining = run.deadline - time.monotonic()
-            failure = None
-            try:
-                if remaining <= 0:
-                    raise _Timeout
-                out = _invoke(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
-                values = (
-                    {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
-                    if isinstance(out, dict)
-                    else {f.name: _as_number(out)}
-                )
-            except _Timeout:
-                failure = (f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s")
-            except _BadValue as e:
-                failure = (f.name, e.kind, str(e))
-            except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
-                failure = (f.name, "exception", _describe(e))
-            with run.lock:
-                if run.abandoned:
-                    return False
-                if failure is None:
-                    outcome.parts.update(values)
-                    outcome.total += f.weight * sum(values.values())
-                else:
-                    outcome.failures.append(failure)
-            if failure is not None and failure[1] == "timeout":
-                break  # the sample's time is spent: the later functions are not run
-        return True
 
 
 def _describe(e: BaseException) -> str:

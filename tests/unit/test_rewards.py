@@ -306,7 +306,7 @@ def test_scorer_replaces_a_hung_runner_and_scores_the_rest():
     assert len({threads["aa"], threads["bx"], threads["cc"]}) == 3  # a fresh runner after each hang
     assert s.score([traj("dd", 9, answer="dd")])[0].reward == 2.0 and threads["dd"] == threads["cc"]
     release.set()  # the hung calls return late: their runners end, and their results are dropped
-    for t in list(s._abandoned):
+    for t in list(s._call.abandoned):
         t.join(5)
     assert s.hung_threads == 0 and s.samples == 6 and s.errors == {"who/timeout": 2}
     assert out[1].reward == -1.0 and out[1].reward_parts == {"exact_match": 1.0}
