@@ -16,18 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def run_bench(script: str, *args: str) -> dict:
+def run_script(args: list[str], timeout: float = 900) -> str:
+    """Run a python script from the repository root, as its own process with its own Ray; its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each script starts its own Ray
     proc = subprocess.run(
-        [sys.executable, f"bench/{script}", "--quick", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout
+
+
+def run_bench(script: str, *args: str) -> dict:
+    return json.loads(run_script([f"bench/{script}", "--quick", *args]).strip().splitlines()[-1])
 
 
 def test_rollout_bench():

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.test_bench import run_script
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,10 +25,8 @@ def test_three_arms_short_run(tmp_path):
 
     model = convert_smollm2(tmp_path / "smollm2")
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the experiment starts its own Ray
-    proc = subprocess.run(
+    run_script(
         [
-            sys.executable,
             "-m",
             "bench.smollm2_arms",
             "--budget-s",
@@ -51,13 +45,8 @@ def test_three_arms_short_run(tmp_path):
             "rollout.eval_sampling.max_tokens=16",
             "buffer.drop_zero_variance=false",  # a few prompts: do not wait for mixed groups
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "smollm2_arms.json").read_text())
     arms = result["arms"]
     assert 0.0 <= arms["base"]["accuracy"] <= 1.0
