@@ -52,7 +52,8 @@ class WeightSync:
     ):
         """`backend`: of the torch_dist group (`JobConfig.weight_group_backend`); `dtype`: the weights', which
         sets the probe tolerance unless `cfg.probe_tolerance` does."""
-        self.group, self.pool, self.cfg, self.probe_ids, self.backend = group, pool, cfg, probe_ids, backend
+        self.group, self.pool, self.cfg, self.backend = group, pool, cfg, backend
+        self.probe_ids = [ids[-cfg.probe_tokens :] for ids in probe_ids]
         self.tolerance = cfg.probe_tolerance if cfg.probe_tolerance is not None else PROBE_TOLERANCE[dtype]
         self.transport = "object_store" if cfg.transport == "auto" else cfg.transport
         self.shm_dir = (
@@ -120,7 +121,7 @@ class WeightSync:
     def _push(self, version: int, targets: list[int]) -> dict[str, float]:
         import ray
 
-        started = time.perf_counter()
+        started = time.monotonic()  # the clock of every deadline (see _wait)
         deadline = started + self.cfg.timeout_s
         engines = {i: self.pool.engines[i] for i in targets}
         if self.transport == "shm":
@@ -132,7 +133,7 @@ class WeightSync:
             deadline,
             f"begin update v{version}",
         )
-        began = time.perf_counter()
+        began = time.monotonic()
         loads: dict[Any, int] = {}
         buckets = 0
         stream = self.group.weight_buckets(
@@ -146,15 +147,15 @@ class WeightSync:
                     i  # the engine fetches the bucket (or receives its broadcast)
                 )
             buckets += 1
-        streamed = time.perf_counter()
+        streamed = time.monotonic()
         sizes = self._wait(loads, deadline, f"load v{version}")
-        loaded = time.perf_counter()
+        loaded = time.monotonic()
         self._wait(
             {e.finish_update.remote(version): i for i, e in engines.items()},
             deadline,
             f"finish update v{version}",
         )
-        transfer_s = time.perf_counter() - started
+        transfer_s = time.monotonic() - started
         if self.shm_dir:
             for f in _files(self.shm_dir):
                 f.unlink()

@@ -58,6 +58,12 @@ def node_address() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
+def clips_itself(cfg: LearnerConfig) -> bool:
+    """Whether the worker clips the gradient, not DeepSpeed: without ZeRO in fp32, DeepSpeed clips but never
+    reports the norm (its bf16 and ZeRO optimizers do)."""
+    return cfg.zero_stage == 0 and cfg.dtype == "float32"
+
+
 def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
@@ -65,7 +71,7 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,  # the boundary is set explicitly per micro-batch (see train_step)
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "optimizer": {
@@ -76,6 +82,9 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
                 "eps": cfg.optimizer.eps,
                 "weight_decay": cfg.optimizer.weight_decay,
                 "torch_adam": True,  # no C++ build of FusedAdam/CPUAdam needed
+                # torch's one-kernel AdamW (CPU and CUDA): on SmolLM2's 135M parameters the default foreach
+                # version takes 0.3-1.0 s per step on 2 cores (temporaries of the full size), fused 0.055 s
+                "fused": True,
             },
         },
         # no DeepSpeed scheduler: it would set the lr at every step and override imitation's (see warmup_lr)
@@ -328,8 +337,14 @@ class LearnerWorker:
                     if epoch == 0:  # once per sample: the proximal policy against the engine's
                         _add_proximal_metrics(sums, logprobs.detach() if proximal is None else proximal, out)
                         sums["sequences"] += float(len(updates[u][i]))
-                self.engine.step()
-                grad_norm = self.engine.get_global_grad_norm()
+                if clips_itself(self.cfg):  # after the last backward: gradients already all-reduced
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self.engine.module.parameters(), self.cfg.grad_clip
+                    )
+                    self.engine.step()
+                else:
+                    self.engine.step()
+                    grad_norm = self.engine.get_global_grad_norm()
                 records.append(
                     {
                         "loss": update_loss,

@@ -137,7 +137,7 @@ def test_zero_step_matches_single_process_torch(ray_cluster, tiny_model, stage):
     assert set(got) <= set(expected)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tiny_model, stage):
     """Scale-sensitive: 2 ranks x 2 micro-batches per rank per mini-batch, 2 epochs x 2 mini-batches = 4
     optimizer steps with a warm-up, PPO clip against proximal logprobs at temperature 0.7. Each update's loss and

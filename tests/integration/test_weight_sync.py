@@ -90,6 +90,24 @@ def test_corrupted_bucket_is_detected_and_named(stack):
     assert_engines_serve(pool, group, group.steps)
 
 
+def test_probe_names_engines_that_serve_other_weights(stack):
+    """The logprob probe, on probes cut to their last 4 tokens, still tells stale weights from the learner's."""
+    from learner.broadcast import SyncError
+
+    group, pool = stack
+    sync = sync_with(stack, on_engine_failure="error", probe_tokens=4)
+    assert sync.probe_ids == [p[-4:] for p in PROBES]
+    sync.sync(group.steps)
+    before = group.sequence_logprobs(sync.probe_ids)
+    group.train_step(make_samples(4, seed=7))  # the learner moves on; the engines keep the old weights
+    assert max_diff(before, group.sequence_logprobs(sync.probe_ids)) > 1e-3
+    with pytest.raises(SyncError, match="rollout-0 differs by .*rollout-1 differs by") as err:
+        sync.verify([0, 1], time.monotonic() + 60)
+    assert err.value.engines == [0, 1]
+    metrics, _ = sync.sync(group.steps)  # a sync of the new weights passes the same probe
+    assert metrics["sync_probe_max_diff"] < 1e-3
+
+
 def test_silent_engine_fails_the_sync_within_the_timeout(stack):
     from learner.broadcast import SyncError
 
