@@ -59,8 +59,8 @@ UNMATCHED = [
     "async schedule (when used): aha's batch of step k was sampled with the weights of step k-1 "
     "(buffer.max_staleness=1); TRL is strictly on-policy",
     "advantage std epsilon: aha 1e-6 (algorithm.std_eps), TRL 1e-4 (fixed)",
-    "optimizer implementation: aha DeepSpeed ZeRO-2 with torch AdamW; TRL accelerate with torch AdamW (same "
-    "betas, eps, weight decay, clip 1.0, constant lr)",
+    "optimizer implementation: aha DeepSpeed at the config's ZeRO stage (demo 2, SmolLM2 0) with torch's fused "
+    "AdamW; TRL accelerate with torch's default AdamW (same betas, eps, weight decay, clip 1.0, constant lr)",
     "dropout: both models have none (attention_dropout 0)",
     "bf16 (when learner.dtype=bfloat16): aha's engine and learner hold bf16 weights (the learner with DeepSpeed's "
     "fp32 master copy); TRL keeps fp32 weights and runs under bf16 autocast",
@@ -73,6 +73,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="demo: RL steps per side")
     p.add_argument("--eval-every", type=int, default=25, help="demo: held-out accuracy every N steps")
     p.add_argument("--imitation-steps", type=int, default=None, help="demo: default the demo's (400)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="rollout.seed of each pair of runs (aha's sampling, TRL's seed): equal learning is a claim about the "
+        "mean over seeds, one run of 200 held-out problems moves by several points from the seed alone",
+    )
     p.add_argument("--smollm2-steps", type=int, default=4)
     p.add_argument("--smollm2-model", default="models/smollm2-135m", help="converted here if missing")
     p.add_argument("--schedule", choices=["sync", "async"], default=None, help="aha; default: the config's")
@@ -233,7 +241,7 @@ def trl_job(cfg, eval_at: list[int], threads: int, work: Path) -> dict:
     return {
         "model": str(cfg.model.path),
         "chat_template": cfg.model.chat_template,
-        "seed": sched.seed,
+        "seed": cfg.rollout.seed,  # the sampling seed
         "steps": sched.steps,
         "threads": threads,
         "eval_at": eval_at,
@@ -297,16 +305,17 @@ def run_trl(python: Path, job: dict, work: Path) -> dict:
 
 
 # -- workloads ------------------------------------------------------------------------------------------------
-def workload_config(name: str, args, root: Path, start: Path, namespace: str):
+def workload_config(name: str, args, root: Path, start: Path, namespace: str, seed: int):
     from cluster.config import load_config
 
     common = [
-        f"name=vs-trl-{name}",
+        f"name=vs-trl-{name}-{seed}",
+        f"rollout.seed={seed}",
         f"model.path={start}",
         f"logging.run_dir={root}/{{name}}",
         "logging.progress=false",
         "logging.tensorboard=false",
-        f"cluster.namespace={namespace}-{name}",
+        f"cluster.namespace={namespace}-{name}-{seed}",
         "imitation.steps=0",
         "checkpoint.export_hf=false",
     ]
@@ -333,6 +342,23 @@ def compare(aha: dict, trl: dict | None) -> dict:
     }
 
 
+def summary(runs: list[dict]) -> dict:
+    """Over the seeds' runs: the median step-time ratio and each side's mean held-out accuracy per step."""
+    out: dict = {}
+    for side in ("aha", "trl"):
+        evals = [r[side]["eval"] for r in runs if "eval" in r[side]]
+        if evals:
+            out[f"{side}_eval_mean"] = {
+                k: round(statistics.mean(e[k] for e in evals), 4)
+                for k in evals[0]
+                if all(k in e for e in evals)
+            }
+    ratios = [r["ratio_aha_over_trl"] for r in runs if "ratio_aha_over_trl" in r]
+    if ratios:
+        out["ratio_aha_over_trl"] = round(statistics.median(ratios), 3)
+    return out
+
+
 def main() -> None:
     args = parse_args()
     from cluster.runtime import apply_base_env
@@ -357,16 +383,26 @@ def main() -> None:
                     start = Path(args.smollm2_model)
                     if not (start / "config.json").is_file():
                         convert_smollm2(start)
-                cfg = workload_config(name, args, root, start.resolve(), namespace)
-                every = cfg.schedule.eval_every or cfg.schedule.steps
-                eval_at = sorted({0, *range(every, cfg.schedule.steps + 1, every), cfg.schedule.steps})
-                aha = run_aha(cfg, eval_at)
-                threads = args.trl_threads or busy_threads(aha["threads"], cfg.schedule.mode)
-                trl = None
-                if python is not None:
-                    work = root / f"trl-{name}"
-                    work.mkdir()
-                    trl = run_trl(python, trl_job(cfg, eval_at, threads, work), work)
+                runs = []
+                for seed in args.seeds:
+                    cfg = workload_config(name, args, root, start.resolve(), namespace, seed)
+                    every = cfg.schedule.eval_every or cfg.schedule.steps
+                    eval_at = sorted({0, *range(every, cfg.schedule.steps + 1, every), cfg.schedule.steps})
+                    aha = run_aha(cfg, eval_at)
+                    threads = args.trl_threads or busy_threads(aha["threads"], cfg.schedule.mode)
+                    trl = None
+                    if python is not None:
+                        work = root / f"trl-{name}-{seed}"
+                        work.mkdir()
+                        trl = run_trl(python, trl_job(cfg, eval_at, threads, work), work)
+                    runs.append(
+                        {
+                            "seed": seed,
+                            "aha": aha,
+                            "trl": trl if trl is not None else {"skipped": skipped},
+                            **compare(aha, trl),
+                        }
+                    )
                 results[name] = {
                     "workload": {
                         "model": name,
@@ -379,9 +415,8 @@ def main() -> None:
                         "loss": cfg.algorithm.loss,
                         "eval_prompts": cfg.schedule.eval_prompts,
                     },
-                    "aha": aha,
-                    "trl": trl if trl is not None else {"skipped": skipped},
-                    **compare(aha, trl),
+                    "runs": runs,
+                    **summary(runs),
                 }
         finally:
             ray.shutdown()

@@ -63,7 +63,8 @@ def test_vs_trl_bench():
     """aha's side always; TRL's from its own venv (.cache/trl-venv, created on first use: ~70 s with the
     package registries), skipped with the reason when it cannot be created."""
     result = run_bench("vs_trl.py")
-    demo = result["results"]["demo"]
+    (demo,) = result["results"]["demo"]["runs"]  # one seed by default
+    assert demo["seed"] == 0
     aha = demo["aha"]
     assert aha["steps"]["step_s"] > 0 and aha["steps"]["train_s"] > 0 and aha["cores_used"] > 0
     assert set(aha["eval"]) == {"0", "3"}  # held-out accuracy before and after the quick run's 3 steps
