@@ -72,7 +72,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workloads", nargs="+", choices=["demo", "smollm2"], default=["demo", "smollm2"])
     p.add_argument("--steps", type=int, default=100, help="demo: RL steps per side")
     p.add_argument("--eval-every", type=int, default=25, help="demo: held-out accuracy every N steps")
-    p.add_argument("--imitation-steps", type=int, default=None, help="demo: default the demo's (400)")
+    p.add_argument(
+        "--imitation-steps",
+        type=int,
+        default=300,
+        help="demo: imitation steps before RL. 300 of the demo's 400 start RL at ~35%% held-out accuracy; "
+        "after 400 it starts at ~91%%, where a difference in learning has little room to show",
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -209,7 +215,7 @@ def _medians(steps: list[dict], keys: dict) -> dict:
     return out
 
 
-def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: str) -> Path:
+def imitation_checkpoint(model: Path, root: Path, steps: int, namespace: str) -> Path:
     """The demo's imitation phase on the tiny model, exported: both sides' starting weights."""
     from cluster.config import load_config
     from cluster.driver import run
@@ -225,8 +231,7 @@ def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: 
         "schedule.eval_prompts=0",
         "checkpoint.export_hf=true",
     ]
-    if steps is not None:
-        overrides.append(f"imitation.steps={steps}")
+    overrides.append(f"imitation.steps={steps}")
     run(load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", overrides))
     return root / "vs-trl-imitation" / "final_model"
 
