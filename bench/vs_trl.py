@@ -75,9 +75,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--imitation-steps",
         type=int,
-        default=300,
-        help="demo: imitation steps before RL. 300 of the demo's 400 start RL at ~35%% held-out accuracy; "
-        "after 400 it starts at ~91%%, where a difference in learning has little room to show",
+        default=None,
+        help="demo: imitation steps before RL; default the demo's (300: RL starts at ~35%% held-out accuracy, "
+        "with room for a difference in learning to show)",
     )
     p.add_argument(
         "--seeds",
@@ -215,7 +215,7 @@ def _medians(steps: list[dict], keys: dict) -> dict:
     return out
 
 
-def imitation_checkpoint(model: Path, root: Path, steps: int, namespace: str) -> Path:
+def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: str) -> Path:
     """The demo's imitation phase on the tiny model, exported: both sides' starting weights."""
     from cluster.config import load_config
     from cluster.driver import run
@@ -231,7 +231,8 @@ def imitation_checkpoint(model: Path, root: Path, steps: int, namespace: str) ->
         "schedule.eval_prompts=0",
         "checkpoint.export_hf=true",
     ]
-    overrides.append(f"imitation.steps={steps}")
+    if steps is not None:
+        overrides.append(f"imitation.steps={steps}")
     run(load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", overrides))
     return root / "vs-trl-imitation" / "final_model"
 
