@@ -61,7 +61,7 @@ def node_address() -> str:
 def clips_itself(cfg: LearnerConfig) -> bool:
     """Whether the worker clips the gradient, not DeepSpeed: without ZeRO in fp32, DeepSpeed clips but never
     reports the norm (its bf16 and ZeRO optimizers do)."""
-    return cfg.zero_stage == 0 and cfg.dtype == "float32"
+    return cfg.zero_stage == 0 and cfg.dtype != "bfloat16"  # as deepspeed_config and setup read the dtype
 
 
 def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:

@@ -242,3 +242,24 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["status"] == "skipped"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "worker_clips"),
+    [
+        (["learner.zero_stage=0"], True),  # CPU fp32 without ZeRO: DeepSpeed would clip and report no norm
+        (["learner.zero_stage=2"], False),
+        ([*GPU, "learner.zero_stage=0"], False),  # bf16 on GPU: DeepSpeed's bf16 optimizer clips and reports
+        ([*GPU, "learner.zero_stage=3"], False),
+    ],
+)
+def test_deepspeed_config_clipping_and_optimizer(tmp_path, overrides, worker_clips):
+    from learner.worker import clips_itself, deepspeed_config
+
+    learner = resolved(tmp_path, overrides).learner
+    ds = deepspeed_config(learner, lr=1e-5)
+    assert clips_itself(learner) is worker_clips
+    assert ds["gradient_clipping"] == (0.0 if worker_clips else learner.grad_clip)  # never clipped twice
+    assert ds["bf16"]["enabled"] is (learner.dtype == "bfloat16")
+    params = ds["optimizer"]["params"]
+    assert params["torch_adam"] and params["fused"]  # torch's one-kernel AdamW, on CPU and CUDA alike
