@@ -337,14 +337,13 @@ class LearnerWorker:
                     if epoch == 0:  # once per sample: the proximal policy against the engine's
                         _add_proximal_metrics(sums, logprobs.detach() if proximal is None else proximal, out)
                         sums["sequences"] += float(len(updates[u][i]))
-                if clips_itself(self.cfg):  # after the last backward: gradients already all-reduced
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self.engine.module.parameters(), self.cfg.grad_clip
-                    )
-                    self.engine.step()
-                else:
-                    self.engine.step()
-                    grad_norm = self.engine.get_global_grad_norm()
+                own_norm = (  # after the last backward: the gradients are already all-reduced
+                    torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.cfg.grad_clip)
+                    if clips_itself(self.cfg)
+                    else None
+                )
+                self.engine.step()
+                grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
                 records.append(
                     {
                         "loss": update_loss,
