@@ -468,6 +468,12 @@ class LearnerConfig(Section):
     """Run each distinct prompt of a micro-batch through the model once, its samples' completions against its
     KV cache (same logits and gradient; a group of G samples saves G - 1 prompt passes). Needs the KV cache in
     training, so not with gradient_checkpointing."""
+    skip_zero_advantage: bool = True
+    """Leave samples of advantage 0 (a group whose samples all scored the same, under group baselines) out of
+    the forward and backward passes when their gradient is exactly 0: the loss has no KL penalty and no entropy
+    bonus (algorithm.kl_coef and entropy_coef 0; otherwise every sample trains and none is skipped). The loss
+    keeps its denominators and every optimizer step still happens, so the update is the same; the learner's
+    token metrics (train/entropy, ratio, engine_logprob_diff) then cover the trained samples only."""
     step_timeout_s: Seconds = 600.0
     """Limit for one optimizer step (all ranks; a training step of algorithm.epochs x algorithm.mini_batches
     optimizer steps gets that many times this); also the timeout of every collective."""

@@ -405,6 +405,13 @@ def sft_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
     return _outputs(-inputs.logprobs, inputs.mask, _kl_and_entropy(inputs, cfg))
 
 
+def zero_advantage_is_inert(cfg: AlgorithmConfig) -> bool:
+    """Whether a sample of advantage 0 has an exactly zero gradient under cfg's loss: every RL loss above scales
+    its policy term by the advantage (the PPO and dual clips of 0 are 0); the KL penalty, the entropy bonus and
+    imitation's likelihood do not."""
+    return cfg.loss != "sft" and cfg.kl_coef == 0 and cfg.entropy_coef == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # aggregation
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig, SamplingConfig
+from learner.algorithms import zero_advantage_is_inert
 from learner.batch import Sample, shard, split_mini_batches, step_totals
 from learner.prompt_sharing import shares_prompts
 from learner.worker import LearnerWorker
@@ -161,10 +162,16 @@ class LearnerGroup:
             raise ValueError("train_step needs at least one sample")
         epochs, count = (self.algo.epochs, self.algo.mini_batches) if loss is None else (1, 1)
         minis = split_mini_batches(samples, count, seed=self.steps)
-        totals = [step_totals(mb, self.sampling.max_tokens) for mb in minis]
+        totals = [step_totals(mb, self.sampling.max_tokens) for mb in minis]  # of every sample, trained or not
+        skipped = 0
+        algo = self.algo if loss is None else self.algo.model_copy(update={"loss": loss})
+        if self.cfg.skip_zero_advantage and zero_advantage_is_inert(algo):
+            trained = [[s for s in mb if s.advantage != 0.0] for mb in minis]  # may leave a mini-batch empty:
+            skipped = len(samples) - sum(map(len, trained))  # its optimizer step still runs (Adam's momentum)
+            minis = trained
         # One layout for the whole step on every rank: under ZeRO-3 each forward pass gathers the weights in
         # collectives, so every rank must run the same passes (the shared layout always runs two).
-        shared = shares_prompts(self.cfg.share_prompts, samples)
+        shared = shares_prompts(self.cfg.share_prompts, [s for mb in minis for s in mb])
         sharded = [
             shard(mb, self.world_size, self.cfg.micro_batch_size, by_prompt=shared) for mb in minis
         ]  # update -> rank -> ...
@@ -178,7 +185,7 @@ class LearnerGroup:
         sums = self._await(refs, "train_step", max(remaining, 1.0))
         self.steps += 1
         self.last_updates = updates_of(sums)
-        return reduce_metrics(sums, self.last_updates)
+        return {**reduce_metrics(sums, self.last_updates), "skipped_sequences": float(skipped)}
 
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._call("sequence_logprobs", token_ids, timeout_s=self.cfg.step_timeout_s)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,11 +32,12 @@ def make_samples(n: int, seed: int = 0, group_size: int = 1) -> list[Sample]:
 
 
 def torch_reference(
-    model_dir, samples, algo: AlgorithmConfig, sampling: SamplingConfig, warmup_steps: int = 0
+    model_dir, steps: list[list[Sample]], algo: AlgorithmConfig, sampling: SamplingConfig, warmup_steps: int = 0
 ) -> dict:
-    """The oracle: plain single-process torch on the whole batch. The proximal logprobs of every sample first,
-    then algo.epochs passes over the mini-batches (the group's split), one AdamW step each on the whole
-    mini-batch at once (no micro-batches, no ranks). Returns per-update loss and pre-clip grad norm, the weights."""
+    """The oracle: plain single-process torch on each whole batch of `steps` in turn, every sample trained. Per
+    step, the proximal logprobs of every sample first, then algo.epochs passes over the mini-batches (the
+    group's split), one AdamW step each on the whole mini-batch at once (no micro-batches, no ranks). Returns
+    per-update loss and pre-clip grad norm, the weights after the last step."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -47,16 +49,15 @@ def torch_reference(
             sampling_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p), mb.targets
         )
 
-    minis = [collate(m, pad_id=0) for m in split_mini_batches(samples, algo.mini_batches, seed=0)]
-    totals = [
-        step_totals(m, sampling.max_tokens) for m in split_mini_batches(samples, algo.mini_batches, seed=0)
-    ]
     several = algo.updates_per_step > 1
-    with torch.no_grad():
-        old = [forward(mb) for mb in minis]
     losses, norms = [], []
-    for _ in range(algo.epochs):
-        for mb, t, o in zip(minis, totals, old):
+    for seed, samples in enumerate(steps):
+        split = split_mini_batches(samples, algo.mini_batches, seed=seed)  # the group's: seeded by its step
+        minis = [collate(m, pad_id=0) for m in split]
+        totals = [step_totals(m, sampling.max_tokens) for m in split]
+        with torch.no_grad():
+            old = [forward(mb) for mb in minis]
+        for mb, t, o in [u for _ in range(algo.epochs) for u in zip(minis, totals, old)]:
             for group in opt.param_groups:
                 group["lr"] = LR * min(1.0, (len(losses) + 1) / warmup_steps) if warmup_steps else LR
             logprobs = forward(mb)
@@ -83,7 +84,13 @@ def torch_reference(
 
 def torch_reference_step(model_dir, samples, algo: AlgorithmConfig) -> dict[str, torch.Tensor]:
     """One plain torch AdamW step on the whole batch (one update, temperature 1)."""
-    return torch_reference(model_dir, samples, algo, SamplingConfig(max_tokens=MAX_TOKENS))["weights"]
+    return torch_reference(model_dir, [samples], algo, SamplingConfig(max_tokens=MAX_TOKENS))["weights"]
+
+
+def without_advantage(samples: list[Sample], every: int = 1) -> list[Sample]:
+    """The samples with the advantage of every `every`-th one (from the first) set to 0, as a GRPO group whose
+    samples all scored the same gets."""
+    return [replace(s, advantage=0.0) if i % every == 0 else s for i, s in enumerate(samples)]
 
 
 def make_group(
@@ -95,6 +102,7 @@ def make_group(
     namespace: str = "",
     sampling: SamplingConfig | None = None,
     warmup_steps: int = 0,
+    skip_zero_advantage: bool = True,
 ):
     from learner.group import LearnerGroup
 
@@ -108,6 +116,7 @@ def make_group(
         optimizer=OptimizerConfig(lr=LR, warmup_steps=warmup_steps),
         step_timeout_s=300,
         startup_timeout_s=600,
+        skip_zero_advantage=skip_zero_advantage,
     )
     group = LearnerGroup(
         ModelConfig(path=str(model_dir)),
@@ -120,21 +129,34 @@ def make_group(
     return group
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_step_matches_single_process_torch(ray_cluster, tiny_model, stage):
+@pytest.mark.parametrize("stage,skip", [(2, True), (3, True), (2, False)])
+def test_zero_step_matches_single_process_torch(ray_cluster, tiny_model, stage, skip):
+    """Two steps against plain torch training on every sample: a batch where every third sample has advantage
+    0, then one where all have. With learner.skip_zero_advantage those samples never reach the ranks (the second
+    step's micro-batches are all empty: under ZeRO-3 the ranks still join every gather), yet the update is the
+    same; the second step still moves the weights (Adam's momentum)."""
     algo = AlgorithmConfig(loss="pg", off_policy="tis", loss_agg="token_mean")
-    samples = make_samples(10)
-    expected = torch_reference_step(tiny_model, samples, algo)
-    group = make_group(tiny_model, stage, algo=algo)
+    samples = without_advantage(make_samples(10), every=3)  # 4 of 10
+    steps = [samples, without_advantage(samples)]
+    expected = torch_reference(tiny_model, steps, algo, SamplingConfig(max_tokens=MAX_TOKENS))
+    group = make_group(tiny_model, stage, algo=algo, skip_zero_advantage=skip)
     try:
-        metrics = group.train_step(samples)
+        metrics = [group.train_step(batch) for batch in steps]
         got = group.full_state_dict()
     finally:
         group.shutdown()
-    assert metrics["sequences"] == 10 and metrics["tokens"] == sum(s.completion_len for s in samples)
-    worst = max((got[k] - expected[k]).abs().max().item() for k in got)
-    assert worst < 1e-5, worst
-    assert set(got) <= set(expected)
+    trained = [s for s in samples if s.advantage != 0] if skip else samples
+    assert metrics[0]["sequences"] == len(trained) and metrics[0]["skipped_sequences"] == 10 - len(trained)
+    assert metrics[0]["tokens"] == sum(s.completion_len for s in trained)
+    assert metrics[1]["sequences"] == (0 if skip else 10) and metrics[1]["optimizer_steps"] == 1
+    assert [m["loss"] for m in metrics] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-7)
+    assert [m["grad_norm"] for m in metrics] == pytest.approx(expected["grad_norms"], rel=1e-4, abs=1e-7)
+    assert expected["losses"][1] == 0 and expected["grad_norms"][1] == 0
+    # Adam divides by sqrt(v) + eps: on weights whose gradient is a sum of cancelling terms, fp32 summed in
+    # another order moves the second update by up to ~4e-5; a missing optimizer step would move them by ~lr (1e-3)
+    worst = max((got[k] - expected["weights"][k]).abs().max().item() for k in got)
+    assert worst < 1e-4, worst
+    assert set(got) <= set(expected["weights"])
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -147,8 +169,9 @@ def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tin
     the ranks run each prompt once per micro-batch (learner.prompt_sharing), the oracle every whole sequence."""
     algo = AlgorithmConfig(loss="ppo", off_policy="tis", loss_agg="token_mean", epochs=2, mini_batches=2)
     sampling = SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.7)
-    samples = make_samples(16, seed=3, group_size=4)
-    expected = torch_reference(tiny_model, samples, algo, sampling, warmup_steps=3)
+    # the third group scored alike (advantage 0): skipped by the ranks, trained by the oracle
+    samples = [replace(s, advantage=0.0) if 8 <= i < 12 else s for i, s in enumerate(make_samples(16, 3, 4))]
+    expected = torch_reference(tiny_model, [samples], algo, sampling, warmup_steps=3)
     group = make_group(
         tiny_model,
         stage,
@@ -168,13 +191,14 @@ def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tin
     finally:
         group.shutdown()
     assert metrics["optimizer_steps"] == 4 and len(updates) == 4
+    assert metrics["sequences"] == 12 and metrics["skipped_sequences"] == 4
     assert [u["lr"] for u in updates] == pytest.approx([LR / 3, 2 * LR / 3, LR, LR])
     assert imitation == pytest.approx([LR / 30, 2 * LR / 30, LR / 10, LR / 10])
     # tolerances: fp32 sums in a different order (micro-batches, gloo all-reduce) differ by ~1e-7 relative
     assert [u["loss"] for u in updates] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
     assert [u["grad_norm"] for u in updates] == pytest.approx(expected["grad_norms"], rel=1e-4)
     worst = max((got[k] - expected["weights"][k]).abs().max().item() for k in got)
-    assert worst < 2e-5, worst
+    assert worst < 5e-5, worst  # as in test_zero_step: fp32 order through Adam's eps; a missed step is ~lr
     # the policy moved within the step: later updates see ratios != 1, some clipped, and a nonzero KL
     assert metrics["ratio_max"] > 1.0 > metrics["ratio_min"]
     assert metrics["clip_frac"] > 0 and metrics["policy_kl"] > 0

@@ -22,6 +22,7 @@ from learner.algorithms import (
     sampling_logits,
     token_entropy,
     token_logprobs,
+    zero_advantage_is_inert,
 )
 
 
@@ -463,3 +464,20 @@ def test_sampling_logits_match_vllms_sampler():
         kept = torch.isfinite(theirs)
         assert torch.equal(kept, ours > -1e8), (temperature, top_k, top_p)
         close(ours[kept], theirs[kept])
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("coefs", [{}, {"kl_coef": 0.1}, {"entropy_coef": 0.01}])
+def test_zero_advantage_is_inert_exactly_when_the_gradient_is_zero(loss, coefs):
+    """The learner leaves samples of advantage 0 out of its passes (learner.skip_zero_advantage) on this
+    predicate's word: it must hold for every loss, off-policy weight and clip whose gradient there is 0."""
+    for off_policy in ("none", "tis", "decoupled"):
+        inputs = loss_inputs(
+            [-1.0, -2.0], [-1.3, -1.5], [0.0, 0.0], behaviour=[-1.1, -2.5], ref=[-1.2, -1.8], entropy=[0.7, 0.4]
+        )
+        inputs.entropy.requires_grad_()  # the entropy bonus's gradient flows through the logits
+        dual = {"dual_clip": 3.0} if loss == "ppo" else {}
+        cfg = AlgorithmConfig(loss=loss, off_policy=off_policy, **dual, **coefs)
+        compute_loss(inputs, cfg).per_token.sum().backward()
+        grads = [g for g in (inputs.logprobs.grad, inputs.entropy.grad) if g is not None]
+        assert zero_advantage_is_inert(cfg) == all(bool((g == 0).all()) for g in grads), (off_policy, cfg)
