@@ -162,7 +162,9 @@ class LearnerGroup:
             raise ValueError("train_step needs at least one sample")
         epochs, count = (self.algo.epochs, self.algo.mini_batches) if loss is None else (1, 1)
         minis = split_mini_batches(samples, count, seed=self.steps)
-        totals = [step_totals(mb, self.sampling.max_tokens) for mb in minis]  # of every sample, trained or not
+        totals = [
+            step_totals(mb, self.sampling.max_tokens) for mb in minis
+        ]  # of every sample, trained or not
         skipped = 0
         algo = self.algo if loss is None else self.algo.model_copy(update={"loss": loss})
         if self.cfg.skip_zero_advantage and zero_advantage_is_inert(algo):

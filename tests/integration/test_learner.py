@@ -32,7 +32,11 @@ def make_samples(n: int, seed: int = 0, group_size: int = 1) -> list[Sample]:
 
 
 def torch_reference(
-    model_dir, steps: list[list[Sample]], algo: AlgorithmConfig, sampling: SamplingConfig, warmup_steps: int = 0
+    model_dir,
+    steps: list[list[Sample]],
+    algo: AlgorithmConfig,
+    sampling: SamplingConfig,
+    warmup_steps: int = 0,
 ) -> dict:
     """The oracle: plain single-process torch on each whole batch of `steps` in turn, every sample trained. Per
     step, the proximal logprobs of every sample first, then algo.epochs passes over the mini-batches (the

@@ -473,7 +473,12 @@ def test_zero_advantage_is_inert_exactly_when_the_gradient_is_zero(loss, coefs):
     predicate's word: it must hold for every loss, off-policy weight and clip whose gradient there is 0."""
     for off_policy in ("none", "tis", "decoupled"):
         inputs = loss_inputs(
-            [-1.0, -2.0], [-1.3, -1.5], [0.0, 0.0], behaviour=[-1.1, -2.5], ref=[-1.2, -1.8], entropy=[0.7, 0.4]
+            [-1.0, -2.0],
+            [-1.3, -1.5],
+            [0.0, 0.0],
+            behaviour=[-1.1, -2.5],
+            ref=[-1.2, -1.8],
+            entropy=[0.7, 0.4],
         )
         inputs.entropy.requires_grad_()  # the entropy bonus's gradient flows through the logits
         dual = {"dual_clip": 3.0} if loss == "ppo" else {}
