@@ -149,29 +149,73 @@ class TimedCaller:
 
         def job() -> None:
             try:
-                out = fn(*args, **kwargs)
-                if inspect.isawaitable(out):
-                    out = asyncio.run(asyncio.wait_for(_awaited(out), timeout))
-                box["value"] = out
+                box["value"] = call_awaiting(fn, args, kwargs, timeout)
             except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
                 box["error"] = e
             finally:
                 finished.set()
 
-        if self._runner is None:
-            self._runner = _Runner(self.name)
-        runner = self._runner
+        runner = self._current_runner()
         runner.submit(job)
         if not finished.wait(timeout):
-            runner.stop()
-            self.abandoned.append(runner.thread)
-            self._runner = None
+            self._abandon(runner)
             raise _Timeout
         if "error" in box:
-            if isinstance(box["error"], asyncio.TimeoutError):
-                raise _Timeout
             raise box["error"]
         return box["value"]
+
+    def run_each(self, fn: Callable[[Any], Any], items: list[Any], timeout: float) -> list[Any]:
+        """`fn(item)` for every item in order, all on the runner thread in one handoff (a handoff per call
+        costs ~50-90 us, more than a cheap reward function), each under its own `timeout` from its start.
+        Returns what each call returned, the exception it raised, or a `_Timeout` for a call that overran: its
+        runner is abandoned as in `__call__` and the items after it go to a fresh runner."""
+        results: list[Any] = []
+        while len(results) < len(items):
+            done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            cancelled = threading.Event()
+
+            def job(batch: list[Any] = items[len(results) :], done=done, cancelled=cancelled) -> None:
+                for item in batch:
+                    if cancelled.is_set():  # abandoned: the main thread has moved on without this runner
+                        return
+                    try:
+                        done.put(fn(item))
+                    except BaseException as e:  # noqa: BLE001
+                        done.put(e)
+
+            runner = self._current_runner()
+            runner.submit(job)
+            for _ in range(len(items) - len(results)):
+                try:  # a little past the deadline, so that a call which times itself out reports it first
+                    results.append(done.get(timeout=timeout + 0.05))
+                except queue.Empty:
+                    cancelled.set()
+                    self._abandon(runner)
+                    results.append(_Timeout())
+                    break
+        return results
+
+    def _current_runner(self) -> _Runner:
+        if self._runner is None:
+            self._runner = _Runner(self.name)
+        return self._runner
+
+    def _abandon(self, runner: _Runner) -> None:
+        runner.stop()
+        self.abandoned.append(runner.thread)
+        self._runner = None
+
+
+def call_awaiting(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float) -> Any:
+    """`fn(*args, **kwargs)`, awaited under `timeout` on a fresh event loop if it returns an awaitable (on the
+    calling thread); an awaitable that overruns is cancelled and raises `_Timeout`."""
+    out = fn(*args, **kwargs)
+    if not inspect.isawaitable(out):
+        return out
+    try:
+        return asyncio.run(asyncio.wait_for(_awaited(out), timeout))
+    except asyncio.TimeoutError:
+        raise _Timeout from None
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -196,6 +240,17 @@ def _as_number(value: Any) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the scorer
+
+
+@dataclass
+class _Progress:
+    """One sample's scoring so far: parts and weighted total of the functions that returned, their failures as
+    (function, kind, text), and the function running now."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+    running: str = ""
 
 
 @dataclass
@@ -239,10 +294,76 @@ class RewardScorer:
         return self._call.hung_threads
 
     def score(self, trajectories: list[Trajectory]) -> list[Trajectory]:
-        """Fill `reward`, `reward_parts` and `reward_error` of each trajectory (in place) and return them."""
+        """Fill `reward`, `reward_parts` and `reward_error` of each trajectory (in place) and return them. The
+        functions run on the caller's runner thread, the whole batch in one handoff (`TimedCaller.run_each`)."""
+        scored = []
         for traj in trajectories:
-            self._score_one(traj)
+            if traj.env_error is not None:  # the episode broke off: no reward is meaningful
+                kind, _, text = traj.env_error.partition(": ")
+                self._finish(traj, _Progress(failures=[("environment", kind, text)]))
+            elif traj.env_reward is None and not self.functions:
+                raise ValueError("reward.functions is empty and the sample is not an environment's episode")
+            else:
+                scored.append(traj)
+        progress = [_Progress() for _ in scored]  # filled on the runner thread, read here
+        outcomes = self._call.run_each(self._evaluate, list(zip(scored, progress)), self.cfg.timeout_s)
+        for traj, p, outcome in zip(scored, progress, outcomes):
+            if isinstance(outcome, _Progress):
+                self._finish(traj, outcome)
+                continue
+            # overran (abandoned with its thread, which may still write to p: keep a copy) or crashed the loop
+            failed = (
+                (p.running, "timeout", f"timeout after {self.cfg.timeout_s:g} s")
+                if isinstance(outcome, _Timeout)
+                else (p.running, "exception", _describe(outcome))
+            )
+            self._finish(traj, _Progress(dict(p.parts), p.total, [*p.failures, failed]))
         return trajectories
+
+    def _evaluate(self, item: tuple[Trajectory, _Progress]) -> _Progress:
+        """Every function on one sample, on the runner thread, within `timeout_s` for all of them together;
+        records into `progress` as it goes, so what finished before a hang is kept."""
+        traj, progress = item
+        deadline = time.monotonic() + self.cfg.timeout_s
+        base = {
+            **traj.fields,
+            "finish_reason": traj.finish_reason,
+            "completion_tokens": len(traj.completion_ids),
+        }
+        if traj.env_reward is not None:  # a multi-turn episode: its environment's reward, plus the functions'
+            progress.total, progress.parts = traj.env_reward, {"environment": traj.env_reward}
+        for f in self.functions:
+            progress.running = f.name
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise _Timeout
+                out = call_awaiting(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
+                values = (
+                    {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
+                    if isinstance(out, dict)
+                    else {f.name: _as_number(out)}
+                )
+            except _Timeout:
+                progress.failures.append((f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
+                break  # the sample's time is spent: the later functions are not run
+            except _BadValue as e:
+                progress.failures.append((f.name, e.kind, str(e)))
+                continue
+            except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
+                progress.failures.append((f.name, "exception", _describe(e)))
+                continue
+            progress.parts.update(values)
+            progress.total += f.weight * sum(values.values())
+        return progress
+
+    def _finish(self, traj: Trajectory, outcome: _Progress) -> None:
+        """Count the sample and its failures (on the caller's thread only) and fill its reward fields."""
+        self.samples += 1
+        errors = [self._error(function, kind, text) for function, kind, text in outcome.failures]
+        traj.reward_parts = outcome.parts
+        traj.reward = self.cfg.error_reward if errors else outcome.total
+        traj.reward_error = "; ".join(errors) if errors else None
 
     def score_batch(self, batch_id: int, trajectories: list[Trajectory]) -> ScoredBatch:
         start = time.monotonic()
@@ -256,52 +377,6 @@ class RewardScorer:
 
     def metrics(self) -> dict[str, Any]:
         return {"samples": self.samples, "errors": dict(self.errors), "hung_threads": self.hung_threads}
-
-    def _score_one(self, traj: Trajectory) -> None:
-        if traj.env_error is not None:  # the episode broke off: no reward is meaningful
-            kind, _, text = traj.env_error.partition(": ")
-            self.samples += 1
-            traj.reward_parts = {}
-            traj.reward = self.cfg.error_reward
-            traj.reward_error = self._error("environment", kind, text)
-            return
-        deadline = time.monotonic() + self.cfg.timeout_s
-        base = {
-            **traj.fields,
-            "finish_reason": traj.finish_reason,
-            "completion_tokens": len(traj.completion_ids),
-        }
-        total, parts, failures = 0.0, {}, []
-        if traj.env_reward is None and not self.functions:
-            raise ValueError("reward.functions is empty and the sample is not an environment's episode")
-        if traj.env_reward is not None:  # a multi-turn episode: its environment's reward, plus the functions'
-            total, parts = traj.env_reward, {"environment": traj.env_reward}
-        for f in self.functions:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise _Timeout
-                out = self._call(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
-                values = (
-                    {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
-                    if isinstance(out, dict)
-                    else {f.name: _as_number(out)}
-                )
-            except _Timeout:
-                failures.append(self._error(f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
-                break  # the sample's time is spent: the later functions are not run
-            except _BadValue as e:
-                failures.append(self._error(f.name, e.kind, str(e)))
-                continue
-            except BaseException as e:  # noqa: BLE001
-                failures.append(self._error(f.name, "exception", _describe(e)))
-                continue
-            parts.update(values)
-            total += f.weight * sum(values.values())
-        self.samples += 1
-        traj.reward_parts = parts
-        traj.reward = self.cfg.error_reward if failures else total
-        traj.reward_error = "; ".join(failures) if failures else None
 
     def _error(self, function: str, kind: str, text: str) -> str:
         """Count one failed call under `<function>/<kind>`; returns the sample's error text."""

@@ -58,8 +58,9 @@ def test_run_finishes_with_versions_and_bounded_staleness(ray_cluster, tiny_mode
     assert all(r["staleness_max"] <= 1 for r in steps)
     if mode == "sync":
         assert all(r["staleness_max"] == 0 for r in steps)  # strictly on-policy
-    # Every sample the buffer took was trained on: 8 prompts x 8 samples per step, no loss, no duplicates.
-    assert all(r["train/sequences"] == 64 for r in steps)
+    # Every sample the buffer took reached the learner: 8 prompts x 8 samples per step, no loss, no duplicates
+    # (those of advantage 0 skip the passes: learner.skip_zero_advantage).
+    assert all(r["train/sequences"] + r["train/skipped_sequences"] == 64 for r in steps)
     last = steps[-1]
     assert (
         last["buffer_taken"] + last["buffer_dropped_stale"] + last["buffer_size"] + last["buffer_evicted"]

@@ -343,6 +343,34 @@ def test_caller_replaces_a_hung_runner_and_keeps_timing_out():
     assert call.hung_threads == 0 and call(ident, (), {}, 5.0) == third
 
 
+def test_run_each_is_one_handoff_per_batch_and_times_each_item():
+    """A batch runs on one runner; an item that raises gives its exception, one that overruns a `_Timeout`
+    after its own deadline, and the items after it run on a fresh runner; an abandoned runner takes no more."""
+    call = TimedCaller()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def work(item: str) -> int:
+        ran.append(item)
+        if item == "hang":
+            release.wait(30)
+        if item == "boom":
+            raise RuntimeError(item)
+        return threading.get_ident()
+
+    start = time.monotonic()
+    out = call.run_each(work, ["a", "boom", "b", "hang", "c", "d"], timeout=0.3)
+    assert 0.3 <= time.monotonic() - start < 2.0
+    assert out[0] == out[2] and isinstance(out[1], RuntimeError) and isinstance(out[3], _Timeout)
+    assert out[4] == out[5] != out[0] and call.hung_threads == 1
+    assert call.run_each(work, ["e"], timeout=1.0) == [out[5]]  # the fresh runner stays
+    release.set()
+    for t in list(call.abandoned):
+        t.join(5)
+    assert ran == ["a", "boom", "b", "hang", "c", "d", "e"]  # the abandoned runner ran nothing after its hang
+    assert call.hung_threads == 0
+
+
 def test_caller_errors_and_async_on_the_runner():
     call = TimedCaller()
 
