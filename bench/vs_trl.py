@@ -6,8 +6,9 @@ reward) at the same step counts:
   demo     the CPU demo (`deploy/examples/cpu_demo.yaml`): the tiny model after the demo's imitation phase
            (run here first, exported, and used as both sides' start), 3-digit addition, 32 prompts x 8 samples,
            6 tokens, T=1, AdamW lr 3e-4, GRPO advantages, token-mean policy gradient;
-  smollm2  SmolLM2-135M-Instruct (`aha convert-smollm2`) on reasoning-gym basic_arithmetic as in
-           `deploy/examples/smollm2_cpu.yaml` (4 prompts x 4 samples, 48 tokens), a few steps.
+  smollm2  SmolLM2-135M-Instruct (`aha convert-smollm2`) on reasoning-gym chain_sum as in
+           `deploy/examples/smollm2_chain_sum.yaml` (the task of docs/results.md, answer = last number,
+           math-verify) in fp32 with every group trained: 4 prompts x 8 samples, 48 tokens, a few steps.
 aha runs in this process (its own local Ray); TRL runs `bench/trl_grpo.py` in its own virtual environment,
 created on first use under `.cache/trl-venv` (pinned: see TRL_PINS) and reused after, one after the other.
 What cannot be matched is listed under "unmatched" in the output.
@@ -45,9 +46,10 @@ from cluster.files import emit_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = [
     ["torch==2.13.0"],  # first, alone: the CPU wheel (as for aha itself)
-    ["trl==1.16.0", "transformers>=5.19,<5.20", "datasets", "reasoning-gym==0.1.25"],
+    ["trl==1.16.0", "transformers>=5.19,<5.20", "datasets", "reasoning-gym==0.1.25", "math-verify>=0.7"],
 ]
-"""TRL's environment, installed in this order (reasoning-gym: the same reward functions as aha's)."""
+"""TRL's environment, installed in this order (reasoning-gym and math-verify: aha's own reward functions and
+task data run there too)."""
 
 UNMATCHED = [
     "sampling: different random streams (vLLM engine seeded per chunk vs torch's generator in TRL): the same "
@@ -62,6 +64,9 @@ UNMATCHED = [
     "optimizer implementation: aha DeepSpeed at the config's ZeRO stage (demo 2, SmolLM2 0) with torch's fused "
     "AdamW; TRL accelerate with torch's default AdamW (same betas, eps, weight decay, clip 1.0, constant lr)",
     "dropout: both models have none (attention_dropout 0)",
+    "learner work: aha leaves samples of advantage 0 out of the forward and backward passes (their gradient is "
+    "exactly 0; the loss keeps its denominators, so the update is the same: learner.skip_zero_advantage, "
+    "`skipped_frac` per step); TRL runs every sample",
     "bf16 (when learner.dtype=bfloat16): aha's engine and learner hold bf16 weights (the learner with DeepSpeed's "
     "fp32 master copy); TRL keeps fp32 weights and runs under bf16 autocast",
 ]
@@ -87,7 +92,8 @@ def parse_args() -> argparse.Namespace:
         help="rollout.seed of each pair of runs (aha's sampling, TRL's seed): equal learning is a claim about the "
         "mean over seeds, one run of 200 held-out problems moves by several points from the seed alone",
     )
-    p.add_argument("--smollm2-steps", type=int, default=4)
+    p.add_argument("--smollm2-steps", type=int, default=6)
+    p.add_argument("--smollm2-eval-prompts", type=int, default=100, help="smollm2: held-out problems")
     p.add_argument("--smollm2-model", default="models/smollm2-135m", help="converted here if missing")
     p.add_argument("--schedule", choices=["sync", "async"], default=None, help="aha; default: the config's")
     p.add_argument(
@@ -187,6 +193,11 @@ def run_aha(cfg, eval_at: list[int]) -> dict:
                 "generate_score_s": lambda r: r["generate_score_s"],
                 "train_s": lambda r: r["train/step_s"],
                 "sync_s": lambda r: r.get("sync_s", 0.0),
+                # samples of advantage 0 that the learner left out (learner.skip_zero_advantage)
+                "skipped_frac": lambda r: (
+                    r.get("train/skipped_sequences", 0.0)
+                    / max(r.get("train/sequences", 0.0) + r.get("train/skipped_sequences", 0.0), 1.0)
+                ),
             },
         ),
         "eval": {k: evals[k] for k in sorted(evals, key=int) if int(k) in eval_at},
@@ -333,8 +344,16 @@ def workload_config(name: str, args, root: Path, start: Path, namespace: str, se
         if args.quick:
             extra.append("schedule.eval_prompts=16")
         return load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", common + extra).resolved()
-    extra = [f"schedule.steps={args.smollm2_steps}", "schedule.eval_every=0"]
-    return load_config(ROOT / "deploy" / "examples" / "smollm2_cpu.yaml", common + extra).resolved()
+    extra = [  # the task of docs/results.md, where the base model earns rewards (~18% greedy), at TRL's reach:
+        f"schedule.steps={args.smollm2_steps}",
+        "schedule.eval_every=0",  # held out before and after
+        f"schedule.eval_prompts={args.smollm2_eval_prompts}",
+        "schedule.prompts_per_step=4",
+        "learner.dtype=float32",  # as TRL trains (its bf16 is autocast over fp32 weights)
+        "learner.zero_stage=0",  # one rank: nothing to partition
+        "buffer.drop_zero_variance=false",  # TRL trains on every group
+    ]
+    return load_config(ROOT / "deploy" / "examples" / "smollm2_chain_sum.yaml", common + extra).resolved()
 
 
 def compare(aha: dict, trl: dict | None) -> dict:

@@ -67,6 +67,7 @@ def test_vs_trl_bench():
     assert demo["seed"] == 0
     aha = demo["aha"]
     assert aha["steps"]["step_s"] > 0 and aha["steps"]["train_s"] > 0 and aha["cores_used"] > 0
+    assert 0 <= aha["steps"]["skipped_frac"] <= 1  # samples of advantage 0 the learner left out
     assert set(aha["eval"]) == {"0", "3"}  # held-out accuracy before and after the quick run's 3 steps
     if "skipped" in demo["trl"]:
         pytest.skip(f"TRL side: {demo['trl']['skipped']}")
