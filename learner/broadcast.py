@@ -128,12 +128,11 @@ class WeightSync:
             self._check_same_node(targets, deadline)
         if self.transport == "torch_dist" and self._group_members != targets:
             self._open_group(targets, deadline)  # every group member joins every broadcast
-        self._wait(
-            {e.begin_update.remote(version): i for i, e in engines.items()},
-            deadline,
-            f"begin update v{version}",
-        )
-        began = time.monotonic()
+        # Every engine call of the sync is submitted without waiting for the one before: an actor runs one
+        # caller's calls in order, so each engine goes from one step to the next with no round trip to the
+        # driver in between (~3-4 ms each on 2 loaded cores). The waits below go stage by stage, so a failure
+        # is still reported at the first stage it hit.
+        begins = {e.begin_update.remote(version): i for i, e in engines.items()}
         loads: dict[Any, int] = {}
         buckets = 0
         stream = self.group.weight_buckets(
@@ -148,24 +147,23 @@ class WeightSync:
                 )
             buckets += 1
         streamed = time.monotonic()
+        finishes = {e.finish_update.remote(version): i for i, e in engines.items()}
+        probes = self._submit_probes(targets) if self.cfg.verify and self.probe_ids else None
+        self._wait(begins, deadline, f"begin update v{version}")
+        began = time.monotonic()
         sizes = self._wait(loads, deadline, f"load v{version}")
         loaded = time.monotonic()
-        self._wait(
-            {e.finish_update.remote(version): i for i, e in engines.items()},
-            deadline,
-            f"finish update v{version}",
-        )
+        self._wait(finishes, deadline, f"finish update v{version}")
         transfer_s = time.monotonic() - started
         if self.shm_dir:
             for f in _files(self.shm_dir):
                 f.unlink()
-        probe_diff = self.verify(targets, deadline) if self.cfg.verify else 0.0
+        probe_diff = self.verify(targets, deadline, probes) if self.cfg.verify else 0.0
         return {
             "sync_transfer_s": transfer_s,
             "sync_begin_s": began - started,  # open the update on every engine (and any transport set-up)
-            "sync_stream_s": streamed
-            - began,  # until rank 0 produced the last bucket (engines load meanwhile)
-            "sync_load_tail_s": loaded - streamed,  # engines finishing the loads after the last bucket
+            "sync_stream_s": streamed - started,  # until rank 0 produced the last bucket (engines load)
+            "sync_load_tail_s": loaded - max(streamed, began),  # loads finishing after the last bucket
             "sync_finish_s": started + transfer_s - loaded,  # close the update: tied head, prefix cache
             "sync_bytes": float(sum(sizes) // max(len(engines), 1)),
             "sync_buckets": float(buckets),
@@ -182,11 +180,15 @@ class WeightSync:
         except LearnerError as e:
             raise LearnerError(f"{e} (noticed in the weight sync to v{version})") from None
 
-    def verify(self, engine_indices: list[int], deadline: float) -> float:
-        """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine."""
+    def _submit_probes(self, engine_indices: list[int]) -> dict[Any, int]:
+        return {self.pool.engines[i].probe_logprobs.remote(self.probe_ids): i for i in engine_indices}
+
+    def verify(self, engine_indices: list[int], deadline: float, refs: dict[Any, int] | None = None) -> float:
+        """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine.
+        `refs`: the engines' probe calls, already submitted (after their loads) by the sync."""
         if not self.probe_ids:
             return 0.0
-        refs = {self.pool.engines[i].probe_logprobs.remote(self.probe_ids): i for i in engine_indices}
+        refs = self._submit_probes(engine_indices) if refs is None else refs
         expected = self.group.sequence_logprobs(self.probe_ids)  # while the engines compute theirs
         results = self._wait(refs, deadline, "probe", keep_order=True)
         worst, bad = 0.0, []
