@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -9,6 +10,13 @@ def digit_share(prompt: str, completion: str, **_: Any) -> float:
     """Share of digits in the completion: samples of a random tiny model differ in it, so group advantages are
     not all zero and every step's loss depends on what the engines sampled."""
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def slow_digit_share(prompt: str, completion: str, **fields: Any) -> float:
+    """`digit_share` at ~30 ms a completion: a step of 32 samples takes about a second, so a test that watches
+    the run can act between two steps."""
+    time.sleep(0.03)
+    return digit_share(prompt, completion)
 
 
 def fails_on_odd_sums(prompt: str, completion: str, *, a: int, b: int, **_: Any) -> float:

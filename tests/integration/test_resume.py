@@ -32,6 +32,9 @@ def overrides(tiny_model, run_root) -> list[str]:
         "checkpoint.every=2",
         "cluster.num_cpus=4",
         "cluster.namespace=aha-resume",
+        # ~1 s a step: the checkpoint of step 4 stays the latest for two steps, far longer than the 0.2 s poll
+        # (at the demo's ~0.2 s a step, steps 5 and 6 could end between two polls and the kill came too late)
+        "reward.functions=[{function: 'tests.integration.fault_rewards:slow_digit_share'}]",
     ]
 
 
@@ -41,9 +44,8 @@ def test_killed_driver_resumes_without_repeating_or_skipping_prompts(ray_cluster
 
     args = overrides(tiny_model, tmp_path)
     run_dir = tmp_path / "resume"
-    # Slow each step down a little so the kill lands between checkpoints, not after the run ended.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "run", str(DEMO), *args, "rollout.sampling.max_tokens=6"],
+        [sys.executable, "-m", "cluster.cli", "run", str(DEMO), *args],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -57,7 +59,7 @@ def test_killed_driver_resumes_without_repeating_or_skipping_prompts(ray_cluster
     proc.wait(timeout=60)
     assert "step-000004" in marker.read_text()
 
-    summary = run(load_config(DEMO, [*args, "rollout.sampling.max_tokens=6"]), resume=True)
+    summary = run(load_config(DEMO, args), resume=True)
     assert summary["steps"] == STEPS and summary["version"] == STEPS
 
     last_per_step: dict[int, list[str]] = {}
