@@ -368,7 +368,10 @@ def compare(aha: dict, trl: dict | None) -> dict:
 
 
 def summary(runs: list[dict]) -> dict:
-    """Over the seeds' runs: the median step-time ratio and each side's mean held-out accuracy per step."""
+    """Over the seeds' runs: the median step-time ratio, each side's mean held-out accuracy per step, and the
+    paired gap aha - TRL (a seed gives both sides the same start and prompts) per step and averaged over the
+    evaluations after step 0, each as mean and standard error over seeds: learning per step is equal when the
+    gap is within about two standard errors of 0."""
     out: dict = {}
     for side in ("aha", "trl"):
         evals = [r[side]["eval"] for r in runs if "eval" in r[side]]
@@ -378,10 +381,24 @@ def summary(runs: list[dict]) -> dict:
                 for k in evals[0]
                 if all(k in e for e in evals)
             }
+    paired = [(r["aha"]["eval"], r["trl"]["eval"]) for r in runs if "eval" in r["aha"] and "eval" in r["trl"]]
+    later = [k for k in (paired[0][0] if paired else {}) if int(k) > 0 and all(k in t for _, t in paired)]
+    if len(paired) >= 2 and later:
+        gaps = {k: [a[k] - t[k] for a, t in paired] for k in later}
+        gaps["after_0"] = [statistics.mean(a[k] - t[k] for k in later) for a, t in paired]
+        out["accuracy_gap"] = {k: _mean_se(v) for k, v in gaps.items()}
     ratios = [r["ratio_aha_over_trl"] for r in runs if "ratio_aha_over_trl" in r]
     if ratios:
         out["ratio_aha_over_trl"] = round(statistics.median(ratios), 3)
     return out
+
+
+def _mean_se(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "se": round(statistics.stdev(values) / len(values) ** 0.5, 4),
+        "seeds": len(values),
+    }
 
 
 def main() -> None:

@@ -1,0 +1,48 @@
+"""bench/vs_trl.py's summary over seeds: the paired accuracy gap and its standard error, against hand-computed
+values."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "vs_trl.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("vs_trl", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(seed, aha, trl, ratio):
+    trl_side = trl if "skipped" in trl else {"eval": trl}
+    return {"seed": seed, "aha": {"eval": aha}, "trl": trl_side, "ratio_aha_over_trl": ratio}
+
+
+def test_summary_pairs_the_sides_by_seed():
+    summary = load_bench().summary(
+        [
+            run(0, {"0": 0.3, "10": 0.5, "20": 0.7}, {"0": 0.3, "10": 0.4, "20": 0.7}, 0.4),
+            run(1, {"0": 0.3, "10": 0.6, "20": 0.6}, {"0": 0.3, "10": 0.6, "20": 0.8}, 0.6),
+            run(2, {"0": 0.3, "10": 0.6, "20": 0.6}, {"skipped": "--no-trl"}, 0.5),  # not paired: left out
+        ]
+    )
+    assert summary["aha_eval_mean"] == pytest.approx({"0": 0.3, "10": 1.7 / 3, "20": 1.9 / 3}, abs=1e-4)
+    assert summary["trl_eval_mean"] == pytest.approx({"0": 0.3, "10": 0.5, "20": 0.75})
+    gap = summary["accuracy_gap"]
+    # gaps at 10: 0.1 and 0.0; at 20: 0.0 and -0.2; per-seed means after step 0: 0.05 and -0.1
+    # se = stdev / sqrt(2) = |a - b| / 2 for two values
+    assert gap["10"] == pytest.approx({"mean": 0.05, "se": 0.05, "seeds": 2})
+    assert gap["20"] == pytest.approx({"mean": -0.1, "se": 0.1, "seeds": 2})
+    assert gap["after_0"] == pytest.approx({"mean": -0.025, "se": 0.075, "seeds": 2})
+    assert "0" not in gap  # the shared start is not a gap
+    assert summary["ratio_aha_over_trl"] == 0.5
+
+
+def test_summary_of_one_seed_has_no_standard_error():
+    summary = load_bench().summary([run(0, {"0": 0.3, "5": 0.5}, {"0": 0.3, "5": 0.4}, 0.5)])
+    assert "accuracy_gap" not in summary and summary["ratio_aha_over_trl"] == 0.5
