@@ -38,11 +38,12 @@ def test_demo_reproduces_the_readme_figures(ray_cluster, tmp_path):
         "after imitation": stated.after_imitation,
         "after trial and error": stated.final,
     }
-    tolerance = stated.tolerance_points / 100
-    off = {k: (measured[k], expected[k]) for k in expected if abs(measured[k] - expected[k]) > tolerance}
-    assert not off, (
-        f"measured vs README (tolerance {stated.tolerance_points} points): {off}; summary {summary}"
-    )
+    # the final figure gets a wider tolerance: same-seed runs part in the learner's last bits at some step and
+    # then sample differently (README: 76.0-89.5% over four runs)
+    tolerance = {k: stated.tolerance_points / 100 for k in expected}
+    tolerance["after trial and error"] = stated.final_tolerance_points / 100
+    off = {k: (measured[k], expected[k]) for k in expected if abs(measured[k] - expected[k]) > tolerance[k]}
+    assert not off, f"measured vs README (tolerances in points {tolerance}): {off}; summary {summary}"
     assert (
         stated.final >= stated.after_imitation + 0.1
     )  # the README's claim itself: trial and error adds clearly

@@ -18,6 +18,7 @@ DEMO = ROOT / "deploy" / "examples" / "cpu_demo.yaml"
 class DemoFigures:
     seed: int
     tolerance_points: float  # the slow test's tolerance, in accuracy points
+    final_tolerance_points: float  # the same for the final figure (runs diverge in the last bits, see README)
     start: float  # held-out accuracies, as fractions
     after_imitation: float
     final: float
@@ -48,6 +49,7 @@ def demo_figures(text: str | None = None) -> DemoFigures:
     return DemoFigures(
         seed=int(_find(r"\(seed (\d+), `bash scripts/demo\.sh`", text).group(1)),
         tolerance_points=float(_find(r"within ([\d.]+) points", text).group(1)),
+        final_tolerance_points=float(_find(r"the final one within ([\d.]+) points", text).group(1)),
         start=float(_find(row.format("random init"), text).group(1)) / 100,
         after_imitation=float(_find(row.format("after imitation"), text).group(1)) / 100,
         final=float(_find(row.format("after trial and error"), text).group(1)) / 100,
@@ -74,6 +76,7 @@ def test_readme_states_what_the_demo_job_runs():
     )
     assert figures.seed == model_seed == job["data"]["seed"] == job["schedule"].get("seed", 0)  # one seed
     assert 0 < figures.tolerance_points <= 10
+    assert figures.tolerance_points <= figures.final_tolerance_points <= 15
     assert 0 <= figures.start <= figures.after_imitation <= figures.final <= 1
 
 
@@ -95,8 +98,9 @@ def test_parser_reads_each_figure():
         "Measured (seed 3, `bash scripts/demo.sh`, ...) evaluated greedily on 200 problems.\n"
         "| random init | 1.5% |\n| after imitation (400 SFT steps on 1,000 demonstrations) | 68.5% |\n"
         "| after trial and error (200 GRPO steps, 32 prompts x 8 samples) | 93.0% |\n"
-        "The slow test reruns the command and checks each figure within 4.5 points.\n"
+        "The slow test reruns the command and checks each figure within 4.5 points, the final one within 12 points.\n"
     )
     f = demo_figures(text)
-    assert (f.seed, f.tolerance_points, f.start, f.after_imitation, f.final) == (3, 4.5, 0.015, 0.685, 0.93)
+    assert (f.seed, f.tolerance_points, f.final_tolerance_points) == (3, 4.5, 12.0)
+    assert (f.start, f.after_imitation, f.final) == (0.015, 0.685, 0.93)
     assert (f.demonstrations, f.rl_steps, f.eval_problems) == (1000, 200, 200)
