@@ -12,7 +12,7 @@ def digit_share(prompt: str, completion: str, **_: Any) -> float:
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
-def slow_digit_share(prompt: str, completion: str, **fields: Any) -> float:
+def slow_digit_share(prompt: str, completion: str, **_: Any) -> float:
     """`digit_share` at ~30 ms a completion: a step of 32 samples takes about a second, so a test that watches
     the run can act between two steps."""
     time.sleep(0.03)

@@ -47,3 +47,5 @@ def test_demo_reproduces_the_readme_figures(ray_cluster, tmp_path):
     assert (
         stated.final >= stated.after_imitation + 0.1
     )  # the README's claim itself: trial and error adds clearly
+    # and this run's own: whichever way its last bits went, trial and error added far more than the 3-point noise
+    assert measured["after trial and error"] >= measured["after imitation"] + 0.3, measured
