@@ -40,6 +40,7 @@ def overrides(tiny_model, root: Path, name: str, *extra: str) -> list[str]:
         "logging.progress=false",
         "logging.tensorboard=false",
         "imitation.steps=0",
+        "schedule.mode=sync",  # exact resumes: in async mode a resumed run samples its first batch on newer weights
         f"schedule.steps={STEPS}",
         f"schedule.prompts_per_step={PER_STEP}",
         "schedule.eval_prompts=4",

@@ -26,6 +26,7 @@ def overrides(tiny_model, run_root) -> list[str]:
         "logging.progress=false",
         "logging.tensorboard=false",
         "imitation.steps=0",
+        "schedule.mode=sync",  # the demo runs async; async resumes are tested in test_environment.py
         f"schedule.steps={STEPS}",
         f"schedule.prompts_per_step={PER_STEP}",
         "schedule.eval_prompts=0",
