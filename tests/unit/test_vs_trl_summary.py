@@ -48,3 +48,13 @@ def test_summary_pairs_the_sides_by_seed():
 def test_summary_of_one_seed_has_no_standard_error():
     summary = load_bench().summary([run(0, {"0": 0.3, "5": 0.5}, {"0": 0.3, "5": 0.4}, 0.5)])
     assert "accuracy_gap" not in summary and summary["ratio_aha_over_trl"] == 0.5
+
+
+def test_trl_gets_the_threads_aha_keeps_busy_at_once(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    threads = {"engine": 1, "learner": 2}
+    assert bench.busy_threads(threads, "sync") == 2  # they take turns: the busier of the two
+    assert bench.busy_threads(threads, "async") == 3  # side by side: their sum
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.busy_threads(threads, "async") == 2  # never more than the machine's cores
