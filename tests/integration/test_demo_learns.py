@@ -39,7 +39,8 @@ def test_demo_reproduces_the_readme_figures(ray_cluster, tmp_path):
         "after trial and error": stated.final,
     }
     # the final figure gets a wider tolerance: same-seed runs part in the learner's last bits at some step and
-    # then sample differently (README: 76.0-91.0% over five runs)
+    # then sample differently (README: 76.0-91.0% over five runs of the earlier sync demo; in async mode the
+    # interleaving of engine and learner varies too)
     tolerance = {k: stated.tolerance_points / 100 for k in expected}
     tolerance["after trial and error"] = stated.final_tolerance_points / 100
     off = {k: (measured[k], expected[k]) for k in expected if abs(measured[k] - expected[k]) > tolerance[k]}
