@@ -934,10 +934,14 @@ class RolloutPool:
         return merged
 
     # -- pausing for weight loads ---------------------------------------------------------------------------------
+    def stop_dispatching(self) -> None:
+        """Queue new work without sending it to engines (until `resume`); chunks in flight go on."""
+        self.paused = True
+
     def pause(self, timeout_s: float) -> list[Completed]:
         """Stop dispatching and let in-flight chunks finish; returns them (they belong to the old version). An
         engine still busy after `timeout_s` is treated as hung: killed and restarted, its chunks queued again."""
-        self.paused = True
+        self.stop_dispatching()
         finished = list(self._finished)
         self._finished.clear()
         deadline = time.monotonic() + timeout_s

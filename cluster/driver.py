@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from cluster.metrics import MetricsLogger, write_report
 from cluster.monitor import environment_metrics, trajectory_metrics
 from cluster.preflight import check_cluster_resources, prepare_run_dir
 from cluster.runtime import apply_base_env, init_ray
+
+if TYPE_CHECKING:
+    from learner.broadcast import PendingSync
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Run:
         self.started = time.time()
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
         self.last_accuracy: float | None = None  # of this process's latest evaluation (the progress bar's)
+        self._begun_sync: PendingSync | None = None  # the step's weight sync, begun while the learner trains
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def start(self, resume: bool, overwrite: bool = False) -> None:
@@ -172,8 +176,9 @@ class Run:
         progress.close()
         self._sync()
 
-    def _sync(self) -> dict[str, float]:
-        metrics, leftovers = self.sync.sync(self.state.version)
+    def _sync(self, begun: PendingSync | None = None) -> dict[str, float]:
+        """Sync the engines to the current version (`begun`: a sync `_overlap_training` started)."""
+        metrics, leftovers = self.sync.complete(begun) if begun else self.sync.sync(self.state.version)
         for done in leftovers:  # chunks that finished on the old weights while pausing (async mode)
             self._score_and_store(done)
         return metrics
@@ -242,9 +247,17 @@ class Run:
                 return
             self._score_and_store(done)
 
-    def _store_while_training(self) -> None:
-        # The learner's weights are about to change: a restarted engine waits for the sync after the step.
+    def _syncs_after(self, step: int) -> bool:
+        return step % self.cfg.schedule.sync_every == 0 or step == self.cfg.schedule.steps
+
+    def _overlap_training(self) -> None:
+        """Async mode, while the learner trains: begin the step's weight sync, queued behind the learner's step
+        and behind each engine's chunk in flight (so each side starts its part the moment it is free, and the
+        chunks are scored meanwhile), then score and store the chunks in flight. The learner's weights are about
+        to change: a restarted engine waits for this sync."""
         with self.pool.holding_restarts():
+            if self._syncs_after(self.state.step + 1):
+                self._begun_sync = self.sync.begin(self.state.version + 1, after_training=True)
             self._store_in_flight()
 
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
@@ -318,11 +331,12 @@ class Run:
         advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
         # truncated samples count in their group's baseline above; with mask_truncated they get no loss
         samples = samples_from_trajectories(trajectories, advantages.tolist(), cfg.algorithm.mask_truncated)
+        self._begun_sync = None
         if samples:
             train_metrics = self.group.train_step(
                 samples,
                 phase_step=self.state.step * cfg.algorithm.updates_per_step,
-                while_training=self._store_while_training if sched.mode == "async" else None,
+                while_training=self._overlap_training if sched.mode == "async" else None,
             )
         else:  # every sample was masked: no update
             train_metrics = {"optimizer_steps": 0.0}
@@ -346,8 +360,9 @@ class Run:
         }
         metrics.update(trajectory_metrics(trajectories, cfg.monitor))  # monitor/*: sample behaviour
         metrics.update(environment_metrics(trajectories))  # env/*: multi-turn episodes
-        if self.state.step % sched.sync_every == 0 or self.state.step == sched.steps:
-            metrics.update(self._sync())
+        begun, self._begun_sync = self._begun_sync, None
+        if begun is not None or self._syncs_after(self.state.step):
+            metrics.update(self._sync(begun))
         if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
             eval_started = time.perf_counter()
             metrics.update(self.evaluate())

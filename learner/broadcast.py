@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.rollout import Completed, EngineError, RolloutPool
@@ -71,19 +73,47 @@ class WeightSync:
     ) -> tuple[dict[str, float], list[Completed]]:
         """Push the learner's current weights as `version`; returns metrics and chunks finished while pausing.
         Restarted engines waiting for weights are included."""
+        return self.complete(self.begin(version, engines))
+
+    def begin(
+        self, version: int, engines: list[int] | None = None, after_training: bool = False
+    ) -> PendingSync:
+        """Start a sync to `version`; `complete` finishes it. The pool stops handing out work, and each engine's
+        update calls queue behind the chunks it is generating, so an engine loads the new weights the moment
+        its chunk is done, with no round trip to the caller in between.
+
+        `after_training`: called while the learner trains (async mode): the weights are streamed, in a thread,
+        once the learner's step has ended, so the caller can go on scoring the chunks in flight meanwhile."""
         started = time.perf_counter()
+        self.pool.stop_dispatching()
         if self.transport == "torch_dist":
             engines = None  # every group member joins every broadcast
+        targets = sorted(
+            {i for i, _ in self.pool.live_engines() if engines is None or i in engines}
+            | set(self.pool.take_unsynced())
+        )
+        push = self._new_push(version, targets)
+        pending = PendingSync(push)
+        if after_training:
+            pending.start(lambda: (self.group.wait_for_step(), self._send(push)))
+        else:
+            pending.run(lambda: self._send(push))
+        pending.caller_s = time.perf_counter() - started
+        return pending
+
+    def complete(self, pending: PendingSync) -> tuple[dict[str, float], list[Completed]]:
+        """Wait for a begun sync: chunks still in flight finish on the old weights (returned), then every engine's
+        update and probe; engines that fail it are restarted (`on_engine_failure: restart`) or named in an
+        error. The pool hands out work again afterwards."""
+        started = time.perf_counter()
         leftovers = self.pool.pause(self.cfg.timeout_s)
+        pending.drained = time.monotonic()
         try:
-            targets = sorted(
-                {i for i, _ in self.pool.live_engines() if engines is None or i in engines}
-                | set(self.pool.take_unsynced())
-            )
-            metrics = self._push_to_survivors(version, targets)
+            metrics = self._push_to_survivors(pending.push, pending)
         finally:
             self.pool.resume()
-        metrics["sync_s"] = time.perf_counter() - started
+        # what the caller waited: in async mode the rest overlapped generation and training
+        metrics["sync_s"] = pending.caller_s + time.perf_counter() - started
         return metrics, leftovers
 
     def bring_up(self, engines: list[int]) -> None:
@@ -93,80 +123,109 @@ class WeightSync:
             _, leftovers = self.sync(self.current_version())
             self.pool.hand_back(leftovers)
             return
-        self._push_to_survivors(self.current_version(), engines)
+        push = self._new_push(self.current_version(), engines)
+        self._push_to_survivors(push)
 
-    def _push_to_survivors(self, version: int, targets: list[int]) -> dict[str, float]:
-        """Push to `targets`. With `on_engine_failure: restart`, engines the push fails on are handed to the pool
-        for a restart (in the background) and the push is redone on the others (they may be mid-update)."""
+    def _push_to_survivors(self, push: _Push, begun: PendingSync | None = None) -> dict[str, float]:
+        """Finish `push` (`begun`: already sent, by `begin`), or send and finish it. With `on_engine_failure:
+        restart`, engines it fails on are handed to the pool for a restart (in the background) and the push is
+        redone on the others (they may be mid-update)."""
         failed: list[int] = []
         metrics: dict[str, float] = {}
-        while targets:
+        while push.targets:
             try:
-                metrics = self._push(version, targets)
+                if begun is not None:
+                    begun.wait_sent(self.cfg.timeout_s + 30)  # its own waits end within timeout_s
+                else:
+                    self._send(push)
+                metrics = self._await(push, begun.drained if begun is not None else None)
             except SyncError as e:
-                self._check_learner(version)  # engines fail to fetch buckets whose owner died
+                self._check_learner(push.version)  # engines fail to fetch buckets whose owner died
                 if self.cfg.on_engine_failure != "restart" or not e.engines:
                     raise
                 for i in e.engines:
-                    self.pool.engine_lost(i, f"failed the weight sync to v{version}: {e}")
+                    if self.pool.engines[i] is push.engines[i]:  # else the pool replaced it already (it died
+                        self.pool.engine_lost(
+                            i, f"failed the weight sync to v{push.version}: {e}"
+                        )  # generating)
                 failed += e.engines
-                targets = [i for i in targets if i not in e.engines]
                 self._group_members = None  # a torch_dist group must be rebuilt without them
+                push, begun = (
+                    self._new_push(push.version, [i for i in push.targets if i not in e.engines]),
+                    None,
+                )
                 continue
-            self.pool.mark_synced(targets)
+            self.pool.mark_synced(push.targets)
             break
         metrics["sync_restarted_engines"] = float(len(failed))
         return metrics
 
-    def _push(self, version: int, targets: list[int]) -> dict[str, float]:
+    def _new_push(self, version: int, targets: list[int]) -> _Push:
+        return _Push(
+            version,
+            list(targets),
+            {i: self.pool.engines[i] for i in targets},  # the actor handles its calls go to
+            time.monotonic(),  # the clock of every deadline (see _wait)
+            time.monotonic() + self.cfg.timeout_s,
+        )
+
+    def _send(self, push: _Push) -> None:
+        """Submit every engine call of the push without waiting for one before the next: an actor runs one
+        caller's calls in order, so each engine goes from one stage to the next with no round trip to the
+        caller in between (~3-4 ms each on 2 loaded cores). `_await` waits stage by stage, so a failure is
+        still reported at the first stage it hit."""
         import ray
 
-        started = time.monotonic()  # the clock of every deadline (see _wait)
-        deadline = started + self.cfg.timeout_s
-        engines = {i: self.pool.engines[i] for i in targets}
+        version, targets, engines = push.version, push.targets, push.engines
+        push.started = time.monotonic()  # after the learner's step, when begun during it
+        push.deadline = push.started + self.cfg.timeout_s
         if self.transport == "shm":
-            self._check_same_node(targets, deadline)
+            self._check_same_node(targets, push.deadline)
         if self.transport == "torch_dist" and self._group_members != targets:
-            self._open_group(targets, deadline)  # every group member joins every broadcast
-        # Every engine call of the sync is submitted without waiting for the one before: an actor runs one
-        # caller's calls in order, so each engine goes from one step to the next with no round trip to the
-        # driver in between (~3-4 ms each on 2 loaded cores). The waits below go stage by stage, so a failure
-        # is still reported at the first stage it hit.
-        begins = {e.begin_update.remote(version): i for i, e in engines.items()}
-        loads: dict[Any, int] = {}
-        buckets = 0
+            self._open_group(targets, push.deadline)  # every group member joins every broadcast
+        push.begins = {e.begin_update.remote(version): i for i, e in engines.items()}
         stream = self.group.weight_buckets(
             version, int(self.cfg.bucket_mb * 2**20), self.cfg.timeout_s, self.transport, self.shm_dir
         )
         for ref in stream:
-            if buckets == self.corrupt_bucket:
+            if push.buckets == self.corrupt_bucket:
                 ref = ray.put(_corrupted(ray.get(ref)))
             for i, e in engines.items():
-                loads[e.load_bucket.remote(ref)] = (
-                    i  # the engine fetches the bucket (or receives its broadcast)
-                )
-            buckets += 1
-        streamed = time.monotonic()
-        finishes = {e.finish_update.remote(version): i for i, e in engines.items()}
-        probes = self._submit_probes(targets) if self.cfg.verify and self.probe_ids else None
-        self._wait(begins, deadline, f"begin update v{version}")
+                push.loads[e.load_bucket.remote(ref)] = i  # the engine fetches the bucket (or its broadcast)
+            push.buckets += 1
+        push.streamed = time.monotonic()
+        push.finishes = {e.finish_update.remote(version): i for i, e in engines.items()}
+        if self.cfg.verify and self.probe_ids:
+            push.probes = self._submit_probes(targets)
+            push.expected = self.group.submit_sequence_logprobs(self.probe_ids)  # the learner's, meanwhile
+
+    def _await(self, push: _Push, drained: float | None = None) -> dict[str, float]:
+        """Wait for every stage of a sent push, then verify. `drained`: when the pool's chunks in flight had
+        finished (a begun sync's engines start their update only then; the time before counts against
+        rollout.generate_timeout_s, not weight_sync.timeout_s)."""
+        version, started, deadline = push.version, push.started, push.deadline
+        if drained is not None:
+            deadline = max(deadline, drained + self.cfg.timeout_s)
+        self._wait(push.begins, deadline, f"begin update v{version}")
         began = time.monotonic()
-        sizes = self._wait(loads, deadline, f"load v{version}")
+        sizes = self._wait(push.loads, deadline, f"load v{version}")
         loaded = time.monotonic()
-        self._wait(finishes, deadline, f"finish update v{version}")
-        transfer_s = time.monotonic() - started
+        self._wait(push.finishes, deadline, f"finish update v{version}")
+        finished = time.monotonic()
         if self.shm_dir:
             for f in _files(self.shm_dir):
                 f.unlink()
-        probe_diff = self.verify(targets, deadline, probes) if self.cfg.verify else 0.0
+        probe_diff = (
+            self.verify(push.targets, deadline, push.probes, push.expected) if self.cfg.verify else 0.0
+        )
         return {
-            "sync_transfer_s": transfer_s,
+            "sync_transfer_s": finished - started,
             "sync_begin_s": began - started,  # open the update on every engine (and any transport set-up)
-            "sync_stream_s": streamed - started,  # until rank 0 produced the last bucket (engines load)
-            "sync_load_tail_s": loaded - max(streamed, began),  # loads finishing after the last bucket
-            "sync_finish_s": started + transfer_s - loaded,  # close the update: tied head, prefix cache
-            "sync_bytes": float(sum(sizes) // max(len(engines), 1)),
-            "sync_buckets": float(buckets),
+            "sync_stream_s": push.streamed - started,  # until rank 0 produced the last bucket (engines load)
+            "sync_load_tail_s": loaded - max(push.streamed, began),  # loads finishing after the last bucket
+            "sync_finish_s": finished - loaded,  # close the update: tied head, prefix cache
+            "sync_bytes": float(sum(sizes) // max(len(push.engines), 1)),
+            "sync_buckets": float(push.buckets),
             "sync_probe_max_diff": probe_diff,
         }
 
@@ -183,13 +242,21 @@ class WeightSync:
     def _submit_probes(self, engine_indices: list[int]) -> dict[Any, int]:
         return {self.pool.engines[i].probe_logprobs.remote(self.probe_ids): i for i in engine_indices}
 
-    def verify(self, engine_indices: list[int], deadline: float, refs: dict[Any, int] | None = None) -> float:
+    def verify(
+        self,
+        engine_indices: list[int],
+        deadline: float,
+        refs: dict[Any, int] | None = None,
+        expected_refs: dict[Any, int] | None = None,
+    ) -> float:
         """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine.
-        `refs`: the engines' probe calls, already submitted (after their loads) by the sync."""
+        `refs`, `expected_refs`: the engines' and the learner's probe calls, already submitted by the sync."""
         if not self.probe_ids:
             return 0.0
         refs = self._submit_probes(engine_indices) if refs is None else refs
-        expected = self.group.sequence_logprobs(self.probe_ids)  # while the engines compute theirs
+        if expected_refs is None:  # submitted now, while the engines compute theirs
+            expected_refs = self.group.submit_sequence_logprobs(self.probe_ids)
+        expected = self.group.await_sequence_logprobs(expected_refs)
         results = self._wait(refs, deadline, "probe", keep_order=True)
         worst, bad = 0.0, []
         for i, got in zip(sorted(refs.values()), results):
@@ -273,6 +340,57 @@ class WeightSync:
             raise SyncError(f"{name(first)}: {what} failed: {errors[first]}", [i for i in errors if i >= 0])
         order = sorted(refs, key=lambda r: refs[r]) if keep_order else list(refs)
         return [results[r] for r in order]
+
+
+@dataclass
+class _Push:
+    """One push of `version` to `targets`: its engine calls (each engine runs its own in order) and stream."""
+
+    version: int
+    targets: list[int]
+    engines: dict[int, Any]  # index -> the actor handle its calls went to
+    started: float
+    deadline: float
+    begins: dict[Any, int] = field(default_factory=dict)  # ref -> engine index, per stage
+    loads: dict[Any, int] = field(default_factory=dict)
+    finishes: dict[Any, int] = field(default_factory=dict)
+    probes: dict[Any, int] | None = None
+    expected: dict[Any, int] | None = None  # the learner's probe call (ref -> rank)
+    buckets: int = 0
+    streamed: float = 0.0
+
+
+class PendingSync:
+    """A sync `begin` started: its push is being sent (in a thread when begun during training)."""
+
+    def __init__(self, push: _Push):
+        self.push = push
+        self.caller_s = 0.0  # seconds `begin` held its caller
+        self.drained = 0.0  # when the pool's chunks in flight had finished (set by `complete`)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def run(self, send: Callable[[], Any]) -> None:
+        try:
+            send()
+        except BaseException as e:  # raised by `wait_sent`, where the sync's failures are handled
+            self._error = e
+
+    def start(self, send: Callable[[], Any]) -> None:
+        self._thread = threading.Thread(target=self.run, args=(send,), name="weight-sync", daemon=True)
+        self._thread.start()
+
+    def wait_sent(self, timeout_s: float) -> None:
+        """Until every call is submitted; re-raises what sending raised."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise SyncError(
+                    f"sending the weights of v{self.push.version} took over {timeout_s:.0f} s", []
+                )
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _corrupted(bucket):

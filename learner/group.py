@@ -45,6 +45,7 @@ class LearnerGroup:
         self.placement_group = None
         self.steps = 0
         self.last_updates: list[dict[str, float]] = []  # per optimizer step of the last train_step
+        self._step_in_flight: tuple[list[Any], float] = ([], 0.0)  # its refs and deadline (`wait_for_step`)
 
     @property
     def world_size(self) -> int:
@@ -180,17 +181,37 @@ class LearnerGroup:
         per_rank = [[updates[r] for updates in sharded] for r in range(self.world_size)]
         lr = self.cfg.optimizer.lr if lr is None else lr
         started = time.monotonic()
+        timeout_s = self.cfg.step_timeout_s * epochs * count
         refs = self._submit("train_step", totals, lr, phase_step, loss, epochs, shared, per_rank=per_rank)
-        if while_training is not None:
-            while_training()
-        remaining = self.cfg.step_timeout_s * epochs * count - (time.monotonic() - started)
-        sums = self._await(refs, "train_step", max(remaining, 1.0))
+        self._step_in_flight = (list(refs), started + timeout_s)
+        try:
+            if while_training is not None:
+                while_training()
+            sums = self._await(refs, "train_step", max(timeout_s - (time.monotonic() - started), 1.0))
+        finally:
+            self._step_in_flight = ([], 0.0)
         self.steps += 1
         self.last_updates = updates_of(sums)
         return {**reduce_metrics(sums, self.last_updates), "skipped_sequences": float(skipped)}
 
+    def wait_for_step(self) -> None:
+        """Block until the training step in flight (if any) has ended on every rank, well or not: for a thread
+        that acts once the weights are final (`train_step`'s caller reports the step's errors)."""
+        import ray
+
+        refs, deadline = self._step_in_flight
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0))
+
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
-        return self._call("sequence_logprobs", token_ids, timeout_s=self.cfg.step_timeout_s)[0]
+        return self.await_sequence_logprobs(self.submit_sequence_logprobs(token_ids))
+
+    def submit_sequence_logprobs(self, token_ids: list[list[int]]) -> dict[Any, int]:
+        """Start `sequence_logprobs` on every rank (ZeRO-3 gathers need them all); `await_sequence_logprobs`."""
+        return self._submit("sequence_logprobs", token_ids)
+
+    def await_sequence_logprobs(self, refs: dict[Any, int]) -> list[list[float]]:
+        return self._await(refs, "sequence_logprobs", self.cfg.step_timeout_s)[0]
 
     def weight_buckets(
         self,

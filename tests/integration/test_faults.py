@@ -2,7 +2,7 @@
 for a hang) at chosen moments of a run, and the run must finish without losing a prompt — or, for a learner rank,
 end within a bounded time naming it and resume exactly.
 
-The moments are chosen by wrapping the driver's calls (`RolloutPool.submit`, `WeightSync._push`,
+The moments are chosen by wrapping the driver's calls (`RolloutPool.submit`, `WeightSync._send`,
 `RewardPool.submit`, `LearnerGroup._submit`): the wrapper finds the target process's pid, lets the call start,
 then signals the process. Everything else is the real stack.
 
@@ -126,13 +126,14 @@ class Faults:
             if plan:
                 hit(f"{pool.name(plan[0])} at {prompts[0].id}", pid, plan[1])
 
-        push = WeightSync._push
+        send = WeightSync._send
 
-        def sync_push(sync, version, targets):
+        def sync_send(sync, push):
+            version = push.version
             engine = faults.at_sync.pop(version, None)
-            if engine is None or engine not in targets:
-                return push(sync, version, targets)
-            pid = pid_of(sync.pool.engines[engine])
+            if engine is None or engine not in push.targets:
+                return send(sync, push)
+            pid = pid_of(push.engines[engine])
             buckets = sync.group.weight_buckets
 
             def killing_buckets(*args, **kwargs):
@@ -143,7 +144,7 @@ class Faults:
 
             sync.group.weight_buckets = killing_buckets
             try:
-                return push(sync, version, targets)
+                return send(sync, push)
             finally:
                 del sync.group.weight_buckets
 
@@ -169,7 +170,7 @@ class Faults:
             return group_submit(group, method, *args, **kwargs)
 
         monkeypatch.setattr(RolloutPool, "submit", pool_submit)
-        monkeypatch.setattr(WeightSync, "_push", sync_push)
+        monkeypatch.setattr(WeightSync, "_send", sync_send)
         monkeypatch.setattr(RewardPool, "submit", reward_submit)
         monkeypatch.setattr(LearnerGroup, "_submit", learner_submit)
 

@@ -131,6 +131,45 @@ def test_failed_engine_is_restarted_and_synced_before_serving(stack):
     assert_engines_serve(pool, group, group.steps)
 
 
+def test_sync_begun_while_training_queues_behind_generation(stack):
+    """Async mode's order: the sync is begun while the learner trains and the engines generate. A chunk in flight
+    finishes on the old weights, then its engine loads the new ones; an engine killed while generating is
+    restarted once (by the pool, not again by the sync) and its chunk runs again after the sync."""
+    import os
+    import signal
+
+    import ray
+
+    from learner.broadcast import WeightSync
+
+    group, pool = stack
+    sync = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5), PROBES)
+    sync.sync(group.steps)
+    old, restarts = group.steps, pool.restarts[1]
+    pid = ray.get(pool.engines[1].__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+    pool.submit([Prompt(f"p{i}", f"{i}+{i}=") for i in range(8)])  # one chunk per engine
+    os.kill(pid, signal.SIGKILL)
+    begun = {}
+    chunks = []
+
+    def while_training():
+        begun["sync"] = sync.begin(old + 1, after_training=True)
+        while pool.pending() and not (done := pool.next_completed(timeout_s=120)).stalled:
+            chunks.append(done)
+
+    group.train_step(make_samples(4, seed=11), while_training=while_training)
+    metrics, leftovers = sync.complete(begun["sync"])
+    assert metrics["sync_restarted_engines"] == 1 and pool.restarts[1] == restarts + 1
+    chunks += leftovers
+    while pool.pending():  # engine 1's chunk, queued while the sync held the pool, runs now on engine 0
+        chunks.append(pool.next_completed(timeout_s=120))
+    versions = {t.prompt_id: t.version for c in chunks for t in c.trajectories}
+    assert sorted(versions) == [f"p{i}" for i in range(8)]
+    assert sorted(set(versions.values())) == [old, old + 1]  # engine 0's first chunk, then the requeued one
+    pool.await_restarts(timeout_s=300)
+    assert_engines_serve(pool, group, old + 1)
+
+
 def test_zero3_sync_to_two_engines(ray_cluster, tiny_model):
     from learner.broadcast import WeightSync
 
