@@ -228,13 +228,14 @@ class Run:
         self.state.cursor += count
         self.pool.submit(prompts)
 
-    def _prefetch_next_step(self) -> None:
-        """Keep exactly one step of prompts ahead: in flight or already buffered, never more (more would only
-        go stale and be dropped)."""
+    def _prefetch(self, steps_ahead: int) -> None:
+        """Keep the prompts of the `steps_ahead` steps after the one under way in flight or buffered, never more
+        (more would only go stale and be dropped), and none past the run's last step."""
         if self.pool.pending():
             return
+        steps = min(steps_ahead, self.cfg.schedule.steps - self.state.step - 1)
         buffered = self.buffer.num_ready(self.state.version)
-        missing = self.cfg.schedule.prompts_per_step - buffered
+        missing = steps * self.cfg.schedule.prompts_per_step - buffered
         if missing > 0:
             self._submit_prompts(missing)
 
@@ -250,15 +251,26 @@ class Run:
     def _syncs_after(self, step: int) -> bool:
         return step % self.cfg.schedule.sync_every == 0 or step == self.cfg.schedule.steps
 
+    def _evaluates_after(self, step: int) -> bool:
+        every = self.cfg.schedule.eval_every
+        return bool(every) and step % every == 0 and step < self.cfg.schedule.steps
+
+    def _checkpoints_after(self, step: int) -> bool:
+        return bool(self.cfg.checkpoint.every) and step % self.cfg.checkpoint.every == 0
+
     def _overlap_training(self) -> None:
         """Async mode, while the learner trains: begin the step's weight sync, queued behind the learner's step
         and behind each engine's chunk in flight (so each side starts its part the moment it is free, and the
         chunks are scored meanwhile), then score and store the chunks in flight. The learner's weights are about
         to change: a restarted engine waits for this sync."""
+        step = self.state.step + 1
         with self.pool.holding_restarts():
-            if self._syncs_after(self.state.step + 1):
+            if self._syncs_after(step):
                 self._begun_sync = self.sync.begin(self.state.version + 1, after_training=True)
             self._store_in_flight()
+        if not (self._evaluates_after(step) or self._checkpoints_after(step)):  # they need nothing in flight
+            # the step after next: queued now, so the engines start it the moment the sync has verified them
+            self._prefetch(steps_ahead=2)
 
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
         """Generate and score until the buffer holds `num_groups` fresh complete groups; take them. Refills
@@ -323,7 +335,7 @@ class Run:
         step_started, tokens_before = time.perf_counter(), self.tokens_generated
         groups, gen_metrics = self._collect(sched.prompts_per_step)
         if sched.mode == "async":
-            self._prefetch_next_step()  # the next step generates while this one trains
+            self._prefetch(steps_ahead=1)  # the next step generates while this one trains
         trajectories = [t for g in groups for t in g]
         self._log_prompts([g[0].prompt_id for g in groups])
         rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
@@ -363,7 +375,7 @@ class Run:
         begun, self._begun_sync = self._begun_sync, None
         if begun is not None or self._syncs_after(self.state.step):
             metrics.update(self._sync(begun))
-        if sched.eval_every and self.state.step % sched.eval_every == 0 and self.state.step < sched.steps:
+        if self._evaluates_after(self.state.step):
             eval_started = time.perf_counter()
             metrics.update(self.evaluate())
             metrics["eval_s"] = time.perf_counter() - eval_started  # part of step_s
@@ -377,7 +389,7 @@ class Run:
         self.metrics.log(self.state.version, metrics)
         progress.update(1)
         progress.set_postfix(progress_fields(metrics["reward_mean"], self.last_accuracy))
-        if cfg.checkpoint.every and self.state.step % cfg.checkpoint.every == 0:
+        if self._checkpoints_after(self.state.step):
             self.checkpoint()
 
     def _log_prompts(self, prompt_ids: list[str]) -> None:

@@ -50,6 +50,7 @@ def test_run_finishes_with_versions_and_bounded_staleness(ray_cluster, tiny_mode
     run_dir = Path(tmp_path) / f"e2e-{mode}"
     assert summary["steps"] == 4 and summary["imitation_steps"] == 3 and summary["version"] == 7
     assert summary["failed_prompts"] == 0
+    assert summary["prompts_consumed"] == 4 * 8  # async: none sampled ahead past the last step
     for name in ("metrics.jsonl", "summary.json", "report.png", "config.yaml", "final_model/config.json"):
         assert (run_dir / name).exists(), name
     assert any((run_dir / "tensorboard").iterdir())
@@ -62,6 +63,7 @@ def test_run_finishes_with_versions_and_bounded_staleness(ray_cluster, tiny_mode
     # (those of advantage 0 skip the passes: learner.skip_zero_advantage).
     assert all(r["train/sequences"] + r["train/skipped_sequences"] == 64 for r in steps)
     last = steps[-1]
+    assert last["buffer_dropped_stale"] == 0  # async: what was sampled ahead was fresh enough to train on
     assert (
         last["buffer_taken"] + last["buffer_dropped_stale"] + last["buffer_size"] + last["buffer_evicted"]
         == last["buffer_added"]
