@@ -6,8 +6,9 @@
 
 `sync` mode: generate with version v, score, train, broadcast v+1 — strictly on-policy.
 `async` mode: the pool keeps one step of prompts in flight while the learner trains, so generation overlaps
-training; the buffer drops samples staler than `buffer.max_staleness` and the loss's off-policy correction
-uses the behaviour logprobs.
+training; the weight sync is begun during the step (each side starts its part the moment it is free) and the
+step after next is queued behind it; the buffer drops samples staler than `buffer.max_staleness` and the loss's
+off-policy correction uses the behaviour logprobs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Weight broadcast: learner -> every engine, in buckets, versioned, verified, with a timeout on every step.
 
-One sync to version v:
-  1. pause the rollout pool (in-flight chunks finish on the old weights and are handed back to the caller);
+One sync to version v (`begin`, then `complete`; `sync` does both at once):
+  1. pause the rollout pool: it hands out no work, and each engine's update calls queue behind the chunks it is
+     generating (they finish on the old weights and are handed back to the caller); in async mode the sync is
+     begun while the learner trains, and its weights are streamed as soon as the step ends;
   2. every engine opens an update to v;
   3. rank 0 gathers and packs bucket k (all ranks join the ZeRO-3 gathers) and ships it by the transport;
      every engine loads bucket k while rank 0 prepares bucket k+1 (a streaming Ray generator);
@@ -78,43 +80,50 @@ class WeightSync:
     def begin(
         self, version: int, engines: list[int] | None = None, after_training: bool = False
     ) -> PendingSync:
-        """Start a sync to `version`; `complete` finishes it. The pool stops handing out work, and each engine's
-        update calls queue behind the chunks it is generating, so an engine loads the new weights the moment
-        its chunk is done, with no round trip to the caller in between.
+        """Start a sync to `version`; `complete` finishes it. The pool stops handing out work.
 
-        `after_training`: called while the learner trains (async mode): the weights are streamed, in a thread,
-        once the learner's step has ended, so the caller can go on scoring the chunks in flight meanwhile."""
+        `after_training` (async mode, called while the learner trains): a thread streams the weights as soon as
+        the learner's step has ended, and each engine's update calls queue behind the chunk it is generating, so
+        it loads the new weights the moment that chunk is done, while the caller scores the chunks in flight.
+        (torch_dist is sent by `complete` instead: its broadcast would hold the learner until every engine's
+        chunk is done.) Otherwise `complete` sends the weights once the chunks in flight have finished."""
         started = time.perf_counter()
         self.pool.stop_dispatching()
-        if self.transport == "torch_dist":
-            engines = None  # every group member joins every broadcast
-        targets = sorted(
-            {i for i, _ in self.pool.live_engines() if engines is None or i in engines}
-            | set(self.pool.take_unsynced())
-        )
-        push = self._new_push(version, targets)
-        pending = PendingSync(push)
-        if after_training:
+        pending = PendingSync(version, engines)
+        if after_training and self.transport != "torch_dist":
+            push = pending.push = self._new_push(version, self._targets(engines))
             pending.start(lambda: (self.group.wait_for_step(), self._send(push)))
-        else:
-            pending.run(lambda: self._send(push))
         pending.caller_s = time.perf_counter() - started
         return pending
 
     def complete(self, pending: PendingSync) -> tuple[dict[str, float], list[Completed]]:
-        """Wait for a begun sync: chunks still in flight finish on the old weights (returned), then every engine's
+        """Finish a begun sync: chunks still in flight finish on the old weights (returned), then every engine's
         update and probe; engines that fail it are restarted (`on_engine_failure: restart`) or named in an
         error. The pool hands out work again afterwards."""
         started = time.perf_counter()
         leftovers = self.pool.pause(self.cfg.timeout_s)
         pending.drained = time.monotonic()
         try:
-            metrics = self._push_to_survivors(pending.push, pending)
+            if pending.push is None:  # sent now, to the engines that survived the pause
+                push = self._new_push(pending.version, self._targets(pending.engines))
+                metrics = self._push_to_survivors(push)
+            else:
+                metrics = self._push_to_survivors(pending.push, pending)
         finally:
             self.pool.resume()
         # what the caller waited: in async mode the rest overlapped generation and training
         metrics["sync_s"] = pending.caller_s + time.perf_counter() - started
         return metrics, leftovers
+
+    def _targets(self, engines: list[int] | None) -> list[int]:
+        """The live engines (of `engines`, if given; all of them with torch_dist, whose every group member joins
+        every broadcast) and the restarted ones waiting for weights."""
+        if self.transport == "torch_dist":
+            engines = None
+        return sorted(
+            {i for i, _ in self.pool.live_engines() if engines is None or i in engines}
+            | set(self.pool.take_unsynced())
+        )
 
     def bring_up(self, engines: list[int]) -> None:
         """Give restarted engines the learner's current weights (as `current_version()`) before they serve; the
@@ -361,33 +370,32 @@ class _Push:
 
 
 class PendingSync:
-    """A sync `begin` started: its push is being sent (in a thread when begun during training)."""
+    """A sync `begin` started; with a `push`, that push is being sent in a thread."""
 
-    def __init__(self, push: _Push):
-        self.push = push
+    def __init__(self, version: int, engines: list[int] | None):
+        self.version, self.engines = version, engines
+        self.push: _Push | None = None
         self.caller_s = 0.0  # seconds `begin` held its caller
         self.drained = 0.0  # when the pool's chunks in flight had finished (set by `complete`)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def run(self, send: Callable[[], Any]) -> None:
+    def start(self, send: Callable[[], Any]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(send,), name="weight-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self, send: Callable[[], Any]) -> None:
         try:
             send()
         except BaseException as e:  # raised by `wait_sent`, where the sync's failures are handled
             self._error = e
-
-    def start(self, send: Callable[[], Any]) -> None:
-        self._thread = threading.Thread(target=self.run, args=(send,), name="weight-sync", daemon=True)
-        self._thread.start()
 
     def wait_sent(self, timeout_s: float) -> None:
         """Until every call is submitted; re-raises what sending raised."""
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                raise SyncError(
-                    f"sending the weights of v{self.push.version} took over {timeout_s:.0f} s", []
-                )
+                raise SyncError(f"sending the weights of v{self.version} took over {timeout_s:.0f} s", [])
         if self._error is not None:
             error, self._error = self._error, None
             raise error

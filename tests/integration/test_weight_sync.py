@@ -170,6 +170,27 @@ def test_sync_begun_while_training_queues_behind_generation(stack):
     assert_engines_serve(pool, group, old + 1)
 
 
+def test_torch_dist_sync_begun_while_training_is_sent_after_the_chunks(stack):
+    """A torch_dist broadcast holds learner rank 0 until every engine receives: begun during training, it is sent
+    by `complete`, once the chunks in flight are done (not queued behind them, where it could time out)."""
+    group, pool = stack
+    sync = sync_with(stack, transport="torch_dist")
+    try:
+        pool.submit([Prompt(f"q{i}", f"{i}+{i}=") for i in range(4)])
+        begun = {}
+        group.train_step(
+            make_samples(4, seed=13),
+            while_training=lambda: begun.setdefault("sync", sync.begin(group.steps + 1, after_training=True)),
+        )
+        assert begun["sync"].push is None  # nothing sent yet
+        metrics, leftovers = sync.complete(begun["sync"])
+    finally:
+        sync.close()
+    assert {t.prompt_id for c in leftovers for t in c.trajectories} == {f"q{i}" for i in range(4)}
+    assert metrics["sync_probe_max_diff"] < 1e-3
+    assert_engines_serve(pool, group, group.steps)
+
+
 def test_zero3_sync_to_two_engines(ray_cluster, tiny_model):
     from learner.broadcast import WeightSync
 
