@@ -153,16 +153,13 @@ class WeightSync:
                 if self.cfg.on_engine_failure != "restart" or not e.engines:
                     raise
                 for i in e.engines:
-                    if self.pool.engines[i] is push.engines[i]:  # else the pool replaced it already (it died
-                        self.pool.engine_lost(
-                            i, f"failed the weight sync to v{push.version}: {e}"
-                        )  # generating)
+                    # an engine that died generating was replaced by the pool already: no second restart
+                    if self.pool.engines[i] is push.engines[i]:
+                        self.pool.engine_lost(i, f"failed the weight sync to v{push.version}: {e}")
                 failed += e.engines
                 self._group_members = None  # a torch_dist group must be rebuilt without them
-                push, begun = (
-                    self._new_push(push.version, [i for i in push.targets if i not in e.engines]),
-                    None,
-                )
+                push = self._new_push(push.version, [i for i in push.targets if i not in e.engines])
+                begun = None
                 continue
             self.pool.mark_synced(push.targets)
             break
@@ -170,13 +167,7 @@ class WeightSync:
         return metrics
 
     def _new_push(self, version: int, targets: list[int]) -> _Push:
-        return _Push(
-            version,
-            list(targets),
-            {i: self.pool.engines[i] for i in targets},  # the actor handles its calls go to
-            time.monotonic(),  # the clock of every deadline (see _wait)
-            time.monotonic() + self.cfg.timeout_s,
-        )
+        return _Push(version, list(targets), {i: self.pool.engines[i] for i in targets})
 
     def _send(self, push: _Push) -> None:
         """Submit every engine call of the push without waiting for one before the next: an actor runs one
@@ -186,7 +177,7 @@ class WeightSync:
         import ray
 
         version, targets, engines = push.version, push.targets, push.engines
-        push.started = time.monotonic()  # after the learner's step, when begun during it
+        push.started = time.monotonic()  # the clock of every deadline (see _wait)
         push.deadline = push.started + self.cfg.timeout_s
         if self.transport == "shm":
             self._check_same_node(targets, push.deadline)
@@ -357,9 +348,9 @@ class _Push:
 
     version: int
     targets: list[int]
-    engines: dict[int, Any]  # index -> the actor handle its calls went to
-    started: float
-    deadline: float
+    engines: dict[int, Any]  # index -> the actor handle its calls go to
+    started: float = 0.0  # set by `_send`
+    deadline: float = 0.0
     begins: dict[Any, int] = field(default_factory=dict)  # ref -> engine index, per stage
     loads: dict[Any, int] = field(default_factory=dict)
     finishes: dict[Any, int] = field(default_factory=dict)
