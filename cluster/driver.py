@@ -450,6 +450,9 @@ class Run:
             if after_imitation:
                 self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
         self.train()
+        # an engine restarted late in the run (in async mode its restart overlaps the last steps) is brought up
+        # before the final evaluation, so the run ends with every engine it could restart serving
+        self.pool.await_restarts(timeout_s=self.cfg.rollout.startup_timeout_s)
         final = self.evaluate()
         if final:
             self.metrics.log(self.state.version, {**final, "phase": 2.0})
