@@ -449,10 +449,15 @@ class Run:
             self.state.eval_after_imitation = after_imitation.get("eval/accuracy")
             if after_imitation:
                 self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
+        from actors.rollout import EngineError
+
         self.train()
         # an engine restarted late in the run (in async mode its restart overlaps the last steps) is brought up
         # before the final evaluation, so the run ends with every engine it could restart serving
-        self.pool.await_restarts(timeout_s=self.cfg.rollout.startup_timeout_s)
+        try:
+            self.pool.await_restarts(timeout_s=self.cfg.rollout.startup_timeout_s)
+        except EngineError as e:  # the steps are done: report it, evaluate on the engines that serve
+            print(f"aha: before the final evaluation: {e}", flush=True)
         final = self.evaluate()
         if final:
             self.metrics.log(self.state.version, {**final, "phase": 2.0})
