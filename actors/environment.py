@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.reward import TimedCaller, _describe, _Timeout, load_function
+from actors.user_code import CallTimeout, TimedCaller, describe, load_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # the protocol
@@ -137,7 +137,7 @@ class EnvironmentHost:
     def _guarded(self, key: str, fn: Callable[[], Any]) -> Reply:
         try:
             return fn()
-        except _Timeout:
+        except CallTimeout:
             self.episodes.pop(key, None)
             return Reply(done=True, error=f"timeout after {self.timeout_s:g} s", kind="timeout")
         except Malformed as e:
@@ -145,7 +145,7 @@ class EnvironmentHost:
             return Reply(done=True, error=str(e), kind="bad_value")
         except BaseException as e:  # noqa: BLE001 - user code: any error ends only its episode
             self.episodes.pop(key, None)
-            return Reply(done=True, error=_describe(e), kind="exception")
+            return Reply(done=True, error=describe(e), kind="exception")
 
     def start(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[Reply]:
         """Begin one episode per (key, prompt, fields); the reply's observation is the first one."""

@@ -14,75 +14,22 @@ process (os._exit, a segfault) takes the actor down: the pool replaces it and re
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import importlib
-import importlib.util
-import inspect
 import math
 import numbers
 import os
-import queue
-import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from actors.config import RewardConfig
 from actors.records import Trajectory
-from cluster.config import RewardConfig
+from actors.remote import CallError, await_calls, start_named_actor
+from actors.user_code import CallTimeout, TimedCaller, call_awaiting, describe, load_function
 
 # ---------------------------------------------------------------------------------------------------------------
-# loading
-
-
-def load_function(
-    spec: str, base_dir: str | None = None, what: str = "reward function"
-) -> Callable[..., Any]:
-    """Resolve `module:function` or `path/to/file.py:function` (also a class: environments load the same way).
-
-    A relative file path is looked up in the working directory, then in `base_dir` (the driver's working
-    directory, for actors started elsewhere). `what` names the object in errors.
-    """
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ValueError(f"{what} {spec!r}: expected 'module:name' or 'path/to/file.py:name'")
-    if target.endswith(".py"):
-        module = _load_file(target, base_dir, what)
-    else:
-        module = importlib.import_module(target)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"{what} {spec!r}: {target} has no callable {name!r}")
-    return fn
-
-
-def _load_file(target: str, base_dir: str | None, what: str = "reward function") -> Any:
-    candidates = [Path(target)] if os.path.isabs(target) else [Path.cwd() / target]
-    if base_dir and not os.path.isabs(target):
-        candidates.append(Path(base_dir) / target)
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(
-            f"{what} file {target!r} not found (looked in {[str(c) for c in candidates]})"
-        )
-    # One module per file path, under a name that cannot clash with an installed package.
-    module_name = "aha_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
+# one function's value
 
 
 @dataclass(frozen=True)
@@ -91,135 +38,6 @@ class RewardFunction:
     fn: Callable[..., Any]
     weight: float
     kwargs: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# calling one function with a time limit
-
-
-class _Timeout(Exception):
-    pass
-
-
-class _Runner:
-    """One daemon thread that runs submitted jobs in order until it is told to stop."""
-
-    def __init__(self, name: str):
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def stop(self) -> None:
-        """Exit after the job in hand: an abandoned runner's thread ends when its hung call returns."""
-        self._jobs.put(None)
-
-
-class TimedCaller:
-    """Calls user code under a time limit, on a long-lived daemon thread (starting a thread per call costs
-    more than most reward functions take).
-
-    A running thread cannot be interrupted, so a call that overruns is abandoned: its runner is remembered in
-    `abandoned` until the call returns, and a fresh runner takes the later calls. An awaitable result is awaited
-    under `asyncio.wait_for` on the runner's own event loop, and cancelled when it overruns. One caller at a
-    time: the actors that own one call it from a single thread.
-    """
-
-    def __init__(self, name: str = "reward-call"):
-        self.name = name
-        self.abandoned: list[threading.Thread] = []
-        self._runner: _Runner | None = None
-
-    @property
-    def hung_threads(self) -> int:
-        """Abandoned calls still running."""
-        self.abandoned = [t for t in self.abandoned if t.is_alive()]
-        return len(self.abandoned)
-
-    def __call__(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float) -> Any:
-        """`fn(*args, **kwargs)`, awaited if it returns an awaitable; raises `_Timeout`, or what `fn` raised."""
-        box: dict[str, Any] = {}
-        finished = threading.Event()
-
-        def job() -> None:
-            try:
-                box["value"] = call_awaiting(fn, args, kwargs, timeout)
-            except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
-                box["error"] = e
-            finally:
-                finished.set()
-
-        runner = self._current_runner()
-        runner.submit(job)
-        if not finished.wait(timeout):
-            self._abandon(runner)
-            raise _Timeout
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    def run_each(self, fn: Callable[[Any], Any], items: list[Any], timeout: float) -> list[Any]:
-        """`fn(item)` for every item in order, all on the runner thread in one handoff (a handoff per call
-        costs ~50-90 us, more than a cheap reward function), each under its own `timeout` from its start.
-        Returns what each call returned, the exception it raised, or a `_Timeout` for a call that overran: its
-        runner is abandoned as in `__call__` and the items after it go to a fresh runner."""
-        results: list[Any] = []
-        while len(results) < len(items):
-            done: queue.SimpleQueue[Any] = queue.SimpleQueue()
-            cancelled = threading.Event()
-
-            def job(batch: list[Any] = items[len(results) :], done=done, cancelled=cancelled) -> None:
-                for item in batch:
-                    if cancelled.is_set():  # abandoned: the main thread has moved on without this runner
-                        return
-                    try:
-                        done.put(fn(item))
-                    except BaseException as e:  # noqa: BLE001
-                        done.put(e)
-
-            runner = self._current_runner()
-            runner.submit(job)
-            for _ in range(len(items) - len(results)):
-                try:  # a little past the deadline, so that a call which times itself out reports it first
-                    results.append(done.get(timeout=timeout + 0.05))
-                except queue.Empty:
-                    cancelled.set()
-                    self._abandon(runner)
-                    results.append(_Timeout())
-                    break
-        return results
-
-    def _current_runner(self) -> _Runner:
-        if self._runner is None:
-            self._runner = _Runner(self.name)
-        return self._runner
-
-    def _abandon(self, runner: _Runner) -> None:
-        runner.stop()
-        self.abandoned.append(runner.thread)
-        self._runner = None
-
-
-def call_awaiting(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], timeout: float) -> Any:
-    """`fn(*args, **kwargs)`, awaited under `timeout` on a fresh event loop if it returns an awaitable (on the
-    calling thread); an awaitable that overruns is cancelled and raises `_Timeout`."""
-    out = fn(*args, **kwargs)
-    if not inspect.isawaitable(out):
-        return out
-    try:
-        return asyncio.run(asyncio.wait_for(_awaited(out), timeout))
-    except asyncio.TimeoutError:
-        raise _Timeout from None
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
 
 
 class _BadValue(Exception):
@@ -314,8 +132,8 @@ class RewardScorer:
             # overran (abandoned with its thread, which may still write to p: keep a copy) or crashed the loop
             failed = (
                 (p.running, "timeout", f"timeout after {self.cfg.timeout_s:g} s")
-                if isinstance(outcome, _Timeout)
-                else (p.running, "exception", _describe(outcome))
+                if isinstance(outcome, CallTimeout)
+                else (p.running, "exception", describe(outcome))
             )
             self._finish(traj, _Progress(dict(p.parts), p.total, [*p.failures, failed]))
         return trajectories
@@ -337,21 +155,21 @@ class RewardScorer:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
-                    raise _Timeout
+                    raise CallTimeout
                 out = call_awaiting(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
                 values = (
                     {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
                     if isinstance(out, dict)
                     else {f.name: _as_number(out)}
                 )
-            except _Timeout:
+            except CallTimeout:
                 progress.failures.append((f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
                 break  # the sample's time is spent: the later functions are not run
             except _BadValue as e:
                 progress.failures.append((f.name, e.kind, str(e)))
                 continue
             except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
-                progress.failures.append((f.name, "exception", _describe(e)))
+                progress.failures.append((f.name, "exception", describe(e)))
                 continue
             progress.parts.update(values)
             progress.total += f.weight * sum(values.values())
@@ -384,11 +202,6 @@ class RewardScorer:
         self.errors[key] += 1
         self._messages.setdefault(key, message)
         return message
-
-
-def _describe(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}"
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,7 +262,7 @@ class RewardPool:
         calls a worker may carry before it is replaced."""
         import ray
 
-        from cluster.runtime import actor_runtime_env
+        from actors.runtime import actor_runtime_env
 
         self._ray = ray
         self.cfg = cfg
@@ -547,35 +360,30 @@ class RewardPool:
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _start_actor(self, index: int) -> Any:
-        """Create `reward-<index>`; a just-killed actor may hold the name a moment longer, so retry."""
-        name = f"reward-{index}"
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            try:
-                return self._actor_cls.options(
-                    name=name,
-                    namespace=self.namespace,
-                    num_cpus=self.cfg.cpus_per_worker,
-                    resources=self.cfg.resources or None,  # custom resources pin workers to node types
-                    runtime_env=self._runtime_env,
-                    max_restarts=0,
-                ).remote(self.cfg, self._base_dir)
-            except ValueError as e:
-                if "already taken" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        options = {
+            "namespace": self.namespace,
+            "num_cpus": self.cfg.cpus_per_worker,
+            "resources": self.cfg.resources or None,  # custom resources pin workers to node types
+            "runtime_env": self._runtime_env,
+            "max_restarts": 0,
+        }
+        return start_named_actor(
+            self._actor_cls,
+            f"reward-{index}",
+            options,
+            self.cfg,
+            self._base_dir,
+            wait_s=self.startup_timeout_s,
+        )
 
     def _wait_ready(self, workers: list[_Worker]) -> None:
-        refs = {w.actor.ping.remote(): w for w in workers}
-        ready, not_ready = self._ray.wait(list(refs), num_returns=len(refs), timeout=self.startup_timeout_s)
-        if not_ready:
-            names = [refs[r].name for r in not_ready]
-            raise TimeoutError(f"reward actors {names} not ready after {self.startup_timeout_s} s")
-        for ref in ready:
-            try:
-                self._ray.get(ref, timeout=10)
-            except Exception as e:
-                raise RuntimeError(f"{refs[ref].name} failed to start: {e}") from e
+        """Every worker answers a ping, or this raises naming the ones that failed or did not answer."""
+        refs = {w.actor.ping.remote(): w.index for w in workers}
+        try:
+            await_calls(refs, self.startup_timeout_s, "ping", name=lambda i: f"reward-{i}")
+        except CallError as e:
+            names = ", ".join(f"reward-{i}" for i in e.failed)
+            raise RuntimeError(f"{names} failed to start: {e}") from e
 
     def _batch_timeout(self, batch: _Batch) -> float:
         # The scorer bounds each sample itself; this is the backstop for a worker that stops answering.
@@ -603,10 +411,8 @@ class RewardPool:
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
                 self._on_crash(w, "worker crashed")
                 continue
-            except (
-                self._ray.exceptions.RayTaskError
-            ) as e:  # score_batch itself raised: treat the batch like a crash
-                self._on_crash(w, f"worker error: {_describe(e.cause if e.cause else e)}")
+            except self._ray.exceptions.RayTaskError as e:  # score_batch itself raised: like a crash
+                self._on_crash(w, f"worker error: {describe(e.cause if e.cause else e)}")
                 continue
             self._finish(w, result)
         now = time.monotonic()

@@ -1,9 +1,9 @@
 """Weights in transit: named tensors grouped into checksummed buckets.
 
 A bucket is a table of (name, dtype, shape, offset) plus the tensors' bytes as uint8 numpy arrays: numpy (not
-torch) so the Ray object store hands engines zero-copy views; the checksum (xxh3-64, ~15 GB/s here, 6x crc32) lets
-the receiver detect a corrupted bucket before loading it. Buckets never split one module's parameters (vLLM fuses
-q/k/v and gate/up into one kernel per module and processes a module once all its weights have arrived).
+torch) so the Ray object store hands engines zero-copy views; the checksum (xxh3-64, cheap enough for every
+bucket) lets the receiver detect a corrupted bucket before loading it. Buckets never split one module's parameters
+(vLLM fuses q/k/v and gate/up into one kernel per module and processes a module once all its weights have arrived).
 
 The torch_dist transport moves one flat uint8 tensor per bucket instead (`pack_flat`), on the device its process
 group needs: CUDA memory for NCCL, CPU memory for gloo. On a GPU the bytes then never leave the device: the

@@ -34,17 +34,12 @@ from pathlib import Path  # noqa: E402
 
 import ray  # noqa: E402
 
-from cluster.config import (  # noqa: E402
-    AlgorithmConfig,
-    LearnerConfig,
-    ModelConfig,
-    OptimizerConfig,
-    SamplingConfig,
-)
+from actors.config import ModelConfig, SamplingConfig  # noqa: E402
+from actors.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from cluster.files import emit_json  # noqa: E402
 from cluster.models import make_tiny_model  # noqa: E402
-from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from learner.batch import Sample, step_totals  # noqa: E402
+from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig  # noqa: E402
 
 LR = 1e-5
 

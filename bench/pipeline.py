@@ -14,7 +14,7 @@ with generation and training measured in sync mode, where they do not overlap (t
 async_step_over_own_train = async step_s / async train_s, the same question within the async run alone (on a
 shared machine whose speed drifts between the two runs, the steadier of the two).
 
-    .venv/bin/python bench/pipeline.py                 # ~3-5 min on 2 cores
+    .venv/bin/python bench/pipeline.py
     .venv/bin/python bench/pipeline.py --quick
 """
 
@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_mode(mode: str, model: Path, root: Path, args) -> dict[str, float]:
-    from cluster.config import load_config
+    from cluster.config_file import load_config
     from cluster.driver import run
 
     cfg = load_config(
@@ -107,7 +107,7 @@ def run_mode(mode: str, model: Path, root: Path, args) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    from cluster.runtime import apply_base_env
+    from actors.runtime import apply_base_env
 
     apply_base_env()
     import ray

@@ -2,8 +2,8 @@
 
 Runs the CPU demo (deploy/examples/cpu_demo.yaml: imitation, then GRPO on 3-digit addition, seed 0) once per
 arm, in one process on one local Ray, from the same tiny model:
-  1x1  one optimizer step per training step (loss pg), in the sync schedule at lr 3e-4 (the demo's settings
-       when bench/README.md's figures were measured; the demo now runs async at 1.5e-4);
+  1x1  one optimizer step per training step (loss pg), in the sync schedule at lr 3e-4 (pinned, so that
+       bench/README.md's figures stay comparable when the demo's own settings change);
   2x2  algorithm.loss=ppo, epochs=2, mini_batches=2: four optimizer steps per training step, each clipped
        against the proximal logprobs computed once per step, at lr 3e-4;
   2x2_lr1e-4  the same with lr 1e-4.
@@ -11,7 +11,7 @@ Per arm: held-out accuracy (200 problems, greedy) after imitation and at every e
 error wall time spent so far (the sum of step_s), the mean clip_frac, ratio extremes and policy_kl, and the
 accuracy each arm had reached when the faster arm finished ("at equal wall time").
 
-    .venv/bin/python bench/ppo_epochs.py            # ~12-15 min on 2 cores
+    .venv/bin/python bench/ppo_epochs.py
     .venv/bin/python bench/ppo_epochs.py --quick
 """
 
@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_arm(name: str, model: Path, root: Path, args) -> dict:
-    from cluster.config import load_config
+    from cluster.config_file import load_config
     from cluster.driver import run
 
     cfg = load_config(
@@ -121,7 +121,7 @@ def accuracy_at(curve: list[dict], wall_s: float) -> float:
 
 def main() -> None:
     args = parse_args()
-    from cluster.runtime import apply_base_env
+    from actors.runtime import apply_base_env
 
     apply_base_env()
     import ray

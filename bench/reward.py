@@ -13,11 +13,11 @@ import time
 
 import ray
 
+from actors.config import RewardConfig
 from actors.records import Trajectory
 from actors.reward import RewardPool
 from actors.rewards.code import read_human_eval
-from cluster.config import RewardConfig
-from cluster.runtime import apply_base_env
+from actors.runtime import apply_base_env
 
 MATCH_SAMPLES = 4000
 MATCH_BATCH = 256

@@ -33,12 +33,12 @@ from pathlib import Path  # noqa: E402
 
 import ray  # noqa: E402
 
+from actors.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from actors.records import Prompt  # noqa: E402
 from actors.rollout import RolloutPool  # noqa: E402
-from cluster.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
+from actors.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from cluster.files import emit_json  # noqa: E402
 from cluster.models import make_tiny_model  # noqa: E402
-from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 
 # make_tiny_model kwargs; head_dim = hidden / heads must be one vLLM's CPU attention supports (32, 64, ...)
 SIZES = {

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.config import JobConfig, load_config
+from cluster.config import JobConfig
+from cluster.config_file import load_config
 
 DEFAULT_CONFIG = "deploy/examples/smollm2_chain_sum.yaml"
 MONITOR_KEYS = ("monitor/len_tokens_mean", "monitor/phrase_rate", "monitor/answer_rate")
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s <= 0 or args.evals < 1:
         parser.error("--budget-s must be > 0 and --evals >= 1")
 
-    from cluster.runtime import apply_base_env
+    from actors.runtime import apply_base_env
 
     apply_base_env()
     out = Path(args.out)

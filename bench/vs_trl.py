@@ -5,7 +5,7 @@ batch, sampling, optimizer, loss and reward functions, and are evaluated (greedy
 reward) at the same step counts:
   demo     the CPU demo (`deploy/examples/cpu_demo.yaml`): the tiny model after the demo's imitation phase
            (run here first, exported, and used as both sides' start), 3-digit addition, 32 prompts x 8 samples,
-           6 tokens, T=1, AdamW lr 3e-4, GRPO advantages, token-mean policy gradient;
+           6 tokens, T=1, AdamW at the demo's lr, GRPO advantages, token-mean policy gradient;
   smollm2  SmolLM2-135M-Instruct (`aha convert-smollm2`) on reasoning-gym chain_sum as in
            `deploy/examples/smollm2_chain_sum.yaml` (the task of docs/results.md, answer = last number,
            math-verify) in fp32 with every group trained: 4 prompts x 8 samples, 48 tokens, a few steps.
@@ -19,8 +19,8 @@ optimizer step; TRL: the rest of its step) and aha's `sync_s` (weight broadcast)
 every process of the side (aha: driver, Ray and every actor) / wall time over the training phase; held-out
 accuracy at each `eval_at` step. `ratio_aha_over_trl` = aha step_s / TRL step_s (goal <= 0.5).
 
-    .venv/bin/python bench/vs_trl.py                      # both workloads, ~15 min on 2 cores
-    .venv/bin/python bench/vs_trl.py --workloads demo     # ~6 min
+    .venv/bin/python bench/vs_trl.py                      # both workloads
+    .venv/bin/python bench/vs_trl.py --workloads demo
     .venv/bin/python bench/vs_trl.py --quick              # smoke run: demo only, a few steps
 """
 
@@ -228,7 +228,7 @@ def _medians(steps: list[dict], keys: dict) -> dict:
 
 def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: str) -> Path:
     """The demo's imitation phase on the tiny model, exported: both sides' starting weights."""
-    from cluster.config import load_config
+    from cluster.config_file import load_config
     from cluster.driver import run
 
     overrides = [
@@ -323,7 +323,7 @@ def run_trl(python: Path, job: dict, work: Path) -> dict:
 
 # -- workloads ------------------------------------------------------------------------------------------------
 def workload_config(name: str, args, root: Path, start: Path, namespace: str, seed: int):
-    from cluster.config import load_config
+    from cluster.config_file import load_config
 
     common = [
         f"name=vs-trl-{name}-{seed}",
@@ -344,7 +344,7 @@ def workload_config(name: str, args, root: Path, start: Path, namespace: str, se
         if args.quick:
             extra.append("schedule.eval_prompts=16")
         return load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", common + extra).resolved()
-    extra = [  # the task of docs/results.md, where the base model earns rewards (~18% greedy), at TRL's reach:
+    extra = [  # the task of docs/results.md, where the base model earns rewards, at TRL's reach:
         f"schedule.steps={args.smollm2_steps}",
         "schedule.eval_every=0",  # held out before and after
         f"schedule.eval_prompts={args.smollm2_eval_prompts}",
@@ -403,7 +403,7 @@ def _mean_se(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    from cluster.runtime import apply_base_env
+    from actors.runtime import apply_base_env
 
     apply_base_env()
     import ray

@@ -43,22 +43,16 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
+from actors.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from actors.rollout import RolloutPool  # noqa: E402
+from actors.runtime import actor_runtime_env, apply_base_env  # noqa: E402
 from actors.weights import checksum  # noqa: E402
-from cluster.config import (  # noqa: E402
-    AlgorithmConfig,
-    LearnerConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RolloutConfig,
-    SamplingConfig,
-    WeightSyncConfig,
-)
+from cluster.config import WeightSyncConfig  # noqa: E402
 from cluster.files import emit_json  # noqa: E402
 from cluster.models import make_tiny_model  # noqa: E402
-from cluster.runtime import actor_runtime_env, apply_base_env  # noqa: E402
+from cluster.weight_sync import WeightSync  # noqa: E402
 from learner.batch import Sample  # noqa: E402
-from learner.broadcast import WeightSync  # noqa: E402
+from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig  # noqa: E402
 from learner.group import LearnerGroup  # noqa: E402
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.config import ConfigError, dump_config, load_config
+from cluster.config_file import ConfigError, dump_config, load_config
 from cluster.preflight import check_references, run_dir_refusal
 
 EXAMPLES = """\

@@ -26,16 +26,19 @@ import torch
 
 from actors.prompts import encode_completion, encode_prompt
 from actors.records import Prompt, Trajectory
-from cluster.config import JobConfig, dump_config
+from actors.runtime import apply_base_env
+from cluster.config import JobConfig
+from cluster.config_file import dump_config
 from cluster.data import PromptSource, make_source, read_demonstrations
 from cluster.files import write_atomic
 from cluster.metrics import MetricsLogger, write_report
 from cluster.monitor import environment_metrics, trajectory_metrics
 from cluster.preflight import check_cluster_resources, prepare_run_dir
-from cluster.runtime import apply_base_env, init_ray
+from cluster.runtime import init_ray
 
 if TYPE_CHECKING:
-    from learner.broadcast import PendingSync
+    from actors.rollout import Completed
+    from cluster.weight_sync import PendingSync
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Run:
 
         from actors.reward import RewardPool
         from actors.rollout import RolloutPool
-        from learner.broadcast import WeightSync
+        from cluster.weight_sync import WeightSync
         from learner.buffer import ReplayBuffer
         from learner.group import LearnerGroup
 
@@ -96,7 +99,7 @@ class Run:
             cfg.algorithm,
             sampling=learner_sampling(cfg),
             namespace=self.namespace,
-            cluster=cfg.cluster,
+            placement_strategy=cfg.cluster.placement_strategy,
         )
         self.pool = RolloutPool(
             cfg.model,
@@ -125,7 +128,6 @@ class Run:
             backend=cfg.weight_group_backend,
             dtype=cfg.learner.dtype,
         )
-        self.sync.current_version = lambda: self.state.version  # what a restarted engine is brought up to
         self.rng = random.Random(cfg.schedule.seed)
         if resume:
             self._restore()
@@ -192,7 +194,14 @@ class Run:
         prompts = self.source.eval_prompts(n) if n else []
         if not prompts:
             return {}
-        done = self.pool.generate_all(prompts, self.cfg.rollout.eval_sampling, n=1)
+        from actors.rollout import Completed
+
+        done = Completed()
+        self.pool.submit(prompts, self.cfg.rollout.eval_sampling, n=1)
+        while self.pool.pending():
+            for chunk in self._next_chunks():
+                done.trajectories += chunk.trajectories
+                done.failed.update(chunk.failed)
         scored = self.rewards.score(done.trajectories)
         judged = [t for t in scored if t.reward_error is None]
         errors = len(scored) - len(judged)
@@ -242,12 +251,27 @@ class Run:
 
     def _store_in_flight(self) -> None:
         """Wait for every chunk in flight, score it and store it. Async mode runs this while the learner trains,
-        so neither scoring nor the sync's pause waits behind the optimizer step."""
+        so neither scoring nor the sync's pause waits behind the optimizer step. Restarted engines are not
+        brought up here: the learner's weights are about to change, and the next sync includes them."""
         while self.pool.pending():
             done = self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2)
             if done.stalled:  # only restarted engines are left; they get weights at the next sync
                 return
             self._score_and_store(done)
+
+    def _next_chunks(self) -> list[Completed]:
+        """The pool's next finished chunk; engines that restarted meanwhile are given the current weights first
+        (the learner is idle wherever this is called). A torch_dist bring-up is a whole sync, and the chunks
+        that finished while it paused the pool come along."""
+        done = self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2)
+        chunks = [done] if done.trajectories or done.failed else []
+        if done.restarted or done.stalled:
+            chunks += self._bring_up()
+        return chunks
+
+    def _bring_up(self) -> list[Completed]:
+        waiting = self.pool.awaiting_weights()
+        return self.sync.bring_up(waiting, self.state.version) if waiting else []
 
     def _syncs_after(self, step: int) -> bool:
         return step % self.cfg.schedule.sync_every == 0 or step == self.cfg.schedule.steps
@@ -265,10 +289,9 @@ class Run:
         chunks are scored meanwhile), then score and store the chunks in flight. The learner's weights are about
         to change: a restarted engine waits for this sync."""
         step = self.state.step + 1
-        with self.pool.holding_restarts():
-            if self._syncs_after(step):
-                self._begun_sync = self.sync.begin(self.state.version + 1, after_training=True)
-            self._store_in_flight()
+        if self._syncs_after(step):
+            self._begun_sync = self.sync.begin(self.state.version + 1, after_training=True)
+        self._store_in_flight()
         if not (self._evaluates_after(step) or self._checkpoints_after(step)):  # they need nothing in flight
             # the step after next: queued now, so the engines start it the moment the sync has verified them
             self._prefetch(steps_ahead=2)
@@ -293,8 +316,8 @@ class Run:
                     )
                 self._submit_prompts(per_step)
                 rounds += 1
-            done = self.pool.next_completed(timeout_s=self.cfg.rollout.generate_timeout_s * 2)
-            self._score_and_store(done)
+            for done in self._next_chunks():
+                self._score_and_store(done)
         groups = self.buffer.take(num_groups, self.state.version)
         elapsed = time.perf_counter() - started
         return groups, {"generate_score_s": elapsed}
@@ -456,6 +479,8 @@ class Run:
         # before the final evaluation, so the run ends with every engine it could restart serving
         try:
             self.pool.await_restarts(timeout_s=self.cfg.rollout.startup_timeout_s)
+            for done in self._bring_up():
+                self._score_and_store(done)
         except EngineError as e:  # the steps are done: report it, evaluate on the engines that serve
             print(f"aha: before the final evaluation: {e}", flush=True)
         final = self.evaluate()

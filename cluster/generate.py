@@ -30,18 +30,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.config import RolloutConfig
 from actors.records import Prompt, Trajectory
 from cluster.config import (
     BestOfKFilter,
-    ConfigError,
     FilterConfig,
     JobConfig,
     MonitorConfig,
     NoFilter,
     PassFailFilter,
-    RolloutConfig,
     ThresholdFilter,
 )
+from cluster.config_file import ConfigError
 from cluster.files import write_atomic
 from cluster.monitor import behaviour_metrics, pass_at_k
 
@@ -383,7 +383,8 @@ def generate(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
     """`aha generate`: sample, score and filter `generate.prompts` training prompts into a dataset."""
     from actors.reward import RewardPool
     from actors.rollout import RolloutPool
-    from cluster.runtime import apply_base_env, init_ray
+    from actors.runtime import apply_base_env
+    from cluster.runtime import init_ray
 
     apply_base_env()
     cfg = cfg.resolved()
@@ -406,6 +407,7 @@ def generate(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
             namespace=cfg.cluster.namespace,
             dtype=cfg.learner.dtype,
             environment=cfg.environment,  # multi-turn: a row's completion is the episode's transcript
+            restarts_need_weights=False,  # the model folder's weights are the only ones served
         )
         rewards = None
         try:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, JobConfig, JsonlData, load_config
+from cluster.config import JobConfig, JsonlData
+from cluster.config_file import ConfigError, load_config
 from cluster.preflight import file_problem, model_problem
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

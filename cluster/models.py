@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import string
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from learner.files import model_folder
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 # Printable ASCII plus newline: enough for arithmetic, code-like and short English prompts.
@@ -27,24 +24,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-
-
-@contextmanager
-def model_folder(path: Path) -> Iterator[Path]:
-    """Write a model folder in a temporary sibling, then move its files into `path`, `config.json` last.
-
-    Scripts and `convert_smollm2` take a folder with `config.json` as complete; written in place, a write cut off
-    half-way (Ctrl-C, a killed job) would leave one with the config and no weights, and every later run would
-    fail to load it instead of writing it again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        yield staging
-        path.mkdir(exist_ok=True)
-        for file in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
-            os.replace(file, path / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_char_tokenizer(vocab_size: int):

@@ -22,15 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import (
-    AdditionData,
-    ConfigError,
-    JobConfig,
-    JsonlData,
-    ReasoningGymData,
-    regex_problem,
-    shorten,
-)
+from actors.schema import shorten
+from cluster.config import AdditionData, JobConfig, JsonlData, ReasoningGymData, regex_problem
+from cluster.config_file import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
 # files
@@ -178,7 +172,7 @@ REGEX_KWARGS = {"actors.rewards.match:exact_match": "extract", "actors.rewards.m
 
 
 def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
-    from actors.reward import load_function
+    from actors.user_code import load_function
 
     fields = prompt_fields(cfg, files)
     problems = []

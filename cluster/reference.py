@@ -5,6 +5,7 @@ python -m cluster.reference > docs/configuration.md        (a test checks the co
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 
@@ -54,8 +55,13 @@ def _submodels(annotation) -> list[type[BaseModel]]:
     return [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
+def _linked(text: str) -> str:
+    """`docs/page.md` in a docstring becomes a link between the pages (this file is docs/configuration.md)."""
+    return re.sub(r"docs/([\w-]+\.md(#[\w-]+)?)", r"[\1](\1)", text)
+
+
 def _section(model: type[BaseModel], path: str, out: list[str]) -> None:
-    doc = (model.__doc__ or "").strip()
+    doc = _linked((model.__doc__ or "").strip())
     out += [f"## `{path}`" if path else "## top level", ""]
     if doc and model is not JobConfig and not doc.startswith("!!!"):
         out += [doc, ""]
@@ -63,7 +69,7 @@ def _section(model: type[BaseModel], path: str, out: list[str]) -> None:
     nested = []
     for name, info in model.model_fields.items():
         key = f"{path}.{name}" if path else name
-        desc = (info.description or "").replace("\n", " ").replace("|", "\\|")
+        desc = _linked((info.description or "").replace("\n", " ").replace("|", "\\|"))
         out.append(
             f"| `{key}` | {_type_name(info.annotation)} | {_default(info)} | {_bounds(info)} | {desc} |"
         )
@@ -83,7 +89,8 @@ def config_reference() -> str:
     out = [
         "# Configuration reference",
         "",
-        "Generated from `cluster/config.py` by `python -m cluster.reference`; do not edit by hand.",
+        "Generated from the config sections (`actors/config.py`, `learner/config.py`, `cluster/config.py`) by",
+        "`python -m cluster.reference`; do not edit by hand.",
         "A job is one YAML file with these sections. Unknown keys are errors. Any key can be overridden on the",
         "command line with a dotted path: `aha run job.yaml rollout.num_engines=4 learner.optimizer.lr=3e-4`.",
         "",

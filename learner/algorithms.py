@@ -2,7 +2,7 @@
 
 Every estimator has one signature, `fn(AdvantageInputs, cfg) -> Tensor (N,)`, and every loss another,
 `fn(LossInputs, cfg) -> LossOutputs`, so the learner never special-cases an algorithm. `cfg` is an
-`AlgorithmConfig` (cluster/config.py); its field docstrings are the contract for the knobs used here.
+`AlgorithmConfig` (learner/config.py); its fields are the knobs used here, described in docs/concepts.md.
 
 Losses return per-token values and never reduce: `aggregate` turns them into the scalar to backpropagate, with
 denominators counted over the whole step (all micro-batches and ranks), so the sum of the micro-batch losses is
@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from cluster.config import AlgorithmConfig
+from learner.config import AlgorithmConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # registries

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from actors.records import Trajectory
-from cluster.config import BufferConfig
+from learner.config import BufferConfig
 
 
 class ReplayBuffer:

@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cluster.config import AlgorithmConfig, ClusterConfig, LearnerConfig, ModelConfig, SamplingConfig
+from actors.config import ModelConfig, SamplingConfig
+from actors.remote import CallError, await_calls, start_named_actor
 from learner.algorithms import zero_advantage_is_inert
 from learner.batch import Sample, shard, split_mini_batches, step_totals
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.prompt_sharing import shares_prompts
 from learner.worker import LearnerWorker
 
@@ -36,11 +38,11 @@ class LearnerGroup:
         *,
         sampling: SamplingConfig,
         namespace: str | None = None,
-        cluster: ClusterConfig | None = None,
+        placement_strategy: str = "PACK",
     ):
         self.model, self.cfg, self.algo, self.sampling = model, cfg, algo, sampling
         self.namespace = namespace
-        self.strategy = cluster.placement_strategy if cluster else "PACK"
+        self.strategy = placement_strategy  # of the ranks' placement group (cluster.placement_strategy)
         self.workers: list[Any] = []
         self.placement_group = None
         self.steps = 0
@@ -57,7 +59,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.runtime import actor_runtime_env
+        from actors.runtime import actor_runtime_env
 
         bundle = {"CPU": self.cfg.cpus_per_rank, **self.cfg.resources}  # custom resources: node types
         if self.cfg.gpus_per_rank:
@@ -72,16 +74,26 @@ class LearnerGroup:
             )
         actor_cls = ray.remote(LearnerWorker)
         for rank in range(self.world_size):
+            options = {
+                "namespace": self.namespace,
+                "num_cpus": self.cfg.cpus_per_rank,
+                "num_gpus": self.cfg.gpus_per_rank,
+                "runtime_env": actor_runtime_env(self.cfg.threads_per_rank, gpus=self.cfg.gpus_per_rank),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.placement_group, rank),
+                "max_restarts": 0,
+            }
             self.workers.append(
-                actor_cls.options(
-                    name=f"learner-{rank}",
-                    namespace=self.namespace,
-                    num_cpus=self.cfg.cpus_per_rank,
-                    num_gpus=self.cfg.gpus_per_rank,
-                    runtime_env=actor_runtime_env(self.cfg.threads_per_rank, gpus=self.cfg.gpus_per_rank),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
-                    max_restarts=0,
-                ).remote(rank, self.world_size, self.model, self.cfg, self.algo, self.sampling)
+                start_named_actor(
+                    actor_cls,
+                    f"learner-{rank}",
+                    options,
+                    rank,
+                    self.world_size,
+                    self.model,
+                    self.cfg,
+                    self.algo,
+                    self.sampling,
+                )
             )
         master_addr, master_port = self._call("address", timeout_s=self.cfg.startup_timeout_s, ranks=[0])[0]
         self._call("setup", master_addr, master_port, timeout_s=self.cfg.startup_timeout_s)
@@ -123,27 +135,14 @@ class LearnerGroup:
         return refs
 
     def _await(self, refs: dict[Any, int], what: str, timeout_s: float) -> list[Any]:
-        """Results in rank order. Fails as soon as one rank fails (the others may be blocked in a collective
-        waiting for it), or when the timeout passes, naming the ranks."""
-        import ray
-
-        what = f"{what} (step {self.steps})"
-        deadline = time.monotonic() + timeout_s
-        pending = list(refs)
-        results: dict[int, Any] = {}
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
-            if not ready:
-                names = ", ".join(f"learner-{refs[r]}" for r in pending)
-                raise LearnerError(f"{names} did not finish {what} within {timeout_s:.0f} s")
-            ref = ready[0]
-            try:
-                results[refs[ref]] = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                raise LearnerError(f"learner-{refs[ref]} died during {what}: {e}") from e
-            except ray.exceptions.RayTaskError as e:
-                raise LearnerError(f"learner-{refs[ref]} failed during {what}: {e}") from e
-        return [results[r] for r in sorted(results)]
+        """Results in the order the ranks were called. Fails as soon as one rank fails (the others may be
+        blocked in a collective waiting for it), or when the timeout passes, naming the ranks."""
+        try:
+            return await_calls(
+                refs, timeout_s, f"{what} (step {self.steps})", name=lambda r: f"learner-{r}", fail_fast=True
+            )
+        except CallError as e:
+            raise LearnerError(str(e)) from e
 
     # -- training -----------------------------------------------------------------------------------------------
     def train_step(
@@ -252,6 +251,24 @@ class LearnerGroup:
     def export_adapter(self, directory: str) -> str | None:
         """The LoRA adapter as a peft folder (None without learner.lora)."""
         return self._call("export_adapter", directory, timeout_s=self.cfg.step_timeout_s, ranks=[0])[0]
+
+    # -- rank 0, the sender of weights ------------------------------------------------------------------------
+    def check_alive(self, timeout_s: float) -> None:
+        """Raise `LearnerError` naming a rank that is gone or does not answer."""
+        self._call("node_id", timeout_s=timeout_s)
+
+    def sender_node_id(self, timeout_s: float) -> str:
+        """The Ray node of rank 0, which sends the weights."""
+        return self._call("node_id", timeout_s=timeout_s, ranks=[0])[0]
+
+    def sender_address(self, timeout_s: float) -> tuple[str, int]:
+        """Rank 0's address and a free port on its node, for the torch_dist weight group's store."""
+        return tuple(self._call("address", timeout_s=timeout_s, ranks=[0])[0])
+
+    def open_sender_group(self, port: int, world_size: int, timeout_s: float, backend: str) -> Any:
+        """Start rank 0 joining the torch_dist weight group as its rank 0; returns the call's ref (the engines
+        join at the same time, so the caller awaits them together)."""
+        return self.workers[0].open_weight_group.remote(port, world_size, timeout_s, backend)
 
 
 def _stream(gen, deadline: float, name: str, what: str) -> Iterator[Any]:

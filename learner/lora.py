@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.config import LoraConfig
+from learner.config import LoraConfig
 
 ADAPTER = "default"
 """peft's name of the one adapter."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from actors.config import ModelConfig, SamplingConfig
 from actors.weights import (
     WeightBucket,
     broadcast_buffer,
@@ -29,8 +30,6 @@ from actors.weights import (
     transport_device,
     write_shm,
 )
-from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, SamplingConfig
-from cluster.models import model_folder
 from learner.algorithms import (
     LossInputs,
     aggregate,
@@ -41,6 +40,8 @@ from learner.algorithms import (
     token_logprobs,
 )
 from learner.batch import MicroBatch, Sample, StepTotals, collate
+from learner.config import AlgorithmConfig, LearnerConfig
+from learner.files import model_folder
 from learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
 from learner.ops import build_deepspeed_ops
 from learner.prompt_sharing import collate_shared, shared_prompt_logits
@@ -82,8 +83,8 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict[str, Any]:
                 "eps": cfg.optimizer.eps,
                 "weight_decay": cfg.optimizer.weight_decay,
                 "torch_adam": True,  # no C++ build of FusedAdam/CPUAdam needed
-                # torch's one-kernel AdamW (CPU and CUDA): on SmolLM2's 135M parameters the default foreach
-                # version takes 0.3-1.0 s per step on 2 cores (temporaries of the full size), fused 0.055 s
+                # torch's one-kernel AdamW (CPU and CUDA): the default foreach version allocates temporaries the
+                # size of every parameter, several times slower per step (bench/README.md, "vs_trl.py")
                 "fused": True,
             },
         },

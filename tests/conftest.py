@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cluster.runtime import apply_base_env
+from actors.runtime import apply_base_env
 
 apply_base_env()
 

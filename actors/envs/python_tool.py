@@ -17,8 +17,8 @@ import re
 from typing import Any
 
 from actors.environment import Environment, StepResult
-from actors.reward import load_function
 from actors.sandbox import SandboxLimits, require_isolation, run_python
+from actors.user_code import load_function
 
 FENCE = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.DOTALL)
 

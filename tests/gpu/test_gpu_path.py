@@ -19,15 +19,9 @@ import time
 import pytest
 import torch
 
-from cluster.config import (
-    AlgorithmConfig,
-    JobConfig,
-    LearnerConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RolloutConfig,
-    SamplingConfig,
-)
+from actors.config import ModelConfig, RolloutConfig, SamplingConfig
+from cluster.config import JobConfig
+from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
 from tests.integration.test_learner import LR, MAX_TOKENS, make_samples, torch_reference_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
@@ -174,7 +168,7 @@ def send_raw(worker, nbytes: int) -> float:
 def test_torch_dist_broadcast_over_nccl_to_a_gpu_receiver(ray_cluster, tiny_model, measure):
     import ray
 
-    from cluster.runtime import actor_runtime_env
+    from actors.runtime import actor_runtime_env
     from learner.worker import LearnerWorker
 
     one_gpu = torch.cuda.device_count() < 2
@@ -253,7 +247,7 @@ def test_vllm_engine_serves_the_learners_bf16_weights(ray_cluster, tiny_model, m
     if missing:
         pytest.skip(f"engine part skipped: {missing}")
     from actors.rollout import RolloutPool
-    from learner.broadcast import WeightSync
+    from cluster.weight_sync import WeightSync
     from learner.group import LearnerGroup
 
     gpus = 0.5 if torch.cuda.device_count() < 2 else 1.0  # one GPU: learner and engine share it

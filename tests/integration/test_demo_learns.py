@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config_file import load_config
 from tests.unit.test_readme_demo import demo_figures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
 from actors.records import Prompt
-from cluster.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig, load_config
+from cluster.config_file import load_config
 from tests.integration.test_rollout import learner_logprobs  # the same oracle as single-turn
 
 pytestmark = pytest.mark.integration
@@ -63,8 +64,8 @@ def test_multi_turn_episodes_keep_one_sequence_whose_model_tokens_match_the_lear
 def test_a_failing_environment_ends_its_episodes_with_an_error_not_the_engine(pool):
     import ray
 
+    from actors.config import RewardConfig
     from actors.reward import RewardScorer
-    from cluster.config import RewardConfig
 
     def play(fault: str):
         return pool.generate_all([Prompt(id=f"f-{fault}", text="hello", fields={"fault": fault})], n=1)

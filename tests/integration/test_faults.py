@@ -53,7 +53,7 @@ def overrides(tiny_model, root: Path, name: str, *extra: str) -> list[str]:
 
 
 def run_job(tiny_model, root: Path, name: str, *extra: str, resume: bool = False):
-    from cluster.config import load_config
+    from cluster.config_file import load_config
     from cluster.driver import run
 
     summary = run(load_config(DEMO, overrides(tiny_model, root, name, *extra)), resume=resume)
@@ -100,7 +100,7 @@ class Faults:
 
         from actors.reward import RewardPool
         from actors.rollout import RolloutPool
-        from learner.broadcast import WeightSync
+        from cluster.weight_sync import WeightSync
         from learner.group import LearnerGroup
 
         self.at_submit: dict[str, tuple[int, int]] = {}  # first prompt id of a submission -> (engine, signal)
@@ -322,9 +322,9 @@ def test_engine_restart_budget_ends_the_run_naming_the_engine(ray_cluster, tiny_
     """With no restarts allowed, the only engine's death ends generation with an error naming it (no spin)."""
     import ray
 
+    from actors.config import ModelConfig, RolloutConfig, SamplingConfig
     from actors.records import Prompt
     from actors.rollout import EngineError, RolloutPool
-    from cluster.config import ModelConfig, RolloutConfig, SamplingConfig
 
     cfg = RolloutConfig(kv_cache_gib=0.25, sampling=SamplingConfig(max_tokens=4), max_engine_restarts=0)
     pool = RolloutPool(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config_file import load_config
 from cluster.generate import FIELDS, text_key
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cluster.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig, SamplingConfig
+from actors.config import ModelConfig, SamplingConfig
 from learner.algorithms import LossInputs, aggregate, compute_loss, sampling_logits, token_logprobs
 from learner.batch import Sample, collate, demonstration_samples, split_mini_batches, step_totals
+from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
 
 pytestmark = pytest.mark.integration
 

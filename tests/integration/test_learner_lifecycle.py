@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.config import AlgorithmConfig
 from learner.batch import Sample, demonstration_samples
+from learner.config import AlgorithmConfig
 from tests.integration.test_learner import make_group, make_samples
 
 pytestmark = pytest.mark.integration

@@ -40,7 +40,7 @@ def overrides(tiny_model, run_root) -> list[str]:
 
 
 def test_killed_driver_resumes_without_repeating_or_skipping_prompts(ray_cluster, tiny_model, tmp_path):
-    from cluster.config import load_config
+    from cluster.config_file import load_config
     from cluster.driver import run
 
     args = overrides(tiny_model, tmp_path)

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
+from actors.config import RewardConfig
 from actors.records import Trajectory
 from actors.reward import RewardPool
-from cluster.config import RewardConfig
 
 pytestmark = pytest.mark.integration
 

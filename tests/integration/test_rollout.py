@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actors.config import ModelConfig, RolloutConfig, SamplingConfig
 from actors.records import Prompt
 from actors.weights import group_into_buckets, pack_bucket
-from cluster.config import ModelConfig, RolloutConfig, SamplingConfig
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from actors.config import ModelConfig, RolloutConfig, SamplingConfig
 from actors.records import Prompt
-from cluster.config import ModelConfig, RolloutConfig, SamplingConfig, WeightSyncConfig
+from cluster.config import WeightSyncConfig
 from tests.integration.test_learner import make_group, make_samples
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def stack(ray_cluster, tiny_model):
 
 
 def sync_with(stack, **cfg):
-    from learner.broadcast import WeightSync
+    from cluster.weight_sync import WeightSync
 
     group, pool = stack
     return WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5, **cfg), PROBES)
@@ -75,24 +76,41 @@ def test_every_transport_delivers_the_learner_weights(stack, transport):
     assert {t.version for t in pool.generate_all([Prompt("p", "12+34=")]).trajectories} == {version}
 
 
-def test_corrupted_bucket_is_detected_and_named(stack):
-    from learner.broadcast import SyncError
+def corrupting(weight_buckets, index: int):
+    """The learner's bucket stream with one byte of bucket `index` flipped in transit."""
+    import ray
+
+    def stream(*args, **kwargs):
+        for k, ref in enumerate(weight_buckets(*args, **kwargs)):
+            if k == index:
+                bucket = ray.get(ref)
+                middle = len(bucket.arrays) // 2
+                bucket.arrays[middle] = bucket.arrays[middle].copy()
+                bucket.arrays[middle][len(bucket.arrays[middle]) // 2] ^= 0xFF
+                ref = ray.put(bucket)
+            yield ref
+
+    return stream
+
+
+def test_corrupted_bucket_is_detected_and_named(stack, monkeypatch):
+    from cluster.weight_sync import SyncError
 
     group, pool = stack
     sync = sync_with(stack, on_engine_failure="error")
-    sync.corrupt_bucket = 1
-    with pytest.raises(
-        SyncError, match=r"rollout-0: load v\d+ failed: .*bucket 1 of v\d+ failed its checksum"
-    ):
-        sync.sync(group.steps + 100)
-    sync.corrupt_bucket = None
+    with monkeypatch.context() as patch:
+        patch.setattr(group, "weight_buckets", corrupting(group.weight_buckets, 1))
+        with pytest.raises(
+            SyncError, match=r"rollout-0 failed during load v\d+: .*bucket 1 of v\d+ failed its checksum"
+        ):
+            sync.sync(group.steps + 100)
     sync.sync(group.steps)  # a clean sync repairs the half-loaded engines
     assert_engines_serve(pool, group, group.steps)
 
 
 def test_probe_names_engines_that_serve_other_weights(stack):
     """The logprob probe, on probes cut to their last 4 tokens, still tells stale weights from the learner's."""
-    from learner.broadcast import SyncError
+    from cluster.weight_sync import SyncError
 
     group, pool = stack
     sync = sync_with(stack, on_engine_failure="error", probe_tokens=4)
@@ -109,7 +127,7 @@ def test_probe_names_engines_that_serve_other_weights(stack):
 
 
 def test_silent_engine_fails_the_sync_within_the_timeout(stack):
-    from learner.broadcast import SyncError
+    from cluster.weight_sync import SyncError
 
     group, pool = stack
     pool.engines[1].__ray_call__.remote(lambda self: time.sleep(12))  # the engine stops answering
@@ -124,9 +142,12 @@ def test_failed_engine_is_restarted_and_synced_before_serving(stack):
     group, pool = stack
     group.train_step(make_samples(4, seed=5))
     pool.engines[1].__ray_call__.remote(lambda self: time.sleep(60))
-    metrics, _ = sync_with(stack, timeout_s=6, on_engine_failure="restart").sync(group.steps)
+    sync = sync_with(stack, timeout_s=6, on_engine_failure="restart")
+    metrics, _ = sync.sync(group.steps)
     assert metrics["sync_restarted_engines"] == 1 and pool.alive == [True, False]  # restarting meanwhile
-    pool.await_restarts(timeout_s=300)  # started, then brought to the learner's weights
+    pool.await_restarts(timeout_s=300)
+    assert pool.awaiting_weights() == [1] and pool.alive == [True, False]  # answers, serves nothing yet
+    assert sync.bring_up(pool.awaiting_weights(), group.steps) == []
     assert pool.alive == [True, True] and pool.restarts[1] >= 1
     assert_engines_serve(pool, group, group.steps)
 
@@ -140,7 +161,7 @@ def test_sync_begun_while_training_queues_behind_generation(stack):
 
     import ray
 
-    from learner.broadcast import WeightSync
+    from cluster.weight_sync import WeightSync
 
     group, pool = stack
     sync = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5), PROBES)
@@ -167,6 +188,7 @@ def test_sync_begun_while_training_queues_behind_generation(stack):
     assert sorted(versions) == [f"p{i}" for i in range(8)]
     assert sorted(set(versions.values())) == [old, old + 1]  # engine 0's first chunk, then the requeued one
     pool.await_restarts(timeout_s=300)
+    sync.bring_up(pool.awaiting_weights(), old + 1)
     assert_engines_serve(pool, group, old + 1)
 
 
@@ -192,7 +214,7 @@ def test_torch_dist_sync_begun_while_training_is_sent_after_the_chunks(stack):
 
 
 def test_zero3_sync_to_two_engines(ray_cluster, tiny_model):
-    from learner.broadcast import WeightSync
+    from cluster.weight_sync import WeightSync
 
     group = make_group(tiny_model, 3, namespace="aha-tests-sync-z3")
     pool = make_pool(tiny_model, "aha-tests-sync-z3")

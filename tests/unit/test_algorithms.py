@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from cluster.config import ADVANTAGE_NAMES, LOSS_NAMES, AlgorithmConfig
 from learner.algorithms import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
@@ -24,6 +23,7 @@ from learner.algorithms import (
     token_logprobs,
     zero_advantage_is_inert,
 )
+from learner.config import ADVANTAGE_NAMES, LOSS_NAMES, AlgorithmConfig
 
 
 def adv(name: str, rewards: list[float], groups: list[int], dtype=torch.float32, **cfg) -> torch.Tensor:

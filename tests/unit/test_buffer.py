@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from actors.records import Trajectory
-from cluster.config import BufferConfig
 from learner.buffer import ReplayBuffer
+from learner.config import BufferConfig
 
 
 def traj(pid: str, i: int, version: int = 0, reward: float = 0.0) -> Trajectory:

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
 
-from actors.rollout import completion_texts
+from actors.engine import completion_texts
 from cluster.models import build_char_tokenizer
 
 CORPUS = [

@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from cluster.config import AlgorithmConfig, SamplingConfig
+from actors.config import SamplingConfig
 from learner.batch import Sample, collate, step_totals
+from learner.config import AlgorithmConfig
 from learner.worker import LearnerWorker, completion_window, micro_batch_loss
 
 VOCAB = 61

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.config import ConfigError, JobConfig, dump_config, load_config
+from cluster.config import JobConfig
+from cluster.config_file import ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import ConfigError, JobConfig, regex_problem, run_dir_problem
+from cluster.config import JobConfig, regex_problem, run_dir_problem
+from cluster.config_file import ConfigError
 from cluster.preflight import (
     RUN_MARKER,
     Demand,

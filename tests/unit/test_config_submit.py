@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError
+from cluster.config_file import ConfigError
 from cluster.jobs import DEFAULT_EXCLUDES, job_request, uploaded_files
 
 ROOT = Path(__file__).resolve().parents[2]

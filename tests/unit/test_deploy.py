@@ -17,7 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster.config import ConfigError, JobConfig, load_config
+from cluster.config import JobConfig
+from cluster.config_file import ConfigError, load_config
 from cluster.jobs import DEFAULT_EXCLUDES, auth_token, job_request
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.rollout import engine_options
+from actors.config import ModelConfig, RolloutConfig
+from actors.engine import engine_options
+from actors.runtime import accelerator_env, actor_runtime_env
 from actors.weights import (
     buffer_checksum,
     checksum,
@@ -16,8 +18,8 @@ from actors.weights import (
     pack_flat,
     transport_device,
 )
-from cluster.config import ConfigError, JobConfig, ModelConfig, RolloutConfig, load_config
-from cluster.runtime import accelerator_env, actor_runtime_env
+from cluster.config import JobConfig
+from cluster.config_file import ConfigError, load_config
 from tests.unit.test_config import MINIMAL, write
 
 GPU = ["learner.gpus_per_rank=1", "rollout.gpus_per_engine=1"]
@@ -213,7 +215,7 @@ def test_device_checksum_is_exact_in_any_chunking_and_sees_every_change():
 
 def test_weight_sync_takes_its_tolerance_from_the_dtype_unless_set():
     from cluster.config import WeightSyncConfig
-    from learner.broadcast import WeightSync
+    from cluster.weight_sync import WeightSync
 
     def tolerance(cfg, dtype):
         from types import SimpleNamespace

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from actors.config import EnvironmentConfig, RewardConfig
 from actors.environment import (
     EnvironmentHost,
     Episode,
@@ -22,7 +23,8 @@ from actors.environment import (
 )
 from actors.envs.guess import GuessNumber
 from actors.records import Trajectory
-from cluster.config import ConfigError, EnvironmentConfig, JobConfig, RewardConfig
+from cluster.config import JobConfig
+from cluster.config_file import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
 # test environments (loaded by name, like a user's)
@@ -396,7 +398,7 @@ def test_validate_checks_the_class_its_kwargs_and_the_fields_start_needs(tmp_pat
 
 
 def test_validate_rejects_a_bad_environment_at_the_cli(tmp_path):
-    from cluster.config import load_config
+    from cluster.config_file import load_config
     from cluster.preflight import check_references
 
     cfg_file = tmp_path / "job.yaml"
@@ -413,9 +415,9 @@ def test_validate_rejects_a_bad_environment_at_the_cli(tmp_path):
 
 
 def test_environment_tokens_contribute_exactly_zero_gradient():
-    from cluster.config import AlgorithmConfig
     from learner.algorithms import token_logprobs
     from learner.batch import collate, samples_from_trajectories, step_totals
+    from learner.config import AlgorithmConfig
     from learner.worker import micro_batch_loss
 
     traj = episode_trajectory(

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from cluster.cli import main
-from cluster.config import LoraConfig
+from learner.config import LoraConfig
 from learner.lora import add_adapters, is_adapter, merged_parameters, trainable_parameters
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.models import make_tiny_model, model_folder
+from cluster.models import make_tiny_model
+from learner.files import model_folder
 
 
 def test_tiny_model_folder_is_complete_and_leaves_no_staging(tmp_path):
@@ -23,11 +24,11 @@ def test_an_interrupted_write_leaves_no_folder_that_looks_complete(tmp_path):
 
 
 def test_config_json_is_moved_last(tmp_path, monkeypatch):
-    import cluster.models
+    import learner.files
 
     moved = []
-    real = cluster.models.os.replace
-    monkeypatch.setattr(cluster.models.os, "replace", lambda a, b: (moved.append(b.name), real(a, b)))
+    real = learner.files.os.replace
+    monkeypatch.setattr(learner.files.os, "replace", lambda a, b: (moved.append(b.name), real(a, b)))
     with model_folder(tmp_path / "m") as staging:
         for name in ("config.json", "a.safetensors", "z.json"):
             (staging / name).write_text("x")

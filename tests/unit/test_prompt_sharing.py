@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from cluster.config import AlgorithmConfig, LearnerConfig
 from learner.batch import Sample, collate, shard, step_totals
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.prompt_sharing import collate_shared, shares_prompts
 from learner.worker import completion_window, micro_batch_loss, training_batch
 from tests.unit.test_completion_window import VOCAB, tiny, worker

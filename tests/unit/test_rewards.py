@@ -11,15 +11,16 @@ import time
 
 import pytest
 
+from actors.config import RewardConfig
 from actors.records import Trajectory
-from actors.reward import RewardFunction, RewardScorer, TimedCaller, _Timeout, load_function
+from actors.reward import RewardFunction, RewardScorer
 from actors.rewards.code import build_solution, code_tests, human_eval_prompts, read_human_eval
 from actors.rewards.format import format_reward
 from actors.rewards.gym import reasoning_gym, reasoning_gym_entry_fields
 from actors.rewards.length import length_penalty
 from actors.rewards.match import exact_match, regex_match
 from actors.rewards.math import math_verify
-from cluster.config import RewardConfig
+from actors.user_code import CallTimeout, TimedCaller, load_function
 
 
 def traj(completion: str, index: int = 0, **fields) -> Trajectory:
@@ -324,14 +325,14 @@ def test_caller_replaces_a_hung_runner_and_keeps_timing_out():
     first = call(ident, (), {}, 5.0)
     assert call(ident, (), {}, 5.0) == first  # one runner
     start = time.monotonic()
-    with pytest.raises(_Timeout):
+    with pytest.raises(CallTimeout):
         call(ident, (), {"hang": True}, 0.2)
     assert 0.2 <= time.monotonic() - start < 2.0
     assert call.hung_threads == 1
     second = call(ident, (), {}, 5.0)  # a fresh runner takes the later calls at once
     assert second != first and call(ident, (), {}, 5.0) == second
     start = time.monotonic()
-    with pytest.raises(_Timeout):  # the new runner's calls are timed out too
+    with pytest.raises(CallTimeout):  # the new runner's calls are timed out too
         call(ident, (), {"hang": True}, 0.2)
     assert 0.2 <= time.monotonic() - start < 2.0
     assert call.hung_threads == 2
@@ -344,7 +345,7 @@ def test_caller_replaces_a_hung_runner_and_keeps_timing_out():
 
 
 def test_run_each_is_one_handoff_per_batch_and_times_each_item():
-    """A batch runs on one runner; an item that raises gives its exception, one that overruns a `_Timeout`
+    """A batch runs on one runner; an item that raises gives its exception, one that overruns a `CallTimeout`
     after its own deadline, and the items after it run on a fresh runner; an abandoned runner takes no more."""
     call = TimedCaller()
     release = threading.Event()
@@ -361,7 +362,7 @@ def test_run_each_is_one_handoff_per_batch_and_times_each_item():
     start = time.monotonic()
     out = call.run_each(work, ["a", "boom", "b", "hang", "c", "d"], timeout=0.3)
     assert 0.3 <= time.monotonic() - start < 2.0
-    assert out[0] == out[2] and isinstance(out[1], RuntimeError) and isinstance(out[3], _Timeout)
+    assert out[0] == out[2] and isinstance(out[1], RuntimeError) and isinstance(out[3], CallTimeout)
     assert out[4] == out[5] != out[0] and call.hung_threads == 1
     assert call.run_each(work, ["e"], timeout=1.0) == [out[5]]  # the fresh runner stays
     release.set()
@@ -386,7 +387,7 @@ def test_caller_errors_and_async_on_the_runner():
     with pytest.raises(ValueError, match="bad"):
         call(lambda: (_ for _ in ()).throw(ValueError("bad")), (), {}, 5.0)
     assert call(sleepy, (0.01,), {}, 5.0) == 0.01
-    with pytest.raises(_Timeout):
+    with pytest.raises(CallTimeout):
         call(sleepy, (60,), {}, 0.1)
     for t in list(call.abandoned):  # the runner may be abandoned a moment before wait_for fires, but the
         t.join(2)  # coroutine is cancelled on its loop: the thread ends rather than sleeping on

@@ -3,6 +3,7 @@ so that even a failure of containment stays harmless on a 2-core, 24 GiB machine
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import actors.sandbox as sandbox
+import actors.sandbox_cgroup as sandbox_cgroup
+import actors.sandbox_launcher as sandbox_launcher
 from actors.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=2, memory_mb=256, max_processes=8, file_mb=1)
@@ -234,12 +237,31 @@ STEPS = [
 ]
 
 
+def refusing(monkeypatch, step: str) -> None:
+    """Make the launcher refuse `step` as the kernel would (EPERM): the child imports the real launcher and
+    swaps that step's body in `STEPS` before it starts, so the step's wrapper and the launcher's error path
+    are the production ones."""
+    assert step in sandbox_launcher.STEPS
+    actors_dir = os.path.dirname(sandbox_launcher.__file__)
+    launcher = (
+        f"import sys; sys.path.append({actors_dir!r})\n"
+        "import errno, json, sandbox_launcher\n"
+        "def refuse(*args):\n"
+        "    raise OSError(errno.EPERM, 'Operation not permitted')\n"
+        f"sandbox_launcher.STEPS[{step!r}] = refuse\n"
+        "sandbox_launcher.launch(json.loads(sys.argv[1]))\n"
+    )
+    monkeypatch.setattr(sandbox, "LAUNCHER", launcher)
+
+
+def test_the_steps_under_test_are_all_the_steps():
+    assert set(STEPS) | {"landlock"} == set(sandbox_launcher.STEPS)
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_a_failing_isolation_step_aborts_the_run(monkeypatch, step):
-    monkeypatch.setattr(sandbox, "_INJECT_FAULT", step)
+    refusing(monkeypatch, step)
     r = run("print('ran')")
-    if step == "cgroup" and r.run_cap == "none" and r.passed:
-        pytest.skip("no cgroup on this host")
     assert not r.passed and r.reason.startswith(f"sandbox error: {step}") and r.isolation == "none", r.reason
     assert r.stdout == ""  # nothing of the program ran
 
@@ -248,11 +270,24 @@ def test_a_failing_isolation_step_aborts_the_run(monkeypatch, step):
     "step", ["cgroup", "undumpable", "rlimits", "no capabilities", "no_new_privs", "landlock", "seccomp"]
 )
 def test_a_failing_step_aborts_the_rlimits_mode_too(monkeypatch, step):
-    monkeypatch.setattr(sandbox, "_INJECT_FAULT", step)
+    refusing(monkeypatch, step)
     r = run("print('ran')", RLIMITS_ONLY)
-    if step == "cgroup" and r.run_cap == "none" and r.passed:
-        pytest.skip("no cgroup on this host")
     assert not r.passed and r.reason.startswith(f"sandbox error: {step}") and r.stdout == "", r.reason
+
+
+@pytest.mark.parametrize("limits", [LIMITS, RLIMITS_ONLY], ids=["namespaces", "rlimits"])
+def test_a_refused_cgroup_aborts_the_run(monkeypatch, limits):
+    # The caller creates the run's cgroup: a host that offers one but refuses a limit is an error, not "none".
+    if run("pass", limits).run_cap == "none":
+        pytest.skip("no cgroup on this host")
+
+    def refuse(directory: str, name: str, value: str, optional: bool = False) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", os.path.join(directory, name))
+
+    monkeypatch.setattr(sandbox_cgroup, "_write", refuse)
+    r = run("print('ran')", limits)
+    assert not r.passed and r.reason.startswith("sandbox error: cgroup") and r.isolation == "none", r.reason
+    assert r.stdout == ""
 
 
 def test_a_real_failure_aborts_too(monkeypatch):
@@ -264,7 +299,7 @@ def test_a_real_failure_aborts_too(monkeypatch):
 
 def test_namespaces_are_required_not_a_fallback(monkeypatch):
     # A run that asked for namespaces never falls back to the weaker mode.
-    monkeypatch.setattr(sandbox, "_INJECT_FAULT", "namespaces")
+    refusing(monkeypatch, "namespaces")
     r = run("print('ran')")
     assert r.isolation == "none" and r.reason.startswith("sandbox error: namespaces")
 

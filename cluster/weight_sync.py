@@ -12,7 +12,11 @@ One sync to version v (`begin`, then `complete`; `sync` does both at once):
   6. resume the pool.
 Each bucket carries a checksum (xxh3-64) that the engine checks before loading it. Any failure names the engine; with
 `on_engine_failure: restart` (the default) the sync goes on with the other engines while the failed ones are
-restarted in the background; `bring_up` gives a restarted engine the current weights before it serves again.
+restarted in the background; `bring_up` gives a restarted engine the current weights before it serves again (the
+driver calls it when the pool reports restarted engines and the learner is idle).
+
+The sync joins the learner group and the rollout pool through their public methods only, and takes the version
+to publish as an argument of each call.
 
 Transports (`weight_sync.transport`) differ only in how a bucket's bytes travel; the driver always forwards one
 small object per bucket and engine:
@@ -31,9 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.remote import CallError, await_calls
 from actors.rollout import Completed, EngineError, RolloutPool
 from cluster.config import PROBE_TOLERANCE, WeightSyncConfig
-from learner.group import LearnerGroup
+from learner.group import LearnerError, LearnerGroup
 
 
 class SyncError(EngineError):
@@ -64,10 +69,6 @@ class WeightSync:
             tempfile.mkdtemp(prefix="aha-weights-", dir="/dev/shm") if self.transport == "shm" else None
         )
         self._group_members: list[int] | None = None  # engines in the torch_dist group
-        self.corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket in transit
-        pool.bring_up = self.bring_up  # restarted engines get the current weights before they serve
-        # the version of the learner's weights now (the driver's policy version; the group's step count here)
-        self.current_version: Callable[[], int] = lambda: group.steps
 
     # -- the sync ------------------------------------------------------------------------------------------------
     def sync(
@@ -122,18 +123,18 @@ class WeightSync:
             engines = None
         return sorted(
             {i for i, _ in self.pool.live_engines() if engines is None or i in engines}
-            | set(self.pool.take_unsynced())
+            | set(self.pool.awaiting_weights())
         )
 
-    def bring_up(self, engines: list[int]) -> None:
-        """Give restarted engines the learner's current weights (as `current_version()`) before they serve; the
-        other engines keep generating. The pool calls this at points where the learner is idle."""
-        if self.transport == "torch_dist":  # every group member joins every broadcast: a whole sync
-            _, leftovers = self.sync(self.current_version())
-            self.pool.hand_back(leftovers)
-            return
-        push = self._new_push(self.current_version(), engines)
-        self._push_to_survivors(push)
+    def bring_up(self, engines: list[int], version: int) -> list[Completed]:
+        """Give restarted engines the learner's current weights, as `version`, before they serve; the other
+        engines keep generating. Call it while the learner is idle (its weights are final). With torch_dist
+        every group member joins every broadcast, so this is a whole sync: the chunks that finished on the old
+        weights while it paused the pool are returned."""
+        if self.transport == "torch_dist":
+            return self.sync(version)[1]
+        self._push_to_survivors(self._new_push(version, engines))
+        return []
 
     def _push_to_survivors(self, push: _Push, begun: PendingSync | None = None) -> dict[str, float]:
         """Finish `push` (`begun`: already sent, by `begin`), or send and finish it. With `on_engine_failure:
@@ -154,8 +155,9 @@ class WeightSync:
                     raise
                 for i in e.engines:
                     # an engine that died generating was replaced by the pool already: no second restart
-                    if self.pool.engines[i] is push.engines[i]:
-                        self.pool.engine_lost(i, f"failed the weight sync to v{push.version}: {e}")
+                    self.pool.engine_lost(
+                        i, f"failed the weight sync to v{push.version}: {e}", push.engines[i]
+                    )
                 failed += e.engines
                 self._group_members = None  # a torch_dist group must be rebuilt without them
                 push = self._new_push(push.version, [i for i in push.targets if i not in e.engines])
@@ -167,36 +169,32 @@ class WeightSync:
         return metrics
 
     def _new_push(self, version: int, targets: list[int]) -> _Push:
-        return _Push(version, list(targets), {i: self.pool.engines[i] for i in targets})
+        return _Push(version, list(targets), {i: self.pool.handle(i) for i in targets})
 
     def _send(self, push: _Push) -> None:
         """Submit every engine call of the push without waiting for one before the next: an actor runs one
         caller's calls in order, so each engine goes from one stage to the next with no round trip to the
-        caller in between (~3-4 ms each on 2 loaded cores). `_await` waits stage by stage, so a failure is
-        still reported at the first stage it hit."""
-        import ray
-
+        caller in between. `_await` waits stage by stage, so a failure is still reported at the first stage it
+        hit."""
         version, targets, engines = push.version, push.targets, push.engines
         push.started = time.monotonic()  # the clock of every deadline (see _wait)
         push.deadline = push.started + self.cfg.timeout_s
         if self.transport == "shm":
-            self._check_same_node(targets, push.deadline)
+            self._check_same_node(engines, push.deadline)
         if self.transport == "torch_dist" and self._group_members != targets:
-            self._open_group(targets, push.deadline)  # every group member joins every broadcast
+            self._open_group(engines, push.deadline)  # every group member joins every broadcast
         push.begins = {e.begin_update.remote(version): i for i, e in engines.items()}
         stream = self.group.weight_buckets(
             version, int(self.cfg.bucket_mb * 2**20), self.cfg.timeout_s, self.transport, self.shm_dir
         )
         for ref in stream:
-            if push.buckets == self.corrupt_bucket:
-                ref = ray.put(_corrupted(ray.get(ref)))
             for i, e in engines.items():
                 push.loads[e.load_bucket.remote(ref)] = i  # the engine fetches the bucket (or its broadcast)
             push.buckets += 1
         push.streamed = time.monotonic()
         push.finishes = {e.finish_update.remote(version): i for i, e in engines.items()}
         if self.cfg.verify and self.probe_ids:
-            push.probes = self._submit_probes(targets)
+            push.probes = self._submit_probes(engines)
             push.expected = self.group.submit_sequence_logprobs(self.probe_ids)  # the learner's, meanwhile
 
     def _await(self, push: _Push, drained: float | None = None) -> dict[str, float]:
@@ -232,15 +230,13 @@ class WeightSync:
     def _check_learner(self, version: int) -> None:
         """A sync fails on every engine when learner rank 0 dies (its buckets can no longer be fetched): that is
         the learner's failure, reported as such, not a reason to restart engines."""
-        from learner.group import LearnerError
-
         try:
-            self.group._call("node_id", timeout_s=30)
+            self.group.check_alive(timeout_s=30)
         except LearnerError as e:
             raise LearnerError(f"{e} (noticed in the weight sync to v{version})") from None
 
-    def _submit_probes(self, engine_indices: list[int]) -> dict[Any, int]:
-        return {self.pool.engines[i].probe_logprobs.remote(self.probe_ids): i for i in engine_indices}
+    def _submit_probes(self, engines: dict[int, Any]) -> dict[Any, int]:
+        return {e.probe_logprobs.remote(self.probe_ids): i for i, e in engines.items()}
 
     def verify(
         self,
@@ -253,7 +249,8 @@ class WeightSync:
         `refs`, `expected_refs`: the engines' and the learner's probe calls, already submitted by the sync."""
         if not self.probe_ids:
             return 0.0
-        refs = self._submit_probes(engine_indices) if refs is None else refs
+        if refs is None:
+            refs = self._submit_probes({i: self.pool.handle(i) for i in engine_indices})
         if expected_refs is None:  # submitted now, while the engines compute theirs
             expected_refs = self.group.submit_sequence_logprobs(self.probe_ids)
         expected = self.group.await_sequence_logprobs(expected_refs)
@@ -278,15 +275,10 @@ class WeightSync:
             shutil.rmtree(self.shm_dir, ignore_errors=True)
 
     # -- transport set-up ----------------------------------------------------------------------------------------
-    def _check_same_node(self, targets: list[int], deadline: float) -> None:
-        import ray
-
-        learner_node = ray.get(
-            self.group.workers[0].node_id.remote(), timeout=max(deadline - time.monotonic(), 1)
-        )
-        nodes = self._wait(
-            {self.pool.engines[i].node_id.remote(): i for i in targets}, deadline, "node_id", True
-        )
+    def _check_same_node(self, engines: dict[int, Any], deadline: float) -> None:
+        learner_node = self.group.sender_node_id(timeout_s=max(deadline - time.monotonic(), 1))
+        nodes = self._wait({e.node_id.remote(): i for i, e in engines.items()}, deadline, "node_id", True)
+        targets = list(engines)
         away = [self.pool.name(i) for i, n in zip(sorted(targets), nodes) if n != learner_node]
         if away:
             raise EngineError(
@@ -294,18 +286,14 @@ class WeightSync:
                 "(use object_store or torch_dist)"
             )
 
-    def _open_group(self, members: list[int], deadline: float) -> None:
+    def _open_group(self, engines: dict[int, Any], deadline: float) -> None:
         """(Re)build the torch_dist group: learner-0 is rank 0 and hosts the store; the engines are 1..N."""
-        import ray
-
-        address, port = ray.get(
-            self.group.workers[0].address.remote(), timeout=max(deadline - time.monotonic(), 1)
-        )
+        address, port = self.group.sender_address(timeout_s=max(deadline - time.monotonic(), 1))
+        members = sorted(engines)
         world = len(members) + 1
-        learner = self.group.workers[0]
-        refs = {learner.open_weight_group.remote(port, world, self.cfg.timeout_s, self.backend): -1}
+        refs = {self.group.open_sender_group(port, world, self.cfg.timeout_s, self.backend): -1}
         for rank, i in enumerate(members, 1):
-            call = self.pool.engines[i].open_weight_group.remote(
+            call = engines[i].open_weight_group.remote(
                 address, port, rank, world, self.cfg.timeout_s, self.backend
             )
             refs[call] = i
@@ -314,32 +302,19 @@ class WeightSync:
 
     # -- waiting with names --------------------------------------------------------------------------------------
     def _wait(self, refs: dict[Any, int], deadline: float, what: str, keep_order: bool = False) -> list[Any]:
-        import ray
+        """The calls' results (`keep_order`: sorted by engine), or a `SyncError` naming the engines (index -1 is
+        learner-0) that failed or did not answer by `deadline`."""
 
         def name(i: int) -> str:
             return "learner-0" if i < 0 else self.pool.name(i)
 
-        ready, pending = ray.wait(
-            list(refs), num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0)
-        )
-        if pending:
-            failed = sorted({refs[r] for r in pending})
-            raise SyncError(
-                f"{', '.join(name(i) for i in failed)}: no answer to {what} within {self.cfg.timeout_s:.0f} s",
-                [i for i in failed if i >= 0],
-            )
-        results, errors = {}, {}
-        for ref in refs:  # submission order, so an engine's first failure is the one reported
-            try:
-                results[ref] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None)
-                errors.setdefault(refs[ref], cause if cause is not None else e)
-        if errors:
-            first = min(errors)
-            raise SyncError(f"{name(first)}: {what} failed: {errors[first]}", [i for i in errors if i >= 0])
-        order = sorted(refs, key=lambda r: refs[r]) if keep_order else list(refs)
-        return [results[r] for r in order]
+        try:
+            results = await_calls(refs, self.cfg.timeout_s, what, name, deadline=deadline)
+        except CallError as e:
+            raise SyncError(str(e), [i for i in e.failed if i >= 0]) from None
+        if keep_order:
+            results = [r for _, r in sorted(zip(refs.values(), results), key=lambda pair: pair[0])]
+        return results
 
 
 @dataclass
@@ -390,13 +365,6 @@ class PendingSync:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-
-def _corrupted(bucket):
-    middle = len(bucket.arrays) // 2
-    bucket.arrays[middle] = bucket.arrays[middle].copy()
-    bucket.arrays[middle][len(bucket.arrays[middle]) // 2] ^= 0xFF
-    return bucket
 
 
 def _files(directory: str):

@@ -1,0 +1,190 @@
+"""Config sections the actors read: the model the engines serve, how they sample, the engines themselves, the
+reward functions and the multi-turn environment. `cluster.config.JobConfig` composes them with the other layers'
+sections; checks across sections live there. Imports neither torch, Ray nor vLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from actors.schema import MAX_ACTORS, Seconds, Section, Seed, check_custom_resources, shorten
+
+
+def check_import_spec(spec: str, what: str) -> str:
+    """`module:<what>` or `path/to/file.py:<what>`, with an identifier after the colon; else ValueError."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target.strip() or not name.isidentifier():
+        raise ValueError(f"expected 'module:{what}' or 'path/to/file.py:{what}'")
+    if not target.endswith(".py") and not all(part.isidentifier() for part in target.split(".")):
+        raise ValueError(f"{shorten(target, 60)} is neither a dotted module name nor a .py file")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and sampling
+
+
+class ModelConfig(Section):
+    path: str = Field(min_length=1, max_length=4096)
+    """Hugging Face causal LM folder (config.json, safetensors, tokenizer); relative to the working dir."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template before generation."""
+    max_model_len: int = Field(512, ge=16, le=1 << 21, strict=True)
+    """Longest prompt + completion, in tokens (engines and learner)."""
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    """0 means greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = Field(-1, ge=-1, le=1 << 20, strict=True)
+    """-1 disables top-k."""
+    max_tokens: int = Field(64, ge=1, le=1 << 21, strict=True)
+    """Longest completion, in tokens."""
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings, left out of the completion (they make engines detokenize every token: slower)."""
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
+            raise ValueError("an empty stop string would end every completion at once: remove it")
+        return stop
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rollout engines
+
+
+class RolloutConfig(Section):
+    num_engines: int = Field(1, ge=1, le=MAX_ACTORS, strict=True)
+    """vLLM engines, one Ray actor each (`rollout-<i>`)."""
+    cpus_per_engine: float = Field(1.0, gt=0, le=4096)
+    """Logical CPUs reserved per engine actor."""
+    gpus_per_engine: float = Field(0.0, ge=0, le=1)
+    """GPUs per engine (0 = CPU); a fraction shares a GPU and its memory (docs/scaling.md#from-cpu-to-gpu)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources each engine asks for, e.g. `{node_type_gen: 0.01}` (docs/scaling.md)."""
+    spread: bool = False
+    """Place engines (restarted ones too) on different nodes where Ray can; default: Ray's packing."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64, strict=True)
+    """GPUs one engine shards the model over; only 1 is supported (docs/scaling.md#from-cpu-to-gpu)."""
+    threads_per_engine: int = Field(1, ge=1, le=1024, strict=True)
+    """torch CPU threads inside each engine (CPU only; match free cores)."""
+    samples_per_prompt: int = Field(4, ge=1, le=4096, strict=True)
+    """Completions per prompt: the group that group-relative advantages compare."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Sampling for training rollouts."""
+    eval_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    """Sampling used for evaluation (greedy by default)."""
+    kv_cache_gib: float = Field(1.0, gt=0, le=1 << 14)
+    """KV-cache memory per engine (required by the CPU build)."""
+    enforce_eager: bool = True
+    """Skip torch.compile / CUDA graphs (faster start, and no slower on CPU)."""
+    seed: Seed = 0
+    """Base of the per-chunk sampling seeds, so samples do not depend on the engine (docs/operations.md)."""
+    startup_timeout_s: Seconds = 300.0
+    """Limit for an engine to load its model and answer."""
+    generate_timeout_s: Seconds = 600.0
+    """Limit for one generate call on one engine."""
+    max_retries: int = Field(1, ge=0, le=100, strict=True)
+    """Retries, on another engine, of a chunk whose generate call raised (docs/operations.md#faults)."""
+    max_engine_restarts: int = Field(3, ge=0, le=1000, strict=True)
+    """Replacements of each engine that died, hung or failed a weight load (docs/operations.md#faults)."""
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _single_worker(cls, size: int) -> int:
+        if size > 1:
+            raise ValueError(
+                "tensor parallelism is not supported yet: weight updates reach only an engine's driver worker, "
+                "so the other tensor-parallel workers would keep stale weights (use 1 and more engines)"
+            )
+        return size
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reward
+
+
+class RewardFunctionConfig(Section):
+    function: str
+    """`module:function` or `path/to/file.py:function`, e.g. `actors.rewards.math:math_verify`."""
+    weight: float = 1.0
+    """Weight of this function in the total reward."""
+    name: str | None = None
+    """Name of this part in metrics (default: the function's name)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed on every call."""
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, spec: str) -> str:
+        return check_import_spec(spec, "function")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.function.rsplit(":", 1)[-1]
+
+
+class RewardConfig(Section):
+    num_workers: int = Field(1, ge=1, le=MAX_ACTORS, strict=True)
+    """Reward actors (`reward-<i>`)."""
+    cpus_per_worker: float = Field(0.5, gt=0, le=4096)
+    """Logical CPUs reserved per reward actor."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources each reward actor asks for (pins them to node types; docs/scaling.md)."""
+    functions: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Reward functions; the total reward is their weighted sum."""
+    timeout_s: Seconds = 30.0
+    """Limit for scoring one sample; past it the sample gets `error_reward`."""
+    error_reward: float = 0.0
+    """Reward given to a sample whose scoring failed (raised, hung, returned NaN or a non-number)."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RewardConfig:
+        names = [f.display_name for f in self.functions]
+        doubles = sorted({n for n in names if names.count(n) > 1})
+        if doubles:
+            raise ValueError(
+                f"reward.functions: two functions are named {doubles[0]!r} in the metrics: set `name:` on one"
+            )
+        return self
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment (multi-turn episodes)
+
+
+class EnvironmentConfig(Section):
+    """A multi-turn environment: each sample is an episode of turns (docs/environments.md)."""
+
+    class_path: str
+    """`module:Class` or `path/to/file.py:Class`, e.g. `actors.envs.guess:GuessNumber`."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the class's constructor (one instance per episode)."""
+    max_turns: int = Field(4, ge=1, le=1000, strict=True)
+    """Model turns per episode; an episode still running after them ends (finish reason "turns")."""
+    max_tokens: int = Field(256, ge=1, le=1 << 21, strict=True)
+    """Longest episode after the prompt, all turns together; reaching it ends it (finish reason "length")."""
+    timeout_s: Seconds = 30.0
+    """Limit for one environment call (start or step); past it the episode gets `reward.error_reward`."""
+    cpus_per_actor: float = Field(0.0, ge=0, le=4096)
+    """Logical CPUs reserved per environment actor (`rollout-<i>-env`, one next to each engine)."""
+
+    @field_validator("class_path")
+    @classmethod
+    def _module_colon_class(cls, spec: str) -> str:
+        return check_import_spec(spec, "Class")

@@ -1,0 +1,48 @@
+"""The base of every config section: strict pydantic models, bounded types and the checks that several
+layers' sections share. The lowest floor, so that each layer can own the sections it reads (actors/config.py,
+learner/config.py, cluster/config.py) and import downward only. Imports neither torch, Ray nor vLLM."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: .inf / .nan are rejected in every float field (a rate, a weight, a timeout or a
+    # threshold that is not finite is always a mistake).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
+
+
+# Counts are strict integers (YAML `true` or `2.5` is an error, not 1 or 2) with an upper bound, so a typo of
+# a few digits is rejected up front instead of asking Ray for a billion actors.
+MAX_ACTORS = 4096
+MAX_ITEMS = 10_000_000
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+Seed = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
+"""A random seed: engines and numpy take unsigned 32-bit seeds."""
+Seconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+"""A time limit: positive and at most a week."""
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """repr of a value, cut to `limit` characters: a bad 1 MB value is named, not echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
+
+
+# Ray's built-in resources have their own fields (cpus_per_*, gpus_per_*); `resources` holds custom ones only.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Ray custom resources of one actor: positive amounts, none of Ray's built-in names; else ValueError."""
+    for name, amount in resources.items():
+        if name in _BUILTIN_RESOURCES:
+            raise ValueError(f"{name} is set by its own field (cpus_per_* / gpus_per_*), not in resources")
+        if amount <= 0:
+            raise ValueError(f"resource {name!r} must be > 0 (got {amount})")
+    return resources
