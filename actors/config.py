@@ -1,5 +1,5 @@
 """Config sections the actors read: the model the engines serve, how they sample, the engines themselves, the
-reward functions and the multi-turn environment. `cluster.config.JobConfig` composes them with the other layers'
+reward functions and the multi-turn environment. `aha.cluster.config.JobConfig` composes them with the other layers'
 sections; checks across sections live there. Imports neither torch, Ray nor vLLM."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from actors.schema import MAX_ACTORS, Seconds, Section, Seed, check_custom_resources, shorten
+from aha.actors.schema import MAX_ACTORS, CustomResources, Seconds, Section, Seed, shorten
 
 
 def check_import_spec(spec: str, what: str) -> str:
@@ -65,7 +65,7 @@ class RolloutConfig(Section):
     """Logical CPUs reserved per engine actor."""
     gpus_per_engine: float = Field(0.0, ge=0, le=1)
     """GPUs per engine (0 = CPU); a fraction shares a GPU and its memory (docs/scaling.md#from-cpu-to-gpu)."""
-    resources: dict[str, float] = Field(default_factory=dict)
+    resources: CustomResources = Field(default_factory=dict)
     """Ray custom resources each engine asks for, e.g. `{node_type_gen: 0.01}` (docs/scaling.md)."""
     spread: bool = False
     """Place engines (restarted ones too) on different nodes where Ray can; default: Ray's packing."""
@@ -104,11 +104,6 @@ class RolloutConfig(Section):
             )
         return size
 
-    @field_validator("resources")
-    @classmethod
-    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
-        return check_custom_resources(resources)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # reward
@@ -116,7 +111,7 @@ class RolloutConfig(Section):
 
 class RewardFunctionConfig(Section):
     function: str
-    """`module:function` or `path/to/file.py:function`, e.g. `actors.rewards.math:math_verify`."""
+    """`module:function` or `path/to/file.py:function`, e.g. `aha.actors.rewards.math:math_verify`."""
     weight: float = 1.0
     """Weight of this function in the total reward."""
     name: str | None = None
@@ -139,7 +134,7 @@ class RewardConfig(Section):
     """Reward actors (`reward-<i>`)."""
     cpus_per_worker: float = Field(0.5, gt=0, le=4096)
     """Logical CPUs reserved per reward actor."""
-    resources: dict[str, float] = Field(default_factory=dict)
+    resources: CustomResources = Field(default_factory=dict)
     """Ray custom resources each reward actor asks for (pins them to node types; docs/scaling.md)."""
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     """Reward functions; the total reward is their weighted sum."""
@@ -158,11 +153,6 @@ class RewardConfig(Section):
             )
         return self
 
-    @field_validator("resources")
-    @classmethod
-    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
-        return check_custom_resources(resources)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # environment (multi-turn episodes)
@@ -172,7 +162,7 @@ class EnvironmentConfig(Section):
     """A multi-turn environment: each sample is an episode of turns (docs/environments.md)."""
 
     class_path: str
-    """`module:Class` or `path/to/file.py:Class`, e.g. `actors.envs.guess:GuessNumber`."""
+    """`module:Class` or `path/to/file.py:Class`, e.g. `aha.actors.envs.guess:GuessNumber`."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the class's constructor (one instance per episode)."""
     max_turns: int = Field(4, ge=1, le=1000, strict=True)

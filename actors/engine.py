@@ -1,4 +1,4 @@
-"""The rollout engine: one in-process vLLM engine in a plain class, which `actors.rollout.RolloutPool` runs as a
+"""The rollout engine: one in-process vLLM engine in a plain class, which `aha.actors.rollout.RolloutPool` runs as a
 named Ray actor (`rollout-<i>`). It generates samples (or plays environment episodes), reports the logprobs of
 probe sequences, and loads new weights in place, bucket by bucket, while it serves nothing else: an actor runs one
 call at a time, so a weight load never overlaps a generate call.
@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
-from actors.prompts import encode_prompt
-from actors.records import Prompt, Trajectory
-from actors.remote import start_named_actor
-from actors.weights import WeightBucket, open_weight_group, read_shm, receive_bucket, transport_device
+from aha.actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.prompts import encode_prompt
+from aha.actors.records import Prompt, Trajectory
+from aha.actors.remote import start_named_actor
+from aha.actors.weights import WeightBucket, open_weight_group, read_shm, receive_bucket, transport_device
 
 
 class EngineError(RuntimeError):
@@ -41,7 +41,7 @@ def engine_options(model: ModelConfig, cfg: RolloutConfig, seed: int, dtype: str
         distributed_executor_backend="uni",
         kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
         # behaviour logprobs of the distribution actually sampled (after temperature, top-k, top-p), which
-        # the learner recomputes with learner.algorithms.sampling_logits; prompt logprobs stay unprocessed
+        # the learner recomputes with aha.learner.algorithms.sampling_logits; prompt logprobs stay unprocessed
         logprobs_mode="processed_logprobs",
     )
     if cfg.gpus_per_engine > 0:
@@ -50,6 +50,23 @@ def engine_options(model: ModelConfig, cfg: RolloutConfig, seed: int, dtype: str
         # this as a share of host memory: not set there.)
         options["gpu_memory_utilization"] = round(0.9 * cfg.gpus_per_engine, 4)
     return options
+
+
+def sampling_params(sampling: SamplingConfig, n: int = 1, max_tokens: int | None = None, **extra: Any):
+    """vLLM's SamplingParams for a sampling section, asking for the sampled token's logprob at every step (of
+    the processed distribution: see `engine_options`)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_tokens if max_tokens is None else max_tokens,
+        stop=sampling.stop or None,
+        logprobs=0,
+        **extra,
+    )
 
 
 def completion_texts(
@@ -163,7 +180,6 @@ class RolloutWorker:
         `SamplingParams(seed=...)` is not used because the CPU build rejects it once chunked prefill splits a
         prompt.)"""
         import torch
-        from vllm import SamplingParams
 
         if seed is not None:
             torch.manual_seed(seed)
@@ -172,14 +188,9 @@ class RolloutWorker:
         greedy = sampling.temperature == 0.0
         # vLLM rejects greedy sampling with n > 1: repeat the prompt instead (all copies are identical anyway).
         per_request = 1 if greedy else n
-        params = SamplingParams(
-            n=per_request,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens,
-            stop=sampling.stop or None,
-            logprobs=0,  # the sampled token's logprob at every step (of the processed distribution: see LLM())
+        params = sampling_params(
+            sampling,
+            per_request,
             # Stop strings need vLLM's per-token detokenizer; without them one batch decode after the call
             # gives the same text at a fraction of the cost (completion_texts).
             detokenize=not self._batch_decode or bool(sampling.stop),
@@ -227,26 +238,14 @@ class RolloutWorker:
 
     def _play(self, prompts: list[Prompt], sampling: SamplingConfig, n: int) -> list[Trajectory]:
         """n episodes per prompt against the environment, all turns batched (actors/environment.py)."""
-        from vllm import SamplingParams
 
-        from actors.environment import Episode, Generated, run_episodes
+        from aha.actors.environment import Episode, Generated, run_episodes
 
         env = self.env
         assert env is not None
 
         def generate(sequences: list[list[int]], budgets: list[int]) -> list[Generated]:
-            params = [
-                SamplingParams(
-                    n=1,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,
-                    max_tokens=min(sampling.max_tokens, budget),
-                    stop=sampling.stop or None,
-                    logprobs=0,
-                )
-                for budget in budgets
-            ]
+            params = [sampling_params(sampling, max_tokens=min(sampling.max_tokens, b)) for b in budgets]
             outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
             turns = []
             for out in outs:
@@ -407,8 +406,8 @@ class _EnvironmentClient:
     def _actor(self):
         import ray
 
-        from actors.environment import EnvironmentHost
-        from actors.runtime import actor_runtime_env
+        from aha.actors.environment import EnvironmentHost
+        from aha.actors.runtime import actor_runtime_env
 
         if self.actor is None:
             self.actor = start_named_actor(
@@ -430,7 +429,7 @@ class _EnvironmentClient:
     def _call(self, method: str, items: list) -> list:
         import ray
 
-        from actors.environment import crashed_replies
+        from aha.actors.environment import crashed_replies
 
         if not items:
             return []
@@ -486,8 +485,8 @@ class _StreamingReload:
     `reload_weights` walks every module of the model before and after it loads (to swap in fresh tensors, then
     repack them for the CPU kernels), so one pass per update, not per bucket. From the second bucket on it runs
     in a thread that pulls buckets from a queue as they arrive, while the actor's own thread keeps receiving and
-    checking the next; an update of one bucket is loaded by `finish` itself (starting a thread cost ~5 ms of a
-    ~30 ms update of the demo's model). Generation is paused meanwhile (the pool sends no work during a sync,
+    checking the next; an update of one bucket is loaded by `finish` itself (a thread costs more than a small
+    update). Generation is paused meanwhile (the pool sends no work during a sync,
     and `generate` refuses while an update is open)."""
 
     def __init__(self, worker) -> None:

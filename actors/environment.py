@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.user_code import CallTimeout, TimedCaller, describe, load_function
+from aha.actors.user_code import CallTimeout, TimedCaller, describe, load_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # the protocol

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.config import RewardConfig
-from actors.records import Trajectory
-from actors.remote import CallError, await_calls, start_named_actor
-from actors.user_code import CallTimeout, TimedCaller, call_awaiting, describe, load_function
+from aha.actors.config import RewardConfig
+from aha.actors.records import Trajectory
+from aha.actors.remote import CallError, await_calls, start_named_actor
+from aha.actors.user_code import CallTimeout, TimedCaller, call_awaiting, describe, load_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # one function's value
@@ -262,7 +262,7 @@ class RewardPool:
         calls a worker may carry before it is replaced."""
         import ray
 
-        from actors.runtime import actor_runtime_env
+        from aha.actors.runtime import actor_runtime_env
 
         self._ray = ray
         self.cfg = cfg

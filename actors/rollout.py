@@ -1,4 +1,4 @@
-"""The rollout pool: N engine actors (`actors.engine.RolloutWorker`, named `rollout-<i>`) kept busy with
+"""The rollout pool: N engine actors (`aha.actors.engine.RolloutWorker`, named `rollout-<i>`) kept busy with
 chunks of prompts, streaming results as chunks finish, never losing a prompt.
 
 The pool only generates and replaces engines. Bringing a restarted engine to the learner's weights is the
@@ -18,10 +18,10 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
-from actors.engine import EngineError, RolloutWorker
-from actors.records import Prompt, Trajectory
-from actors.remote import await_calls, start_named_actor
+from aha.actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.engine import EngineError, RolloutWorker
+from aha.actors.records import Prompt, Trajectory
+from aha.actors.remote import await_calls, start_named_actor
 
 __all__ = ["Completed", "EngineError", "RolloutPool", "chunk_seed"]
 
@@ -104,7 +104,7 @@ class RolloutPool:
     def _spawn(self, i: int):
         import ray
 
-        from actors.runtime import actor_runtime_env
+        from aha.actors.runtime import actor_runtime_env
 
         options = dict(
             namespace=self.namespace,
@@ -136,7 +136,7 @@ class RolloutPool:
         self._await_ready(range(self.cfg.num_engines))
 
     def _await_ready(self, indices) -> None:
-        from actors.remote import CallError
+        from aha.actors.remote import CallError
 
         refs = {self.engines[i].health.remote(): i for i in indices}
         try:

@@ -42,8 +42,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from actors.sandbox_cgroup import RunCgroup
-from actors.sandbox_launcher import SandboxError
+from aha.actors.sandbox_cgroup import RunCgroup
+from aha.actors.sandbox_launcher import SandboxError
 
 _TAIL = 4000  # characters of stdout/stderr kept in the result
 # Processes of the set-up in the run's cgroup: the launcher, and the namespace's init (namespaces mode only).

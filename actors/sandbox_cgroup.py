@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from actors.sandbox_launcher import SandboxError
+from aha.actors.sandbox_launcher import SandboxError
 
 _MB = 1024 * 1024
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -46,3 +46,7 @@ def check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
         if amount <= 0:
             raise ValueError(f"resource {name!r} must be > 0 (got {amount})")
     return resources
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(check_custom_resources)]
+"""Ray custom resources of one actor (pins it to node types): checked by `check_custom_resources`."""

@@ -2,8 +2,8 @@
 single-process torch AdamW step on the same model, batch and loss code.
 
 The reference runs in its own Ray actor with K x threads-per-rank torch threads (the same CPU the group gets) and
-does what `LearnerWorker.train_step` does without DeepSpeed: `learner.batch.collate`, the same forward,
-`learner.algorithms` loss and aggregation, backward, global grad-norm clip and `torch.optim.AdamW`. The group is
+does what `LearnerWorker.train_step` does without DeepSpeed: `aha.learner.batch.collate`, the same forward,
+`aha.learner.algorithms` loss and aggregation, backward, global grad-norm clip and `torch.optim.AdamW`. The group is
 timed from the driver around `LearnerGroup.train_step` (sharding, dispatch, ZeRO collectives included). One
 warm-up step, then the median of `--steps` steps. ratio = group step time / reference step time (1.0 = no
 overhead; on one machine K ranks on K cores could in principle beat it).
@@ -15,31 +15,24 @@ overhead; on one machine K ranks on K cores could in principle beat it).
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
-import sys
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# This script is bench/learner.py: keep its folder off sys.path so that `learner` is the package, here and in Ray
-# workers (Ray gives workers the driver's script folder only when it is on the driver's sys.path).
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+import ray
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import ray  # noqa: E402
-
-from actors.config import ModelConfig, SamplingConfig  # noqa: E402
-from actors.runtime import actor_runtime_env, apply_base_env  # noqa: E402
-from cluster.files import emit_json  # noqa: E402
-from cluster.models import make_tiny_model  # noqa: E402
-from learner.batch import Sample, step_totals  # noqa: E402
-from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig  # noqa: E402
+from aha.actors.config import ModelConfig, SamplingConfig
+from aha.actors.runtime import actor_runtime_env, apply_base_env
+from aha.cluster.files import emit_json
+from aha.cluster.models import make_tiny_model
+from aha.learner.batch import Sample, step_totals
+from aha.learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
 
 LR = 1e-5
 
@@ -69,9 +62,9 @@ class TorchReference:
         """One optimizer step in micro-batches of `micro`; mirrors LearnerWorker.train_step (metric sums too)."""
         import torch
 
-        from learner.algorithms import token_logprobs
-        from learner.batch import collate
-        from learner.worker import completion_window, micro_batch_loss
+        from aha.learner.algorithms import token_logprobs
+        from aha.learner.batch import collate
+        from aha.learner.worker import completion_window, micro_batch_loss
 
         started = time.perf_counter()
         algo = self.algo
@@ -163,7 +156,7 @@ def bench_reference(path: str, ranks: int, micro: int, args, samples, algo) -> d
 
 
 def bench_group(path: str, ranks: int, stage: int, micro: int, args, samples, algo) -> dict:
-    from learner.group import LearnerGroup
+    from aha.learner.group import LearnerGroup
 
     cfg = LearnerConfig(
         num_ranks=ranks,

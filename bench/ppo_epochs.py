@@ -17,19 +17,14 @@ accuracy each arm had reached when the faster arm finished ("at equal wall time"
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
+import platform
+import tempfile
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]  # see bench/weight_sync.py
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from cluster.files import emit_json  # noqa: E402
+from aha.cluster.files import emit_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_2X2 = ["algorithm.loss=ppo", "algorithm.epochs=2", "algorithm.mini_batches=2"]
@@ -58,8 +53,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_arm(name: str, model: Path, root: Path, args) -> dict:
-    from cluster.config_file import load_config
-    from cluster.driver import run
+    from aha.cluster.config_file import load_config
+    from aha.cluster.driver import run
 
     cfg = load_config(
         ROOT / "deploy" / "examples" / "cpu_demo.yaml",
@@ -121,12 +116,12 @@ def accuracy_at(curve: list[dict], wall_s: float) -> float:
 
 def main() -> None:
     args = parse_args()
-    from actors.runtime import apply_base_env
+    from aha.actors.runtime import apply_base_env
 
     apply_base_env()
     import ray
 
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="aha-bench-ppo-") as tmp:
         root = Path(tmp)

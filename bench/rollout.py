@@ -14,31 +14,24 @@ first; the median of `--repeats` timed runs is reported. ratio = pool tokens/s /
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
-import sys
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# bench/learner.py shares its name with the `learner` package: keep this folder off sys.path, here and in Ray
-# workers (Ray gives workers the driver's script folder only when it is on the driver's sys.path).
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+import ray
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import ray  # noqa: E402
-
-from actors.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
-from actors.records import Prompt  # noqa: E402
-from actors.rollout import RolloutPool  # noqa: E402
-from actors.runtime import actor_runtime_env, apply_base_env  # noqa: E402
-from cluster.files import emit_json  # noqa: E402
-from cluster.models import make_tiny_model  # noqa: E402
+from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.records import Prompt
+from aha.actors.rollout import RolloutPool
+from aha.actors.runtime import actor_runtime_env, apply_base_env
+from aha.cluster.files import emit_json
+from aha.cluster.models import make_tiny_model
 
 # make_tiny_model kwargs; head_dim = hidden / heads must be one vLLM's CPU attention supports (32, 64, ...)
 SIZES = {
@@ -78,17 +71,9 @@ class RawEngine:
         self.threads = torch.get_num_threads()
 
     def generate(self, texts: list[str], sampling: SamplingConfig, n: int) -> dict:
-        from vllm import SamplingParams
+        from aha.actors.engine import sampling_params
 
-        params = SamplingParams(  # as RolloutWorker.generate (temperature > 0)
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens,
-            stop=sampling.stop or None,
-            logprobs=0,
-        )
+        params = sampling_params(sampling, n)  # as RolloutWorker.generate (temperature > 0)
         begin, started = time.time(), time.perf_counter()
         outs = self.llm.generate(texts, params, use_tqdm=False)
         elapsed = time.perf_counter() - started

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.config import JobConfig
-from cluster.config_file import load_config
+from aha.cluster.config import JobConfig
+from aha.cluster.config_file import load_config
 
 DEFAULT_CONFIG = "deploy/examples/smollm2_chain_sum.yaml"
 MONITOR_KEYS = ("monitor/len_tokens_mean", "monitor/phrase_rate", "monitor/answer_rate")
@@ -88,8 +88,8 @@ def _point(run, clock: Clock, samples: int, extra: dict[str, Any] | None = None)
 
 def run_grpo(cfg: JobConfig, clock: Clock, base: bool) -> dict[str, Any]:
     """Trial and error: `aha run`'s training step, one at a time, until the budget is spent."""
-    from cluster.driver import Run
-    from cluster.metrics import read_metrics
+    from aha.cluster.driver import Run
+    from aha.cluster.metrics import read_metrics
 
     run = Run(cfg)
     try:
@@ -112,10 +112,10 @@ def run_grpo(cfg: JobConfig, clock: Clock, base: bool) -> dict[str, Any]:
 def run_filter(cfg: JobConfig, clock: Clock, args: argparse.Namespace) -> dict[str, Any]:
     """Expert iteration: sample, keep what passes `generate.filter` (deduplicated as `aha generate` does),
     fine-tune on it with the SFT loss, push the weights to the engines; repeat until the budget is spent."""
-    from cluster.driver import Run
-    from cluster.generate import sample_row, sampling_settings, select
-    from cluster.monitor import trajectory_metrics
-    from learner.batch import Sample
+    from aha.cluster.driver import Run
+    from aha.cluster.generate import sample_row, sampling_settings, select
+    from aha.cluster.monitor import trajectory_metrics
+    from aha.learner.batch import Sample
 
     run = Run(cfg)
     gen = cfg.generate
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s <= 0 or args.evals < 1:
         parser.error("--budget-s must be > 0 and --evals >= 1")
 
-    from actors.runtime import apply_base_env
+    from aha.actors.runtime import apply_base_env
 
     apply_base_env()
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """The TRL side of `bench/vs_trl.py`: TRL's GRPOTrainer on a job that vs_trl.py wrote as JSON.
 
 Runs in TRL's own virtual environment (TRL is a peer, not a dependency of aha); imports nothing of aha but
-the reward functions (`actors.rewards.*`: plain Python, with the repository on sys.path), so both sides score
+the reward functions (`aha.actors.rewards.*`: plain Python, loaded from their files), so both sides score
 with the same code. Prints nothing useful; writes one JSON object to the job's `out` file:
 per step `step_s`, `generate_score_s` (TRL's `_generate_and_score_completions`: generation with transformers
 `generate` in this process, then the rewards) and `train_s` (the rest of the step: forward, backward, optimizer);
@@ -13,7 +13,7 @@ and process CPU time / wall time over training.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import os
 import resource
@@ -30,8 +30,16 @@ def cpu_seconds() -> float:
 
 
 def load_function(spec: str):
+    """`module:name`; aha's own reward modules (`aha.actors.rewards.*`, aha is not installed in TRL's venv) are
+    loaded from their files."""
     module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
+    if not module.startswith("aha."):
+        return getattr(importlib.import_module(module), name)
+    path = ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    found = importlib.util.spec_from_file_location(f"_aha_{path.stem}", path)
+    loaded = importlib.util.module_from_spec(found)
+    found.loader.exec_module(loaded)
+    return getattr(loaded, name)
 
 
 def make_reward(spec: dict, threshold_only: bool = False):
@@ -53,7 +61,6 @@ def make_reward(spec: dict, threshold_only: bool = False):
 
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
-    sys.path.insert(0, str(ROOT))  # actors.rewards.*
     os.environ.update(OMP_NUM_THREADS=str(job["threads"]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     import torch
 

@@ -26,22 +26,18 @@ accuracy at each `eval_at` step. `ratio_aha_over_trl` = aha step_s / TRL step_s 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]  # see bench/weight_sync.py
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from cluster.files import emit_json  # noqa: E402
+from aha.cluster.files import emit_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = [
@@ -166,7 +162,7 @@ def tree_cpu_s() -> float:
 def run_aha(cfg, eval_at: list[int]) -> dict:
     """One RL run of `cfg`: accuracy before, every schedule.eval_every steps and after; per-step figures from
     its metrics.jsonl; CPU time of every process over the training phase."""
-    from cluster.driver import Run
+    from aha.cluster.driver import Run
 
     job = Run(cfg)
     evals = {}
@@ -228,8 +224,8 @@ def _medians(steps: list[dict], keys: dict) -> dict:
 
 def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: str) -> Path:
     """The demo's imitation phase on the tiny model, exported: both sides' starting weights."""
-    from cluster.config_file import load_config
-    from cluster.driver import run
+    from aha.cluster.config_file import load_config
+    from aha.cluster.driver import run
 
     overrides = [
         "name=vs-trl-imitation",
@@ -251,7 +247,7 @@ def imitation_checkpoint(model: Path, root: Path, steps: int | None, namespace: 
 # -- TRL ----------------------------------------------------------------------------------------------------------
 def trl_job(cfg, eval_at: list[int], threads: int, work: Path) -> dict:
     """What TRL needs to run the same work as `cfg`: weights, prompts in aha's order, rewards, settings."""
-    from cluster.data import make_source
+    from aha.cluster.data import make_source
 
     source = make_source(cfg.data)
     sched, sampling, opt = cfg.schedule, cfg.rollout.sampling, cfg.learner.optimizer
@@ -323,7 +319,7 @@ def run_trl(python: Path, job: dict, work: Path) -> dict:
 
 # -- workloads ------------------------------------------------------------------------------------------------
 def workload_config(name: str, args, root: Path, start: Path, namespace: str, seed: int):
-    from cluster.config_file import load_config
+    from aha.cluster.config_file import load_config
 
     common = [
         f"name=vs-trl-{name}-{seed}",
@@ -403,12 +399,12 @@ def _mean_se(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    from actors.runtime import apply_base_env
+    from aha.actors.runtime import apply_base_env
 
     apply_base_env()
     import ray
 
-    from cluster.models import convert_smollm2, make_tiny_model
+    from aha.cluster.models import convert_smollm2, make_tiny_model
 
     python, skipped = (None, "--no-trl") if args.no_trl else trl_python(Path(args.trl_venv))
     namespace = f"aha-bench-vs-trl-{os.getpid()}"

@@ -22,38 +22,31 @@ and served by `RolloutPool` engines, per engine count N:
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
-import sys
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# bench/learner.py shares its name with the `learner` package: keep this folder off sys.path, here and in Ray
-# workers (Ray gives workers the driver's script folder only when it is on the driver's sys.path).
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+import numpy as np
+import psutil
+import ray
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import ray  # noqa: E402
-
-from actors.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
-from actors.rollout import RolloutPool  # noqa: E402
-from actors.runtime import actor_runtime_env, apply_base_env  # noqa: E402
-from actors.weights import checksum  # noqa: E402
-from cluster.config import WeightSyncConfig  # noqa: E402
-from cluster.files import emit_json  # noqa: E402
-from cluster.models import make_tiny_model  # noqa: E402
-from cluster.weight_sync import WeightSync  # noqa: E402
-from learner.batch import Sample  # noqa: E402
-from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig  # noqa: E402
-from learner.group import LearnerGroup  # noqa: E402
+from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.rollout import RolloutPool
+from aha.actors.runtime import actor_runtime_env, apply_base_env
+from aha.actors.weights import checksum
+from aha.cluster.config import WeightSyncConfig
+from aha.cluster.files import emit_json
+from aha.cluster.models import make_tiny_model
+from aha.cluster.weight_sync import WeightSync
+from aha.learner.batch import Sample
+from aha.learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
+from aha.learner.group import LearnerGroup
 
 
 class Sink:
@@ -75,12 +68,12 @@ class Sink:
         return self.receive(np.fromfile(path, dtype=np.uint8))
 
     def address(self) -> tuple[str, int]:
-        from learner.worker import free_port, node_address
+        from aha.learner.worker import free_port, node_address
 
         return node_address(), free_port()
 
     def open_group(self, address: str, port: int, rank: int, world: int) -> None:
-        from actors.weights import open_weight_group
+        from aha.actors.weights import open_weight_group
 
         self.group = open_weight_group(address, port, rank, world, 600, "gloo")
 
@@ -89,7 +82,7 @@ class Sink:
         tensor."""
         import torch
 
-        from actors.weights import broadcast_buffer
+        from aha.actors.weights import broadcast_buffer
 
         tensor = torch.from_numpy(self.dest) if send else torch.empty(nbytes, dtype=torch.uint8)
         return int(broadcast_buffer(self.group, tensor).numel())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.config_file import ConfigError, dump_config, load_config
-from cluster.preflight import check_references, run_dir_refusal
+from aha.cluster.config_file import ConfigError, dump_config, load_config
+from aha.cluster.preflight import check_references, run_dir_refusal
 
 EXAMPLES = """\
 examples:
@@ -140,38 +140,38 @@ def _dispatch(args: argparse.Namespace) -> int:
         refusal = run_dir_refusal(cfg.run_dir, args.resume, args.overwrite)
         if refusal:
             raise ConfigError(refusal)
-        from cluster.driver import run
+        from aha.cluster.driver import run
 
         run(cfg, resume=args.resume, overwrite=args.overwrite)  # checks the cluster's resources first
         return 0
     if args.verb == "generate":
         cfg = load_config(args.config, args.overrides)
         check_references(cfg)
-        from cluster.generate import generate
+        from aha.cluster.generate import generate
 
         generate(cfg, resume=args.resume)
         return 0
     if args.verb == "submit":
         # fail here, not on the cluster: files are checked against the upload by `job_request`
         check_references(load_config(args.config, args.overrides), files=False)
-        from cluster.jobs import submit
+        from aha.cluster.jobs import submit
 
         return submit(
             args.config, args.overrides, args.address, args.working_dir, wait=args.wait, resume=args.resume
         )
     if args.verb in ("status", "logs", "stop"):
-        from cluster import jobs
+        from aha.cluster import jobs
 
         if args.verb == "logs":
             return jobs.job_logs(args.job_id, args.address, follow=args.follow)
         return getattr(jobs, f"job_{args.verb}")(args.job_id, args.address)
     if args.verb == "make-tiny-model":
-        from cluster.models import make_tiny_model
+        from aha.cluster.models import make_tiny_model
 
         print(make_tiny_model(args.path, seed=args.seed))
         return 0
     if args.verb == "convert-smollm2":
-        from cluster.models import convert_smollm2
+        from aha.cluster.models import convert_smollm2
 
         print(convert_smollm2(args.path))
         return 0

@@ -19,9 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from actors.config import EnvironmentConfig, ModelConfig, RewardConfig, RolloutConfig
-from actors.schema import MAX_ITEMS, Seconds, Section, Seed, shorten
-from learner.config import GROUP_ADVANTAGES, AlgorithmConfig, BufferConfig, LearnerConfig
+from aha.actors.config import EnvironmentConfig, ModelConfig, RewardConfig, RolloutConfig
+from aha.actors.schema import MAX_ITEMS, Seconds, Section, Seed, shorten
+from aha.learner.config import GROUP_ADVANTAGES, AlgorithmConfig, BufferConfig, LearnerConfig
 
 
 def run_dir_problem(run_dir: str) -> str | None:

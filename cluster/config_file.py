@@ -3,7 +3,7 @@ validation errors phrased for the user (field path, value, what is wrong).
 
 The YAML is composed into a node graph and checked before anything is constructed: bounded size, depth and
 alias expansion, no duplicate keys. Whether the files and functions a config names exist is
-`cluster.preflight`'s job (`aha validate` runs both)."""
+`aha.cluster.preflight`'s job (`aha validate` runs both)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from actors.schema import shorten
-from cluster.config import JobConfig
+from aha.actors.schema import shorten
+from aha.cluster.config import JobConfig
 
 
 class ConfigError(Exception):
@@ -204,7 +204,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     """Read a job YAML, apply dotted overrides, validate. Raises ConfigError with a readable message.
 
     Only the file's content is checked here; whether the files and functions it names exist is
-    `cluster.preflight`'s job (`aha validate` runs both)."""
+    `aha.cluster.preflight`'s job (`aha validate` runs both)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")

@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from actors.records import Prompt
-from cluster.config import AdditionData, DataConfig, JsonlData, ReasoningGymData
+from aha.actors.records import Prompt
+from aha.cluster.config import AdditionData, DataConfig, JsonlData, ReasoningGymData
 
 
 class PromptSource(ABC):

@@ -24,21 +24,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from actors.prompts import encode_completion, encode_prompt
-from actors.records import Prompt, Trajectory
-from actors.runtime import apply_base_env
-from cluster.config import JobConfig
-from cluster.config_file import dump_config
-from cluster.data import PromptSource, make_source, read_demonstrations
-from cluster.files import write_atomic
-from cluster.metrics import MetricsLogger, write_report
-from cluster.monitor import environment_metrics, trajectory_metrics
-from cluster.preflight import check_cluster_resources, prepare_run_dir
-from cluster.runtime import init_ray
+from aha.actors.prompts import encode_completion, encode_prompt
+from aha.actors.records import Prompt, Trajectory
+from aha.actors.runtime import apply_base_env
+from aha.cluster.config import JobConfig
+from aha.cluster.config_file import dump_config
+from aha.cluster.data import PromptSource, make_source, read_demonstrations
+from aha.cluster.files import write_atomic
+from aha.cluster.metrics import MetricsLogger, write_report
+from aha.cluster.monitor import environment_metrics, trajectory_metrics
+from aha.cluster.preflight import check_cluster_resources, prepare_run_dir
+from aha.cluster.runtime import init_ray
 
 if TYPE_CHECKING:
-    from actors.rollout import Completed
-    from cluster.weight_sync import PendingSync
+    from aha.actors.rollout import Completed
+    from aha.cluster.weight_sync import PendingSync
 
 
 @dataclass
@@ -75,11 +75,11 @@ class Run:
     def start(self, resume: bool, overwrite: bool = False) -> None:
         from transformers import AutoTokenizer
 
-        from actors.reward import RewardPool
-        from actors.rollout import RolloutPool
-        from cluster.weight_sync import WeightSync
-        from learner.buffer import ReplayBuffer
-        from learner.group import LearnerGroup
+        from aha.actors.reward import RewardPool
+        from aha.actors.rollout import RolloutPool
+        from aha.cluster.weight_sync import WeightSync
+        from aha.learner.buffer import ReplayBuffer
+        from aha.learner.group import LearnerGroup
 
         cfg = self.cfg
         if not Path(cfg.model.path, "config.json").is_file():
@@ -108,14 +108,12 @@ class Run:
             dtype=cfg.learner.dtype,
             environment=cfg.environment,
         )
-        # A step's samples in one call per worker: each call costs ~10 ms of Ray and pickling, scoring an
-        # exact match microseconds (measured: 8 calls of 32 took 80 ms of a 0.75 s demo step)
+        # A step's samples in one call per worker: a Ray call costs far more than scoring an exact match
         per_worker = -(
             -cfg.schedule.prompts_per_step * cfg.rollout.samples_per_prompt // cfg.reward.num_workers
         )
         self.rewards = RewardPool(cfg.reward, self.namespace, batch_size=max(32, per_worker))
-        # In the driver's process: the driver is its only user, so every trajectory would otherwise be pickled
-        # into an actor and back, with several calls per step (measured: ~20 ms of a 0.45 s demo step).
+        # In the driver's process: the driver is its only user, so an actor would only add pickling both ways
         self.buffer = ReplayBuffer(cfg.buffer, cfg.rollout.samples_per_prompt)
         self.pool.start()
         self.group.start()
@@ -138,7 +136,7 @@ class Run:
     # -- phases ----------------------------------------------------------------------------------------------------
     def imitation(self) -> None:
         """Supervised fine-tuning on demonstrations (the SFT loss on the same learner group)."""
-        from learner.batch import demonstration_samples
+        from aha.learner.batch import demonstration_samples
 
         icfg = self.cfg.imitation
         if self.state.imitation_step >= icfg.steps:
@@ -194,7 +192,7 @@ class Run:
         prompts = self.source.eval_prompts(n) if n else []
         if not prompts:
             return {}
-        from actors.rollout import Completed
+        from aha.actors.rollout import Completed
 
         done = Completed()
         self.pool.submit(prompts, self.cfg.rollout.eval_sampling, n=1)
@@ -326,7 +324,7 @@ class Run:
     def _naming_step(self, what: str):
         """Learner errors give the learner's own step count (imitation and trial and error together): add the
         step the user sees."""
-        from learner.group import LearnerError
+        from aha.learner.group import LearnerError
 
         try:
             yield
@@ -351,8 +349,8 @@ class Run:
         progress.close()
 
     def _train_one_step(self, progress) -> None:
-        from learner.algorithms import AdvantageInputs, compute_advantages
-        from learner.batch import samples_from_trajectories
+        from aha.learner.algorithms import AdvantageInputs, compute_advantages
+        from aha.learner.batch import samples_from_trajectories
 
         cfg = self.cfg
         sched = cfg.schedule
@@ -472,7 +470,7 @@ class Run:
             self.state.eval_after_imitation = after_imitation.get("eval/accuracy")
             if after_imitation:
                 self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
-        from actors.rollout import EngineError
+        from aha.actors.rollout import EngineError
 
         self.train()
         # an engine restarted late in the run (in async mode its restart overlaps the last steps) is brought up

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import RolloutConfig
-from actors.records import Prompt, Trajectory
-from cluster.config import (
+from aha.actors.config import RolloutConfig
+from aha.actors.records import Prompt, Trajectory
+from aha.cluster.config import (
     BestOfKFilter,
     FilterConfig,
     JobConfig,
@@ -41,9 +41,9 @@ from cluster.config import (
     PassFailFilter,
     ThresholdFilter,
 )
-from cluster.config_file import ConfigError
-from cluster.files import write_atomic
-from cluster.monitor import behaviour_metrics, pass_at_k
+from aha.cluster.config_file import ConfigError
+from aha.cluster.files import write_atomic
+from aha.cluster.monitor import behaviour_metrics, pass_at_k
 
 # ---------------------------------------------------------------------------------------------------------------
 # rows
@@ -346,7 +346,7 @@ def _rounds(cfg: JobConfig, pool, rewards, files: DatasetFiles, state: GenerateS
     """Generate, score, select and commit rounds of `batch_prompts` until `generate.prompts` are done."""
     from tqdm import tqdm
 
-    from cluster.data import make_source
+    from aha.cluster.data import make_source
 
     gen = cfg.generate
     source = make_source(cfg.data)
@@ -381,10 +381,10 @@ def _rounds(cfg: JobConfig, pool, rewards, files: DatasetFiles, state: GenerateS
 
 def generate(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
     """`aha generate`: sample, score and filter `generate.prompts` training prompts into a dataset."""
-    from actors.reward import RewardPool
-    from actors.rollout import RolloutPool
-    from actors.runtime import apply_base_env
-    from cluster.runtime import init_ray
+    from aha.actors.reward import RewardPool
+    from aha.actors.rollout import RolloutPool
+    from aha.actors.runtime import apply_base_env
+    from aha.cluster.runtime import init_ray
 
     apply_base_env()
     cfg = cfg.resolved()

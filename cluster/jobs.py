@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import JobConfig, JsonlData
-from cluster.config_file import ConfigError, load_config
-from cluster.preflight import file_problem, model_problem
+from aha.cluster.config import JobConfig, JsonlData
+from aha.cluster.config_file import ConfigError, load_config
+from aha.cluster.preflight import file_problem, model_problem
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 IGNORE_GITIGNORE = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.config import LoggingConfig
+from aha.cluster.config import LoggingConfig
 
 
 class MetricsLogger:

@@ -13,7 +13,7 @@ import json
 import string
 from pathlib import Path
 
-from learner.files import model_folder
+from aha.learner.files import model_folder
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 # Printable ASCII plus newline: enough for arithmetic, code-like and short English prompts.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from cluster.config import MonitorConfig
+from aha.cluster.config import MonitorConfig
 
 
 @lru_cache(maxsize=64)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.schema import shorten
-from cluster.config import AdditionData, JobConfig, JsonlData, ReasoningGymData, regex_problem
-from cluster.config_file import ConfigError
+from aha.actors.schema import shorten
+from aha.cluster.config import AdditionData, JobConfig, JsonlData, ReasoningGymData, regex_problem
+from aha.cluster.config_file import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
 # files
@@ -168,11 +168,14 @@ def _names(keywords: dict[str, Any]) -> str:
     return "parameters: " + (", ".join(keywords) or "none")
 
 
-REGEX_KWARGS = {"actors.rewards.match:exact_match": "extract", "actors.rewards.match:regex_match": "pattern"}
+REGEX_KWARGS = {
+    "aha.actors.rewards.match:exact_match": "extract",
+    "aha.actors.rewards.match:regex_match": "pattern",
+}
 
 
 def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
-    from actors.user_code import load_function
+    from aha.actors.user_code import load_function
 
     fields = prompt_fields(cfg, files)
     problems = []
@@ -201,7 +204,7 @@ def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
 
 def environment_problems(cfg: JobConfig, files: bool) -> list[str]:
     """The environment class imports, has start/step, takes its kwargs, and gets the fields its `start` needs."""
-    from actors.environment import load_environment
+    from aha.actors.environment import load_environment
 
     env = cfg.environment
     if env is None or (not files and env.class_path.rsplit(":", 1)[0].endswith(".py")):

@@ -1,6 +1,6 @@
 """docs/configuration.md, generated from the pydantic models so it cannot drift from the code.
 
-python -m cluster.reference > docs/configuration.md        (a test checks the committed file is current)
+python -m aha.cluster.reference > docs/configuration.md        (a test checks the committed file is current)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from cluster.config import JobConfig
+from aha.cluster.config import JobConfig
 
 
 def _type_name(annotation) -> str:
@@ -90,7 +90,7 @@ def config_reference() -> str:
         "# Configuration reference",
         "",
         "Generated from the config sections (`actors/config.py`, `learner/config.py`, `cluster/config.py`) by",
-        "`python -m cluster.reference`; do not edit by hand.",
+        "`python -m aha.cluster.reference`; do not edit by hand.",
         "A job is one YAML file with these sections. Unknown keys are errors. Any key can be overridden on the",
         "command line with a dotted path: `aha run job.yaml rollout.num_engines=4 learner.optimizer.lr=3e-4`.",
         "",

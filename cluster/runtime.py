@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cluster.config import ClusterConfig
+    from aha.cluster.config import ClusterConfig
 
 
 def init_ray(cluster: ClusterConfig) -> None:

@@ -35,10 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.remote import CallError, await_calls
-from actors.rollout import Completed, EngineError, RolloutPool
-from cluster.config import PROBE_TOLERANCE, WeightSyncConfig
-from learner.group import LearnerError, LearnerGroup
+from aha.actors.remote import CallError, await_calls
+from aha.actors.rollout import Completed, EngineError, RolloutPool
+from aha.cluster.config import PROBE_TOLERANCE, WeightSyncConfig
+from aha.learner.group import LearnerError, LearnerGroup
 
 
 class SyncError(EngineError):

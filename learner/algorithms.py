@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from learner.config import AlgorithmConfig
+from aha.learner.config import AlgorithmConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # registries

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.records import Trajectory
+from aha.actors.records import Trajectory
 
 
 @dataclass
@@ -117,7 +117,7 @@ def shard(
     """rank -> micro-batches -> samples; every rank gets the same number of micro-batches, the short ones
     possibly empty. Plain: round-robin over ranks after sorting by length, so micro-batches pad little.
     by_prompt: sorted by prompt and dealt in contiguous runs, so a prompt's samples share ranks and
-    micro-batches (and the prompt's forward pass: learner.prompt_sharing)."""
+    micro-batches (and the prompt's forward pass: aha.learner.prompt_sharing)."""
     if by_prompt:
         ordered = sorted(samples, key=lambda s: (s.prompt_len, s.tokens[: s.prompt_len], len(s.tokens)))
         n = len(ordered)

@@ -16,8 +16,8 @@ from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
 
-from actors.records import Trajectory
-from learner.config import BufferConfig
+from aha.actors.records import Trajectory
+from aha.learner.config import BufferConfig
 
 
 class ReplayBuffer:

@@ -1,14 +1,14 @@
 """Config sections the learner reads: its ranks and optimizer, LoRA, the algorithm (advantage estimator and
-loss) and the replay buffer. `cluster.config.JobConfig` composes them with the other layers' sections; checks
+loss) and the replay buffer. `aha.cluster.config.JobConfig` composes them with the other layers' sections; checks
 across sections live there. Imports neither torch, Ray nor vLLM."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from actors.schema import MAX_ACTORS, MAX_ITEMS, Seconds, Section, check_custom_resources
+from aha.actors.schema import MAX_ACTORS, MAX_ITEMS, CustomResources, Seconds, Section
 
 
 class OptimizerConfig(Section):
@@ -46,7 +46,7 @@ class LearnerConfig(Section):
     """Logical CPUs reserved per learner rank (one placement-group bundle each)."""
     gpus_per_rank: float = Field(0.0, ge=0, le=1)
     """GPUs per rank (at most 1); > 0 selects CUDA, NCCL and bf16 by default (docs/scaling.md#from-cpu-to-gpu)."""
-    resources: dict[str, float] = Field(default_factory=dict)
+    resources: CustomResources = Field(default_factory=dict)
     """Ray custom resources of each rank's placement-group bundle (pins ranks to node types; docs/scaling.md)."""
     threads_per_rank: int = Field(1, ge=1, le=1024, strict=True)
     """torch CPU threads per rank (CPU only)."""
@@ -74,11 +74,6 @@ class LearnerConfig(Section):
     """Limit for starting the group (includes DeepSpeed's one-time op compilation)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (None = full fine-tuning). ZeRO stages 0-2 only."""
-
-    @field_validator("resources")
-    @classmethod
-    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
-        return check_custom_resources(resources)
 
     @model_validator(mode="after")
     def _lora_stage(self) -> LearnerConfig:

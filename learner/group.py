@@ -10,13 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from actors.config import ModelConfig, SamplingConfig
-from actors.remote import CallError, await_calls, start_named_actor
-from learner.algorithms import zero_advantage_is_inert
-from learner.batch import Sample, shard, split_mini_batches, step_totals
-from learner.config import AlgorithmConfig, LearnerConfig
-from learner.prompt_sharing import shares_prompts
-from learner.worker import LearnerWorker
+from aha.actors.config import ModelConfig, SamplingConfig
+from aha.actors.remote import CallError, await_calls, start_named_actor
+from aha.learner.algorithms import zero_advantage_is_inert
+from aha.learner.batch import Sample, shard, split_mini_batches, step_totals
+from aha.learner.config import AlgorithmConfig, LearnerConfig
+from aha.learner.prompt_sharing import shares_prompts
+from aha.learner.worker import LearnerWorker
 
 PASS_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy")
 """Means over every token of every pass (epochs x mini-batches)."""
@@ -59,7 +59,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from actors.runtime import actor_runtime_env
+        from aha.actors.runtime import actor_runtime_env
 
         bundle = {"CPU": self.cfg.cpus_per_rank, **self.cfg.resources}  # custom resources: node types
         if self.cfg.gpus_per_rank:

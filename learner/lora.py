@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.config import LoraConfig
+from aha.learner.config import LoraConfig
 
 ADAPTER = "default"
 """peft's name of the one adapter."""

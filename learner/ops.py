@@ -15,7 +15,7 @@ from pathlib import Path
 
 def build_deepspeed_ops() -> None:
     """Build (or load the cached) shared-memory comm op that DeepSpeed's CPU backend uses for its collectives."""
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])  # set by actors.runtime.base_env
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])  # set by aha.actors.runtime.base_env
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".aha-build.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # another rank building: wait for it, then load its result
@@ -28,7 +28,7 @@ def build_deepspeed_ops() -> None:
 
 
 if __name__ == "__main__":  # scripts/setup.sh builds it once at install time, outside any test's timeout
-    from actors.runtime import apply_base_env
+    from aha.actors.runtime import apply_base_env
 
     apply_base_env()
     build_deepspeed_ops()

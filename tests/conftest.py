@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from actors.runtime import apply_base_env
+from aha.actors.runtime import apply_base_env
 
 apply_base_env()
 
@@ -49,7 +49,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Qwen2 model with a character-level tokenizer (seed 0)."""
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model-a"), seed=0)
 
@@ -57,6 +57,6 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_b(tmp_path_factory):
     """Same architecture and tokenizer as `tiny_model`, different random weights (seed 1)."""
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model-b"), seed=1)

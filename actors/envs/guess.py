@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from actors.environment import Environment, StepResult
+from aha.actors.environment import Environment, StepResult
 
 
 class GuessNumber(Environment):

@@ -1,6 +1,6 @@
 """A python tool (tool-integrated reasoning): the model may write a fenced python block; it runs in the sandbox
 (actors/sandbox.py) and its output comes back as the next observation. A turn without a block is the final
-answer, verified by a reward function as in single-turn jobs (default `actors.rewards.math:math_verify` against
+answer, verified by a reward function as in single-turn jobs (default `aha.actors.rewards.math:math_verify` against
 the prompt's `answer`).
 
     turn:         Let me compute.\\n```python\\nprint(17 * 23)\\n```
@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from actors.environment import Environment, StepResult
-from actors.sandbox import SandboxLimits, require_isolation, run_python
-from actors.user_code import load_function
+from aha.actors.environment import Environment, StepResult
+from aha.actors.sandbox import SandboxLimits, require_isolation, run_python
+from aha.actors.user_code import load_function
 
 FENCE = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -26,7 +26,7 @@ FENCE = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.DOTALL)
 class PythonTool(Environment):
     def __init__(
         self,
-        verifier: str = "actors.rewards.math:math_verify",
+        verifier: str = "aha.actors.rewards.math:math_verify",
         max_calls: int = 4,
         max_output_chars: int = 1000,
         wall_s: float = 10.0,

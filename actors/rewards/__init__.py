@@ -1,5 +1,5 @@
 """Built-in reward functions. Each is a plain `(prompt, completion, /, **fields) -> float` callable, named in a
-job config as `actors.rewards.<module>:<function>`:
+job config as `aha.actors.rewards.<module>:<function>`:
 
 - `math:math_verify` — the answer is mathematically equal to `fields["answer"]` (math-verify).
 - `gym:reasoning_gym` — a reasoning-gym task's own `score_answer` on `fields["entry"]`.

@@ -23,8 +23,8 @@ import re
 import secrets
 from typing import Any
 
-from actors.records import Prompt
-from actors.sandbox import SandboxLimits, require_isolation, run_python
+from aha.actors.records import Prompt
+from aha.actors.sandbox import SandboxLimits, require_isolation, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
 _VERDICT = "passed"

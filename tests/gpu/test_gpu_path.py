@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 
-from actors.config import ModelConfig, RolloutConfig, SamplingConfig
-from cluster.config import JobConfig
-from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
+from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
+from aha.cluster.config import JobConfig
+from aha.learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
 from tests.integration.test_learner import LR, MAX_TOKENS, make_samples, torch_reference_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
@@ -64,7 +64,7 @@ def test_learner_bf16_step_over_nccl_matches_torch(ray_cluster, tiny_model, stag
     import ray
     from transformers import AutoModelForCausalLM
 
-    from learner.group import LearnerGroup
+    from aha.learner.group import LearnerGroup
 
     algo = AlgorithmConfig(loss="pg", off_policy="tis", loss_agg="token_mean")
     samples = make_samples(12, group_size=4)  # the shared-prompt layout on the GPU
@@ -105,7 +105,7 @@ def test_learner_bf16_step_over_nccl_matches_torch(ray_cluster, tiny_model, stag
 
 
 def test_device_buffers_agree_with_the_cpu(measure):
-    from actors.weights import buffer_checksum, device_checksum, pack_flat
+    from aha.actors.weights import buffer_checksum, device_checksum, pack_flat
 
     data = torch.randint(0, 256, (64 * 2**20 + 3,), dtype=torch.uint8)
     gpu = data.cuda()
@@ -131,14 +131,14 @@ class Receiver:
     """A plain torch member of the weight group: what an engine does with a torch_dist bucket, minus vLLM."""
 
     def open(self, address: str, port: int, world: int, timeout_s: float, backend: str) -> str:
-        from actors.weights import open_weight_group, transport_device
+        from aha.actors.weights import open_weight_group, transport_device
 
         self.group = open_weight_group(address, port, 1, world, timeout_s, backend)
         self.device = transport_device(backend)
         return str(self.device)
 
     def load(self, bucket) -> dict:
-        from actors.weights import receive_bucket
+        from aha.actors.weights import receive_bucket
 
         receive_bucket(self.group, bucket, self.device)
         return {
@@ -148,7 +148,7 @@ class Receiver:
         }
 
     def receive_raw(self, nbytes: int) -> float:
-        from actors.weights import broadcast_buffer
+        from aha.actors.weights import broadcast_buffer
 
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         started = time.perf_counter()
@@ -157,7 +157,7 @@ class Receiver:
 
 
 def send_raw(worker, nbytes: int) -> float:
-    from actors.weights import broadcast_buffer
+    from aha.actors.weights import broadcast_buffer
 
     buffer = torch.ones(nbytes, dtype=torch.uint8, device=worker.weight_device)
     started = time.perf_counter()
@@ -168,8 +168,8 @@ def send_raw(worker, nbytes: int) -> float:
 def test_torch_dist_broadcast_over_nccl_to_a_gpu_receiver(ray_cluster, tiny_model, measure):
     import ray
 
-    from actors.runtime import actor_runtime_env
-    from learner.worker import LearnerWorker
+    from aha.actors.runtime import actor_runtime_env
+    from aha.learner.worker import LearnerWorker
 
     one_gpu = torch.cuda.device_count() < 2
     share = 0.5 if one_gpu else 1.0
@@ -246,9 +246,9 @@ def test_vllm_engine_serves_the_learners_bf16_weights(ray_cluster, tiny_model, m
     missing = vllm_cuda_missing()
     if missing:
         pytest.skip(f"engine part skipped: {missing}")
-    from actors.rollout import RolloutPool
-    from cluster.weight_sync import WeightSync
-    from learner.group import LearnerGroup
+    from aha.actors.rollout import RolloutPool
+    from aha.cluster.weight_sync import WeightSync
+    from aha.learner.group import LearnerGroup
 
     gpus = 0.5 if torch.cuda.device_count() < 2 else 1.0  # one GPU: learner and engine share it
     cfg = JobConfig(
@@ -258,7 +258,7 @@ def test_vllm_engine_serves_the_learners_bf16_weights(ray_cluster, tiny_model, m
         ),
         learner=learner_cfg(2, gpus).model_copy(update={"dtype": "auto", "backend": "auto"}),
         algorithm=AlgorithmConfig(loss="pg", off_policy="tis"),
-        reward={"functions": [{"function": "actors.rewards.match:exact_match"}]},
+        reward={"functions": [{"function": "aha.actors.rewards.match:exact_match"}]},
     ).resolved()
     measure.update(
         transport=cfg.weight_sync.transport,

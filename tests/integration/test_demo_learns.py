@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config_file import load_config
+from aha.cluster.config_file import load_config
 from tests.unit.test_readme_demo import demo_figures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,8 +19,8 @@ DEMO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "cpu_demo.y
 
 
 def test_demo_reproduces_the_readme_figures(ray_cluster, tmp_path):
-    from cluster.driver import run
-    from cluster.models import make_tiny_model
+    from aha.cluster.driver import run
+    from aha.cluster.models import make_tiny_model
 
     stated = demo_figures()
     model = make_tiny_model(tmp_path / "tiny-addition", seed=stated.seed)  # as scripts/demo.sh writes it

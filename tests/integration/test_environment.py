@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
-from actors.records import Prompt
-from cluster.config_file import load_config
+from aha.actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.records import Prompt
+from aha.cluster.config_file import load_config
 from tests.integration.test_rollout import learner_logprobs  # the same oracle as single-turn
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ SAMPLING = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=5)
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_model):
-    from actors.rollout import RolloutPool
+    from aha.actors.rollout import RolloutPool
 
     cfg = RolloutConfig(num_engines=1, samples_per_prompt=2, sampling=SAMPLING, kv_cache_gib=0.25)
     env = EnvironmentConfig(
@@ -64,8 +64,8 @@ def test_multi_turn_episodes_keep_one_sequence_whose_model_tokens_match_the_lear
 def test_a_failing_environment_ends_its_episodes_with_an_error_not_the_engine(pool):
     import ray
 
-    from actors.config import RewardConfig
-    from actors.reward import RewardScorer
+    from aha.actors.config import RewardConfig
+    from aha.actors.reward import RewardScorer
 
     def play(fault: str):
         return pool.generate_all([Prompt(id=f"f-{fault}", text="hello", fields={"fault": fault})], n=1)
@@ -85,7 +85,7 @@ def test_a_failing_environment_ends_its_episodes_with_an_error_not_the_engine(po
 
 
 def run_guess_job(tmp_path, tiny_model, mode: str, steps: int, resume: bool = False, extra=()):
-    from cluster.driver import run
+    from aha.cluster.driver import run
 
     cfg = load_config(
         ROOT / "deploy" / "examples" / "guess_cpu.yaml",
@@ -132,7 +132,7 @@ def test_multi_turn_jobs_run_async_and_resume_from_a_checkpoint(ray_cluster, tin
 
 @pytest.mark.slow
 def test_generate_writes_won_episodes_as_sft_data(ray_cluster, tiny_model, tmp_path):
-    from cluster.generate import generate
+    from aha.cluster.generate import generate
 
     cfg = load_config(
         ROOT / "deploy" / "examples" / "guess_cpu.yaml",

@@ -53,8 +53,8 @@ def overrides(tiny_model, root: Path, name: str, *extra: str) -> list[str]:
 
 
 def run_job(tiny_model, root: Path, name: str, *extra: str, resume: bool = False):
-    from cluster.config_file import load_config
-    from cluster.driver import run
+    from aha.cluster.config_file import load_config
+    from aha.cluster.driver import run
 
     summary = run(load_config(DEMO, overrides(tiny_model, root, name, *extra)), resume=resume)
     return summary, read_steps(root / name)
@@ -98,10 +98,10 @@ class Faults:
     def __init__(self, monkeypatch):
         import ray
 
-        from actors.reward import RewardPool
-        from actors.rollout import RolloutPool
-        from cluster.weight_sync import WeightSync
-        from learner.group import LearnerGroup
+        from aha.actors.reward import RewardPool
+        from aha.actors.rollout import RolloutPool
+        from aha.cluster.weight_sync import WeightSync
+        from aha.learner.group import LearnerGroup
 
         self.at_submit: dict[str, tuple[int, int]] = {}  # first prompt id of a submission -> (engine, signal)
         self.at_sync: dict[int, int] = {}  # version of a sync -> engine killed once its first bucket is out
@@ -262,11 +262,11 @@ def test_killed_driver_and_dead_learner_resume_exactly(undisturbed, tiny_model, 
     resumed run, SIGKILL of the learner in step 3: that run ends within a bounded time naming learner-0 and the
     trial-and-error step; `--resume` again trains steps 3 and 4 exactly as the undisturbed run did, and the
     summary describes the whole run."""
-    from learner.group import LearnerError
+    from aha.learner.group import LearnerError
 
     args = overrides(tiny_model, tmp_path, "resumed", "cluster.namespace=aha-faults-driver")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "run", str(DEMO), *args],
+        [sys.executable, "-m", "aha.cluster.cli", "run", str(DEMO), *args],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -303,7 +303,7 @@ def test_killed_driver_and_dead_learner_resume_exactly(undisturbed, tiny_model, 
 def test_dynamic_sampling_on_a_never_solved_task_stops_naming_the_cause(ray_cluster, tiny_model, tmp_path):
     """Exact match on a random model: every group's rewards are equal, dynamic sampling drops them all; after
     buffer.max_refills extra rounds the run stops with the cause instead of generating forever."""
-    exact = "{function: 'actors.rewards.match:exact_match'}"
+    exact = "{function: 'aha.actors.rewards.match:exact_match'}"
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)3 rounds of 4 prompts gave 0 of the 4 groups.*never solves"):
         run_job(
@@ -322,9 +322,9 @@ def test_engine_restart_budget_ends_the_run_naming_the_engine(ray_cluster, tiny_
     """With no restarts allowed, the only engine's death ends generation with an error naming it (no spin)."""
     import ray
 
-    from actors.config import ModelConfig, RolloutConfig, SamplingConfig
-    from actors.records import Prompt
-    from actors.rollout import EngineError, RolloutPool
+    from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
+    from aha.actors.records import Prompt
+    from aha.actors.rollout import EngineError, RolloutPool
 
     cfg = RolloutConfig(kv_cache_gib=0.25, sampling=SamplingConfig(max_tokens=4), max_engine_restarts=0)
     pool = RolloutPool(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config_file import load_config
-from cluster.generate import FIELDS, text_key
+from aha.cluster.config_file import load_config
+from aha.cluster.generate import FIELDS, text_key
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def read(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def generated(ray_cluster, tiny_model, tmp_path_factory):
-    from cluster.generate import generate
+    from aha.cluster.generate import generate
 
     out = tmp_path_factory.mktemp("generate")
     (out / "rewards.py").write_text(REWARDS)
@@ -128,14 +128,14 @@ def test_dataset_fields_filter_and_pass_at_k(generated, tiny_model):
 
 
 def test_killed_generate_resumes_without_duplicates_or_gaps(ray_cluster, tiny_model, tmp_path):
-    from cluster.generate import generate
+    from aha.cluster.generate import generate
 
     (tmp_path / "rewards.py").write_text(REWARDS)
     args = overrides(tiny_model, tmp_path, "kill", "slow_even_checksum", 40)
     gcs = ray_cluster.get_runtime_context().gcs_address  # the child joins this test session's Ray
     state_file = tmp_path / "data" / "gen.state.json"
     child = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "generate", str(DEMO), *args, f"cluster.address={gcs}"],
+        [sys.executable, "-m", "aha.cluster.cli", "generate", str(DEMO), *args, f"cluster.address={gcs}"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -167,7 +167,7 @@ def test_killed_generate_resumes_without_duplicates_or_gaps(ray_cluster, tiny_mo
 
 
 def test_sft_run_imitates_the_generated_file(generated, tiny_model, tmp_path):
-    from cluster.driver import run
+    from aha.cluster.driver import run
 
     _, data = generated
     cfg = load_config(

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.config import ModelConfig, SamplingConfig
-from learner.algorithms import LossInputs, aggregate, compute_loss, sampling_logits, token_logprobs
-from learner.batch import Sample, collate, demonstration_samples, split_mini_batches, step_totals
-from learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
+from aha.actors.config import ModelConfig, SamplingConfig
+from aha.learner.algorithms import LossInputs, aggregate, compute_loss, sampling_logits, token_logprobs
+from aha.learner.batch import Sample, collate, demonstration_samples, split_mini_batches, step_totals
+from aha.learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def make_group(
     warmup_steps: int = 0,
     skip_zero_advantage: bool = True,
 ):
-    from learner.group import LearnerGroup
+    from aha.learner.group import LearnerGroup
 
     cfg = LearnerConfig(
         num_ranks=ranks,

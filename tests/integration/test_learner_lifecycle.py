@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.batch import Sample, demonstration_samples
-from learner.config import AlgorithmConfig
+from aha.learner.batch import Sample, demonstration_samples
+from aha.learner.config import AlgorithmConfig
 from tests.integration.test_learner import make_group, make_samples
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_hf_export_loads_and_generates(group, tmp_path):
 def test_dead_rank_is_named(ray_cluster, tiny_model):
     import ray
 
-    from learner.group import LearnerError
+    from aha.learner.group import LearnerError
 
     g = make_group(tiny_model, stage=2, namespace="aha-tests-dead-rank")
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.config import AlgorithmConfig
+from aha.learner.config import AlgorithmConfig
 from tests.integration.test_learner import make_group, make_samples
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.config import ModelConfig, SamplingConfig
-from cluster.config import WeightSyncConfig
-from learner.config import AlgorithmConfig, LearnerConfig, LoraConfig, OptimizerConfig
-from learner.lora import is_adapter
+from aha.actors.config import ModelConfig, SamplingConfig
+from aha.cluster.config import WeightSyncConfig
+from aha.learner.config import AlgorithmConfig, LearnerConfig, LoraConfig, OptimizerConfig
+from aha.learner.lora import is_adapter
 from tests.integration.test_learner import MAX_TOKENS, make_samples
 from tests.integration.test_weight_sync import PROBES, max_diff
 
@@ -53,9 +53,9 @@ def load_adapter_merged(base_dir, adapter_dir):
 @pytest.fixture(scope="module")
 def stack(ray_cluster, tiny_model):
     """The group after two steps (step 1 moves only B, which peft starts at 0; step 2 moves A too), with a pool."""
-    from actors.config import RolloutConfig
-    from actors.rollout import RolloutPool
-    from learner.group import LearnerGroup
+    from aha.actors.config import RolloutConfig
+    from aha.actors.rollout import RolloutPool
+    from aha.learner.group import LearnerGroup
 
     cfg = LearnerConfig(
         num_ranks=2,
@@ -117,7 +117,7 @@ def test_kl_reference_is_the_frozen_base(stack):
 def test_engine_after_a_sync_serves_the_merged_model(stack, tiny_model, tmp_path):
     import ray
 
-    from cluster.weight_sync import WeightSync
+    from aha.cluster.weight_sync import WeightSync
 
     group, pool = stack["group"], stack["pool"]
     sync = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5, on_engine_failure="error"), PROBES)

@@ -113,7 +113,7 @@ def three_nodes():
 def run(three_nodes, tmp_path_factory):
     """`aha run` against the cluster; after step REMOVE_AFTER_STEP the victim node is removed. Returns what was
     observed: placement before the loss, actor records after the run, metrics, prompts and the summary."""
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     cluster, node_ids, nodes, tmp = three_nodes
     work = tmp_path_factory.mktemp("multinode")
@@ -125,7 +125,7 @@ def run(three_nodes, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "aha.cluster.cli",
             "run",
             str(JOB),
             f"model.path={model}",

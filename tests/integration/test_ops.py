@@ -19,7 +19,7 @@ def test_a_stale_build_lock_does_not_hang_the_op_load():
     stale.touch()  # what a build killed between taking torch's lock and releasing it leaves behind
     # Enough for a full rebuild on 2 cores (about 70 s); without the fix this waits forever.
     done = subprocess.run(
-        [sys.executable, "-m", "learner.ops"], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-m", "aha.learner.ops"], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stale build lock" in done.stdout

@@ -18,7 +18,7 @@ DEMO = ROOT / "deploy" / "examples" / "cpu_demo.yaml"
 
 
 def test_impossible_resources_fail_in_seconds_naming_the_actors(tmp_path):
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     make_tiny_model(tmp_path / "model", seed=0)
     run_dir = tmp_path / "run"
@@ -27,7 +27,7 @@ def test_impossible_resources_fail_in_seconds_naming_the_actors(tmp_path):
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "aha.cluster.cli",
             "run",
             str(DEMO),
             f"model.path={tmp_path / 'model'}",

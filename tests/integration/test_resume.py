@@ -40,13 +40,13 @@ def overrides(tiny_model, run_root) -> list[str]:
 
 
 def test_killed_driver_resumes_without_repeating_or_skipping_prompts(ray_cluster, tiny_model, tmp_path):
-    from cluster.config_file import load_config
-    from cluster.driver import run
+    from aha.cluster.config_file import load_config
+    from aha.cluster.driver import run
 
     args = overrides(tiny_model, tmp_path)
     run_dir = tmp_path / "resume"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "run", str(DEMO), *args],
+        [sys.executable, "-m", "aha.cluster.cli", "run", str(DEMO), *args],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from actors.config import RewardConfig
-from actors.records import Trajectory
-from actors.reward import RewardPool
+from aha.actors.config import RewardConfig
+from aha.actors.records import Trajectory
+from aha.actors.reward import RewardPool
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def user_file(tmp_path, monkeypatch):
 
 
 def test_pool_scores_in_order_and_streams(ray_cluster):
-    cfg = RewardConfig(num_workers=2, functions=[{"function": "actors.rewards.match:exact_match"}])
+    cfg = RewardConfig(num_workers=2, functions=[{"function": "aha.actors.rewards.match:exact_match"}])
     pool = RewardPool(cfg, namespace="aha-tests", batch_size=8)
     try:
         assert {
@@ -76,7 +76,7 @@ def test_pool_scores_in_order_and_streams(ray_cluster):
 def test_pool_recovers_from_a_function_that_kills_its_worker(ray_cluster, user_file):
     cfg = RewardConfig(
         num_workers=2,
-        functions=[{"function": "actors.rewards.match:exact_match"}, {"function": f"{user_file}:killer"}],
+        functions=[{"function": "aha.actors.rewards.match:exact_match"}, {"function": f"{user_file}:killer"}],
         error_reward=-1.0,
     )
     pool = RewardPool(cfg, namespace="aha-tests", batch_size=8)

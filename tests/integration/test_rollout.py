@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.config import ModelConfig, RolloutConfig, SamplingConfig
-from actors.records import Prompt
-from actors.weights import group_into_buckets, pack_bucket
+from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.records import Prompt
+from aha.actors.weights import group_into_buckets, pack_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def state_dict_buckets(model_dir, version, bucket_bytes=64 * 1024):
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_model):
-    from actors.rollout import RolloutPool
+    from aha.actors.rollout import RolloutPool
 
     cfg = RolloutConfig(
         num_engines=2, samples_per_prompt=3, sampling=SamplingConfig(max_tokens=12), kv_cache_gib=0.25
@@ -74,7 +74,7 @@ def learner_logprobs(model_dir, t, sampling: SamplingConfig) -> torch.Tensor:
     engine's sampler (learner.algorithms.sampling_logits), fp32."""
     from transformers import AutoModelForCausalLM
 
-    from learner.algorithms import sampling_logits, token_logprobs
+    from aha.learner.algorithms import sampling_logits, token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([t.prompt_ids + t.completion_ids])
@@ -102,7 +102,7 @@ def test_behaviour_logprobs_are_of_the_sampled_distribution(pool, tiny_model, to
 def test_engines_sample_from_the_prompt_ids_the_learner_uses(pool, tiny_model):
     from transformers import AutoTokenizer
 
-    from actors.prompts import encode_prompt
+    from aha.actors.prompts import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     done = pool.generate_all(PROMPTS[:2])
@@ -170,7 +170,7 @@ def test_corrupted_bucket_is_rejected(pool, tiny_model):
 def test_killed_engine_loses_no_prompt(ray_cluster, tiny_model):
     import ray
 
-    from actors.rollout import RolloutPool
+    from aha.actors.rollout import RolloutPool
 
     cfg = RolloutConfig(
         num_engines=2, samples_per_prompt=2, sampling=SamplingConfig(max_tokens=48), kv_cache_gib=0.25

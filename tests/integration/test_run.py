@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config_file import load_config
+from aha.cluster.config_file import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +15,7 @@ DEMO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "cpu_demo.y
 
 
 def run_job(tmp_path, tiny_model, mode: str, extra: list[str] = ()):
-    from cluster.driver import run
+    from aha.cluster.driver import run
 
     cfg = load_config(
         DEMO,

@@ -21,7 +21,7 @@ pytestmark = [
 
 
 def test_three_arms_short_run(tmp_path):
-    from cluster.models import convert_smollm2
+    from aha.cluster.models import convert_smollm2
 
     model = convert_smollm2(tmp_path / "smollm2")
     out = tmp_path / "out"

@@ -198,7 +198,7 @@ def _dashboard_metrics() -> set[str]:
 
 
 def test_submit_tiny_job_to_a_real_cluster(ray_head, tmp_path):
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     # The README's example, from a checkout as the README leaves it: the repository's .gitignore (which lists
     # `models/`), the example config at its path, and `models/tiny-addition` made by `aha make-tiny-model`.

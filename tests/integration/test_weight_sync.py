@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from actors.config import ModelConfig, RolloutConfig, SamplingConfig
-from actors.records import Prompt
-from cluster.config import WeightSyncConfig
+from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
+from aha.actors.records import Prompt
+from aha.cluster.config import WeightSyncConfig
 from tests.integration.test_learner import make_group, make_samples
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,7 @@ PROBES = [[21, 22, 23, 15, 24, 25, 26, 33, 40, 41], [5, 6, 7, 8, 9, 10, 11, 12]]
 
 
 def make_pool(model_dir, namespace: str):
-    from actors.rollout import RolloutPool
+    from aha.actors.rollout import RolloutPool
 
     pool = RolloutPool(
         ModelConfig(path=str(model_dir), max_model_len=256),
@@ -52,7 +52,7 @@ def stack(ray_cluster, tiny_model):
 
 
 def sync_with(stack, **cfg):
-    from cluster.weight_sync import WeightSync
+    from aha.cluster.weight_sync import WeightSync
 
     group, pool = stack
     return WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5, **cfg), PROBES)
@@ -94,7 +94,7 @@ def corrupting(weight_buckets, index: int):
 
 
 def test_corrupted_bucket_is_detected_and_named(stack, monkeypatch):
-    from cluster.weight_sync import SyncError
+    from aha.cluster.weight_sync import SyncError
 
     group, pool = stack
     sync = sync_with(stack, on_engine_failure="error")
@@ -110,7 +110,7 @@ def test_corrupted_bucket_is_detected_and_named(stack, monkeypatch):
 
 def test_probe_names_engines_that_serve_other_weights(stack):
     """The logprob probe, on probes cut to their last 4 tokens, still tells stale weights from the learner's."""
-    from cluster.weight_sync import SyncError
+    from aha.cluster.weight_sync import SyncError
 
     group, pool = stack
     sync = sync_with(stack, on_engine_failure="error", probe_tokens=4)
@@ -127,7 +127,7 @@ def test_probe_names_engines_that_serve_other_weights(stack):
 
 
 def test_silent_engine_fails_the_sync_within_the_timeout(stack):
-    from cluster.weight_sync import SyncError
+    from aha.cluster.weight_sync import SyncError
 
     group, pool = stack
     pool.engines[1].__ray_call__.remote(lambda self: time.sleep(12))  # the engine stops answering
@@ -161,7 +161,7 @@ def test_sync_begun_while_training_queues_behind_generation(stack):
 
     import ray
 
-    from cluster.weight_sync import WeightSync
+    from aha.cluster.weight_sync import WeightSync
 
     group, pool = stack
     sync = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5), PROBES)
@@ -214,7 +214,7 @@ def test_torch_dist_sync_begun_while_training_is_sent_after_the_chunks(stack):
 
 
 def test_zero3_sync_to_two_engines(ray_cluster, tiny_model):
-    from cluster.weight_sync import WeightSync
+    from aha.cluster.weight_sync import WeightSync
 
     group = make_group(tiny_model, 3, namespace="aha-tests-sync-z3")
     pool = make_pool(tiny_model, "aha-tests-sync-z3")

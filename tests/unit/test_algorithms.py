@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.algorithms import (
+from aha.learner.algorithms import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
     AdvantageInputs,
@@ -23,7 +23,7 @@ from learner.algorithms import (
     token_logprobs,
     zero_advantage_is_inert,
 )
-from learner.config import ADVANTAGE_NAMES, LOSS_NAMES, AlgorithmConfig
+from aha.learner.config import ADVANTAGE_NAMES, LOSS_NAMES, AlgorithmConfig
 
 
 def adv(name: str, rewards: list[float], groups: list[int], dtype=torch.float32, **cfg) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.batch import Sample, collate, shard, split_mini_batches, step_totals
-from learner.worker import warmup_lr
+from aha.learner.batch import Sample, collate, shard, split_mini_batches, step_totals
+from aha.learner.worker import warmup_lr
 
 
 def test_collate_aligns_completion_tokens_with_their_predicting_positions():
@@ -65,8 +65,8 @@ def test_warmup_lr_is_linear_per_phase():
 
 
 def test_mask_truncated_leaves_out_samples_cut_by_max_tokens():
-    from actors.records import Trajectory
-    from learner.batch import samples_from_trajectories
+    from aha.actors.records import Trajectory
+    from aha.learner.batch import samples_from_trajectories
 
     def traj(i: int, finish: str) -> Trajectory:
         return Trajectory("p", i, "q", "a", [5, 6], [7, 8], [-1.0, -2.0], finish, 0, "rollout-0")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from actors.records import Trajectory
-from learner.buffer import ReplayBuffer
-from learner.config import BufferConfig
+from aha.actors.records import Trajectory
+from aha.learner.buffer import ReplayBuffer
+from aha.learner.config import BufferConfig
 
 
 def traj(pid: str, i: int, version: int = 0, reward: float = 0.0) -> Trajectory:

@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from actors.rewards.code import build_judge, build_solution, code_tests, judge_input
-from actors.sandbox import SandboxLimits, isolation_available, run_python
+from aha.actors.rewards.code import build_judge, build_solution, code_tests, judge_input
+from aha.actors.sandbox import SandboxLimits, isolation_available, run_python
 
 PROMPT = 'def add(x: int, y: int) -> int:\n    """The sum of x and y."""\n'
 SECRET = "expected-answers-7781"  # appears only in the tests: a solution must not be able to read it
@@ -201,7 +201,7 @@ def test_nonce_and_tests_are_out_of_the_candidates_reach():
 
 def test_verdict_needs_this_runs_nonce():
     # A judge's line from another run (or a guess) does not count, nor does a judge that exits non-zero.
-    from actors.rewards.code import passed
+    from aha.actors.rewards.code import passed
 
     nonce = "a" * 32
     assert passed(f"noise\npassed {nonce}\n", True, nonce)
@@ -229,7 +229,7 @@ def test_exceptions_and_plain_results_cross_the_pipe():
 
 
 def test_rlimits_only_mode_needs_the_switch(monkeypatch):
-    import actors.sandbox as sandbox
+    import aha.actors.sandbox as sandbox
 
     monkeypatch.setattr(sandbox, "isolation_available", lambda: "rlimits")
     with pytest.raises(RuntimeError, match="allow_rlimits_only"):

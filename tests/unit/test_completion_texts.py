@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
 
-from actors.engine import completion_texts
-from cluster.models import build_char_tokenizer
+from aha.actors.engine import completion_texts
+from aha.cluster.models import build_char_tokenizer
 
 CORPUS = [
     "The answer is 42. Hello, world! naïve café, déjà vu.",

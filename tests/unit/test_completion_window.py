@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from actors.config import SamplingConfig
-from learner.batch import Sample, collate, step_totals
-from learner.config import AlgorithmConfig
-from learner.worker import LearnerWorker, completion_window, micro_batch_loss
+from aha.actors.config import SamplingConfig
+from aha.learner.batch import Sample, collate, step_totals
+from aha.learner.config import AlgorithmConfig
+from aha.learner.worker import LearnerWorker, completion_window, micro_batch_loss
 
 VOCAB = 61
 

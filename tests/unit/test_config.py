@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.config import JobConfig
-from cluster.config_file import ConfigError, dump_config, load_config
+from aha.cluster.cli import main
+from aha.cluster.config import JobConfig
+from aha.cluster.config_file import ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
 MINIMAL = {
     "model": {"path": "models/x"},
-    "reward": {"functions": [{"function": "actors.rewards.match:exact_match"}]},
+    "reward": {"functions": [{"function": "aha.actors.rewards.match:exact_match"}]},
 }
 
 
@@ -107,7 +107,7 @@ def test_missing_file(capsys):
 def test_cli_process_exit_code_and_no_ray(tmp_path):
     path = write(tmp_path, {**MINIMAL, "rollout": {"num_engines": -1}})
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "validate", str(path)], capture_output=True, text=True
+        [sys.executable, "-m", "aha.cluster.cli", "validate", str(path)], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "rollout.num_engines" in proc.stderr and "-1" in proc.stderr and "Traceback" not in proc.stderr
@@ -149,7 +149,7 @@ def test_every_field_is_documented():
 
 def test_help_is_instant_and_complete():
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "aha.cluster.cli", "--help"], capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 0
     for verb in ("validate", "run", "submit", "generate", "make-tiny-model", "convert-smollm2"):
@@ -157,10 +157,12 @@ def test_help_is_instant_and_complete():
 
 
 def test_configuration_reference_is_current():
-    from cluster.reference import config_reference
+    from aha.cluster.reference import config_reference
 
     committed = (ROOT / "docs" / "configuration.md").read_text()
-    assert committed == config_reference(), "regenerate: python -m cluster.reference > docs/configuration.md"
+    assert committed == config_reference(), (
+        "regenerate: python -m aha.cluster.reference > docs/configuration.md"
+    )
 
 
 def test_more_mini_batches_than_samples_is_rejected(tmp_path, capsys):

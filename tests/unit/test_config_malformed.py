@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import main
+from aha.cluster.cli import main
 
 HOME = str(Path.home())
 
@@ -24,7 +24,7 @@ HOME = str(Path.home())
 BASE = {
     "name": "t",
     "model": {"path": "{tmp}/model", "max_model_len": 512},
-    "reward": {"functions": [{"function": "actors.rewards.match:exact_match"}]},
+    "reward": {"functions": [{"function": "aha.actors.rewards.match:exact_match"}]},
     "logging": {"run_dir": "{tmp}/runs/{name}"},
 }
 
@@ -200,14 +200,14 @@ OVERRIDE_CASES = [
     ("reward-no-colon", ["reward.functions=[{function: exact_match}]"], "reward.functions.0.function"),
     (
         "reward-empty-name",
-        ["reward.functions=[{function: 'actors.rewards.match:'}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.match:'}]"],
         "reward.functions.0.function",
     ),
     ("reward-empty-module", ["reward.functions=[{function: ':fn'}]"], "reward.functions.0.function"),
     ("reward-bad-module-name", ["reward.functions=[{function: 'a b:fn'}]"], "reward.functions.0.function"),
     (
         "reward-missing-function",
-        ["reward.functions=[{function: 'actors.rewards.match:missing'}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.match:missing'}]"],
         "reward.functions.0",
     ),
     (
@@ -220,12 +220,12 @@ OVERRIDE_CASES = [
     ("reward-file-exits", ["reward.functions=[{function: '{tmp}/exits.py:fn'}]"], "reward.functions.0"),
     (
         "reward-not-callable",
-        ["reward.functions=[{function: 'actors.rewards.match:re'}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.match:re'}]"],
         "reward.functions.0",
     ),
     (
         "reward-unknown-kwarg",
-        ["reward.functions=[{function: 'actors.rewards.match:exact_match', kwargs: {bogus: 1}}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.match:exact_match', kwargs: {bogus: 1}}]"],
         "kwargs.bogus",
     ),
     (
@@ -236,37 +236,39 @@ OVERRIDE_CASES = [
     (
         "reward-required-kwarg-missing",
         [
-            "reward.functions=[{function: 'actors.rewards.length:length_penalty'}, "
-            "{function: 'actors.rewards.match:exact_match'}]"
+            "reward.functions=[{function: 'aha.actors.rewards.length:length_penalty'}, "
+            "{function: 'aha.actors.rewards.match:exact_match'}]"
         ],
         "reward.functions.0",
     ),
     (
         "reward-field-not-in-data",
-        ["reward.functions=[{function: 'actors.rewards.code:code_tests'}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.code:code_tests'}]"],
         "reward.functions.0",
     ),
     (
         "reward-duplicate-names",
         [
-            "reward.functions=[{function: 'actors.rewards.match:exact_match'}, "
-            "{function: 'actors.rewards.match:exact_match'}]"
+            "reward.functions=[{function: 'aha.actors.rewards.match:exact_match'}, "
+            "{function: 'aha.actors.rewards.match:exact_match'}]"
         ],
         "reward.functions",
     ),
     (
         "reward-extract-backtracking",
-        ["reward.functions=[{function: 'actors.rewards.match:exact_match', kwargs: {extract: '(\\d+)+$'}}]"],
+        [
+            "reward.functions=[{function: 'aha.actors.rewards.match:exact_match', kwargs: {extract: '(\\d+)+$'}}]"
+        ],
         "kwargs.extract",
     ),
     (
         "reward-weight-inf",
-        ["reward.functions=[{function: 'actors.rewards.match:exact_match', weight: .inf}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.match:exact_match', weight: .inf}]"],
         "reward.functions.0.weight",
     ),
     (
         "reward-weight-nan-list",
-        ["reward.functions=[{function: 'actors.rewards.match:exact_match', weight: .nan}]"],
+        ["reward.functions=[{function: 'aha.actors.rewards.match:exact_match', weight: .nan}]"],
         "reward.functions.0.weight",
     ),
     ("gym-task-unknown", ["data={type: reasoning_gym, task: nope}"], "data.task"),
@@ -310,9 +312,7 @@ def _bomb(levels: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-BASE_YAML = (
-    "model: {path: '{tmp}/model'}\nreward: {functions: [{function: 'actors.rewards.match:exact_match'}]}\n"
-)
+BASE_YAML = "model: {path: '{tmp}/model'}\nreward: {functions: [{function: 'aha.actors.rewards.match:exact_match'}]}\n"
 
 # (id, file content (str or bytes), text that must appear)
 RAW_CASES = [
@@ -353,7 +353,11 @@ RAW_CASES = [
     ("list-root", "- a\n- b\n", "must be a mapping"),
     ("scalar-root", "just text\n", "must be a mapping"),
     ("empty-file", "", "model"),
-    ("model-missing-key", "reward: {functions: [{function: 'actors.rewards.match:exact_match'}]}\n", "model"),
+    (
+        "model-missing-key",
+        "reward: {functions: [{function: 'aha.actors.rewards.match:exact_match'}]}\n",
+        "model",
+    ),
     ("section-is-list", BASE_YAML + "rollout: [1, 2]\n", "rollout"),
     ("unknown-top-level", BASE_YAML + "rollouts: {num_engines: 2}\n", "rollouts"),
     ("non-string-key", BASE_YAML + "rollout: {1: 2}\n", "rollout.1"),
@@ -465,7 +469,7 @@ def test_overrides_may_follow_an_option(tree, capsys):
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[2]
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "aha.cluster.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -479,7 +483,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         ("model.path=/no/such/model", "model.path"),
         ("reward.functions=[{function: 'nonexistent_module:fn'}]", "reward.functions.0.function"),
-        ("reward.functions=[{function: 'actors.rewards.match:missing'}]", "reward.functions.0.function"),
+        ("reward.functions=[{function: 'aha.actors.rewards.match:missing'}]", "reward.functions.0.function"),
     ],
 )
 def test_run_exits_2_before_ray_starts(tree, override, field):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import JobConfig, regex_problem, run_dir_problem
-from cluster.config_file import ConfigError
-from cluster.preflight import (
+from aha.cluster.config import JobConfig, regex_problem, run_dir_problem
+from aha.cluster.config_file import ConfigError
+from aha.cluster.preflight import (
     RUN_MARKER,
     Demand,
     job_demands,
@@ -19,7 +19,7 @@ from cluster.preflight import (
 
 MINIMAL = {
     "model": {"path": "models/x"},
-    "reward": {"functions": [{"function": "actors.rewards.match:exact_match"}]},
+    "reward": {"functions": [{"function": "aha.actors.rewards.match:exact_match"}]},
 }
 
 

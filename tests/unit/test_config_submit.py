@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config_file import ConfigError
-from cluster.jobs import DEFAULT_EXCLUDES, job_request, uploaded_files
+from aha.cluster.config_file import ConfigError
+from aha.cluster.jobs import DEFAULT_EXCLUDES, job_request, uploaded_files
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cluster.config import AdditionData, JsonlData, ReasoningGymData
-from cluster.data import AdditionSource, JsonlSource, make_source
+from aha.cluster.config import AdditionData, JsonlData, ReasoningGymData
+from aha.cluster.data import AdditionSource, JsonlSource, make_source
 
 
 def test_addition_is_deterministic_disjoint_and_correct():

@@ -17,9 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster.config import JobConfig
-from cluster.config_file import ConfigError, load_config
-from cluster.jobs import DEFAULT_EXCLUDES, auth_token, job_request
+from aha.cluster.config import JobConfig
+from aha.cluster.config_file import ConfigError, load_config
+from aha.cluster.jobs import DEFAULT_EXCLUDES, auth_token, job_request
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.config import ModelConfig, RolloutConfig
-from actors.engine import engine_options
-from actors.runtime import accelerator_env, actor_runtime_env
-from actors.weights import (
+from aha.actors.config import ModelConfig, RolloutConfig
+from aha.actors.engine import engine_options
+from aha.actors.runtime import accelerator_env, actor_runtime_env
+from aha.actors.weights import (
     buffer_checksum,
     checksum,
     device_checksum,
@@ -18,8 +18,8 @@ from actors.weights import (
     pack_flat,
     transport_device,
 )
-from cluster.config import JobConfig
-from cluster.config_file import ConfigError, load_config
+from aha.cluster.config import JobConfig
+from aha.cluster.config_file import ConfigError, load_config
 from tests.unit.test_config import MINIMAL, write
 
 GPU = ["learner.gpus_per_rank=1", "rollout.gpus_per_engine=1"]
@@ -214,8 +214,8 @@ def test_device_checksum_is_exact_in_any_chunking_and_sees_every_change():
 
 
 def test_weight_sync_takes_its_tolerance_from_the_dtype_unless_set():
-    from cluster.config import WeightSyncConfig
-    from cluster.weight_sync import WeightSync
+    from aha.cluster.config import WeightSyncConfig
+    from aha.cluster.weight_sync import WeightSync
 
     def tolerance(cfg, dtype):
         from types import SimpleNamespace
@@ -256,7 +256,7 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
     ],
 )
 def test_deepspeed_config_clipping_and_optimizer(tmp_path, overrides, worker_clips):
-    from learner.worker import clips_itself, deepspeed_config
+    from aha.learner.worker import clips_itself, deepspeed_config
 
     learner = resolved(tmp_path, overrides).learner
     ds = deepspeed_config(learner, lr=1e-5)

@@ -42,7 +42,7 @@ COVERED: dict[str, tuple[str, str]] = {
     r"bash scripts/test\.sh( .*)?": (".ci/run", "CI runs exactly this"),
     r"aha run \S+( \S+=\S+)* --resume": (
         "tests/integration/test_resume.py",
-        "kills `python -m cluster.cli run` and resumes the run",
+        "kills `python -m aha.cluster.cli run` and resumes the run",
     ),
     r"aha run \S+( \S+=\S+)*": (
         "tests/integration/test_submit.py",
@@ -71,7 +71,7 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/unit/test_device.py",
         "runs it on this GPU-less machine: one JSON line saying it skipped; the GPU run itself is manual",
     ),
-    r"python -m cluster\.reference > docs/configuration\.md": (
+    r"python -m aha\.cluster\.reference > docs/configuration\.md": (
         "tests/unit/test_config.py",
         "regenerates the reference and compares it with the committed file",
     ),
@@ -190,7 +190,7 @@ def test_docs_have_commands_and_every_one_is_run_or_covered():
 def demo_models(tmp_path_factory):
     """models/ as the README's demo leaves it (`aha make-tiny-model models/tiny-addition`): `aha validate`
     checks that the model folder a config names exists."""
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     models = tmp_path_factory.mktemp("demo") / "models"
     make_tiny_model(models / "tiny-addition", seed=0)

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from actors.config import EnvironmentConfig, RewardConfig
-from actors.environment import (
+from aha.actors.config import EnvironmentConfig, RewardConfig
+from aha.actors.environment import (
     EnvironmentHost,
     Episode,
     Generated,
@@ -21,10 +21,10 @@ from actors.environment import (
     load_environment,
     run_episodes,
 )
-from actors.envs.guess import GuessNumber
-from actors.records import Trajectory
-from cluster.config import JobConfig
-from cluster.config_file import ConfigError
+from aha.actors.envs.guess import GuessNumber
+from aha.actors.records import Trajectory
+from aha.cluster.config import JobConfig
+from aha.cluster.config_file import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------
 # test environments (loaded by name, like a user's)
@@ -64,11 +64,11 @@ class Broken:
 
 
 def test_load_environment_names_what_is_wrong(tmp_path):
-    assert load_environment("actors.envs.guess:GuessNumber") is GuessNumber
+    assert load_environment("aha.actors.envs.guess:GuessNumber") is GuessNumber
     with pytest.raises(ValueError, match="not a class"):
-        load_environment("actors.envs.guess:prompt_text")
+        load_environment("aha.actors.envs.guess:prompt_text")
     with pytest.raises(ValueError, match="has no callable"):
-        load_environment("actors.envs.guess:Nope")
+        load_environment("aha.actors.envs.guess:Nope")
     path = tmp_path / "my_env.py"
     path.write_text("class NoStep:\n    def start(self, prompt, **f):\n        return ''\n")
     with pytest.raises(ValueError, match="no step method"):
@@ -275,8 +275,8 @@ def test_guess_demo_data_is_what_the_generator_writes_and_fits_the_tiny_tokenize
     import json
     from pathlib import Path
 
-    from actors.envs.guess import write_data
-    from cluster.models import CHARACTERS
+    from aha.actors.envs.guess import write_data
+    from aha.cluster.models import CHARACTERS
 
     write_data(tmp_path)  # the defaults and seed that wrote deploy/examples/guess/
     committed = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "guess"
@@ -315,7 +315,7 @@ def episode_trajectory(**kw) -> Trajectory:
 
 
 def test_scorer_adds_the_environment_reward_and_counts_environment_errors():
-    from actors.reward import RewardScorer
+    from aha.actors.reward import RewardScorer
 
     scorer = RewardScorer(RewardConfig(error_reward=-1.0))  # no functions: the environment's reward alone
     ok, broken = episode_trajectory(), episode_trajectory(env_error="timeout: after 10 s", env_reward=0.0)
@@ -324,7 +324,7 @@ def test_scorer_adds_the_environment_reward_and_counts_environment_errors():
     assert broken.reward == -1.0 and "environment" in broken.reward_error
     assert scorer.errors == {"environment/timeout": 1}
     # with reward functions, the environment's reward is added to theirs
-    cfg = RewardConfig(functions=[{"function": "actors.rewards.match:exact_match", "weight": 2.0}])
+    cfg = RewardConfig(functions=[{"function": "aha.actors.rewards.match:exact_match", "weight": 2.0}])
     scored = RewardScorer(cfg).score([episode_trajectory(env_reward=0.5, fields={"answer": "\n5 lower\n3"})])[
         0
     ]
@@ -337,7 +337,7 @@ def test_mask_length_is_checked():
 
 
 def test_environment_metrics():
-    from cluster.monitor import environment_metrics
+    from aha.cluster.monitor import environment_metrics
 
     trajs = [
         episode_trajectory(),
@@ -363,7 +363,7 @@ def job(**env) -> dict:
     return {
         "model": {"path": "m", "max_model_len": 512},
         "data": {"type": "jsonl", "path": "deploy/examples/guess/train.jsonl"},
-        "environment": {"class_path": "actors.envs.guess:GuessNumber", **env},
+        "environment": {"class_path": "aha.actors.envs.guess:GuessNumber", **env},
     }
 
 
@@ -379,13 +379,13 @@ def test_config_needs_a_reward_or_an_environment_and_bounds_the_episode():
 
 
 def test_validate_checks_the_class_its_kwargs_and_the_fields_start_needs(tmp_path):
-    from cluster.preflight import environment_problems, job_demands
+    from aha.cluster.preflight import environment_problems, job_demands
 
     assert environment_problems(JobConfig.model_validate(job(kwargs={"high": 9})), files=True) == []
     (problem,) = environment_problems(JobConfig.model_validate(job(kwargs={"hgih": 9})), files=True)
     assert problem.startswith("environment.kwargs") and "hgih" in problem
     (problem,) = environment_problems(
-        JobConfig.model_validate(job(class_path="actors.envs.guess:Nope")), True
+        JobConfig.model_validate(job(class_path="aha.actors.envs.guess:Nope")), True
     )
     assert problem.startswith("environment.class_path")
     data = tmp_path / "d.jsonl"
@@ -398,13 +398,13 @@ def test_validate_checks_the_class_its_kwargs_and_the_fields_start_needs(tmp_pat
 
 
 def test_validate_rejects_a_bad_environment_at_the_cli(tmp_path):
-    from cluster.config_file import load_config
-    from cluster.preflight import check_references
+    from aha.cluster.config_file import load_config
+    from aha.cluster.preflight import check_references
 
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(
         "model: {path: m, max_model_len: 512}\ndata: {type: jsonl, path: deploy/examples/guess/train.jsonl}\n"
-        "environment: {class_path: 'actors.envs.guess:GuessNumber', kwargs: {size: 3}}\n"
+        "environment: {class_path: 'aha.actors.envs.guess:GuessNumber', kwargs: {size: 3}}\n"
     )
     with pytest.raises(ConfigError, match="environment.kwargs"):
         check_references(load_config(cfg_file), files=False)
@@ -415,10 +415,10 @@ def test_validate_rejects_a_bad_environment_at_the_cli(tmp_path):
 
 
 def test_environment_tokens_contribute_exactly_zero_gradient():
-    from learner.algorithms import token_logprobs
-    from learner.batch import collate, samples_from_trajectories, step_totals
-    from learner.config import AlgorithmConfig
-    from learner.worker import micro_batch_loss
+    from aha.learner.algorithms import token_logprobs
+    from aha.learner.batch import collate, samples_from_trajectories, step_totals
+    from aha.learner.config import AlgorithmConfig
+    from aha.learner.worker import micro_batch_loss
 
     traj = episode_trajectory(
         prompt_ids=[1, 2],
@@ -447,8 +447,8 @@ def test_environment_tokens_contribute_exactly_zero_gradient():
 
 
 def test_python_tool_runs_blocks_in_the_sandbox_and_verifies_the_final_answer():
-    from actors.envs.python_tool import PythonTool
-    from actors.sandbox import isolation_available
+    from aha.actors.envs.python_tool import PythonTool
+    from aha.actors.sandbox import isolation_available
 
     if isolation_available() not in ("namespaces", "rlimits"):
         pytest.skip("no sandbox on this host")
@@ -476,7 +476,7 @@ def test_python_tool_runs_blocks_in_the_sandbox_and_verifies_the_final_answer():
 
 
 def test_the_learner_normalises_episodes_by_the_episode_length():
-    from cluster.driver import learner_sampling
+    from aha.cluster.driver import learner_sampling
 
     cfg = JobConfig.model_validate({**job(max_tokens=40), "rollout": {"sampling": {"max_tokens": 1}}})
     sampling = learner_sampling(cfg)

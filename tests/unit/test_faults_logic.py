@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.rollout import chunk_seed
-from cluster.driver import _refill_cause
+from aha.actors.rollout import chunk_seed
+from aha.cluster.driver import _refill_cause
 
 
 def test_chunk_seed_depends_on_the_prompts_and_the_engine_seed_only():

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from cluster.config import BestOfKFilter, MonitorConfig, NoFilter, PassFailFilter, ThresholdFilter
-from cluster.config_file import ConfigError
-from cluster.generate import FIELDS, DatasetFiles, select, summarize, write_parquet
+from aha.cluster.config import BestOfKFilter, MonitorConfig, NoFilter, PassFailFilter, ThresholdFilter
+from aha.cluster.config_file import ConfigError
+from aha.cluster.generate import FIELDS, DatasetFiles, select, summarize, write_parquet
 
 REWARDS = {"p0": [0.0, 1.0, 1.0, 0.5], "p1": [0.0, 0.0, 0.0, 0.0], "p2": [0.2, 0.7, 0.7, 0.1]}
 

@@ -1,7 +1,8 @@
 """The layers import one way down: cluster/ (the controller) may use learner/ and actors/, learner/ may use actors/,
 and nothing imports what stands above it. Checked on the source with `ast`, so every import counts: at the top of
 a module, inside a function, under `if TYPE_CHECKING:`. And no two modules import each other, directly or
-through others."""
+through others. The folders install as `aha.actors`, `aha.learner` and `aha.cluster`, and every import uses
+those names (a bare `cluster` or `learner` could be a user's own module)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,17 @@ class Import:
     line: int
 
     def where(self) -> str:
-        return f"{self.importer.replace('.', '/')}.py:{self.line} imports {self.imported}"
+        return (
+            f"{self.importer.removeprefix('aha.').replace('.', '/')}.py:{self.line} imports {self.imported}"
+        )
 
 
 def module_name(path: Path) -> str:
+    """The installed name: `aha.` + the path from the repository root (bench/, tests/: the bare path)."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ("aha." if parts[0] in LAYERS else "") + ".".join(parts)
 
 
 def layer_modules() -> dict[str, Path]:
@@ -67,10 +71,10 @@ def project_imports() -> list[Import]:
 
 
 def rank(module: str) -> int | None:
-    top = module.split(".")[0]
-    if top in LAYERS:
-        return LAYERS.index(top)
-    return len(LAYERS) if top in OUTSIDE else None
+    parts = module.split(".")
+    if parts[0] == "aha" and len(parts) > 1 and parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return len(LAYERS) if parts[0] in OUTSIDE else None
 
 
 def upward(imports: list[Import]) -> list[Import]:
@@ -129,11 +133,11 @@ def cycles(imports: list[Import]) -> list[list[str]]:
 def test_the_import_graph_is_read():
     """The parse finds imports at the top, inside functions and under TYPE_CHECKING."""
     imports = project_imports()
-    assert {imp.importer.split(".")[0] for imp in imports} == set(LAYERS)
+    assert {imp.importer.split(".")[1] for imp in imports} == set(LAYERS)
     pairs = {(imp.importer, imp.imported) for imp in imports}
-    assert ("cluster.config", "learner.config") in pairs  # top level
-    assert ("cluster.runtime", "cluster.config") in pairs  # under TYPE_CHECKING
-    assert ("learner.ops", "actors.runtime") in pairs  # inside a function
+    assert ("aha.cluster.config", "aha.learner.config") in pairs  # top level
+    assert ("aha.cluster.runtime", "aha.cluster.config") in pairs  # under TYPE_CHECKING
+    assert ("aha.learner.ops", "aha.actors.runtime") in pairs  # inside a function
 
 
 def test_layers_import_downward_only():
@@ -165,11 +169,24 @@ def test_no_import_cycles():
 
 def test_the_checks_catch_an_upward_import_and_a_cycle():
     made_up = [
-        Import("actors.a", "cluster.config", 3),
-        Import("learner.b", "learner.c", 1),
-        Import("learner.c", "learner.d", 1),
-        Import("learner.d", "learner.b", 2),
-        Import("cluster.e", "actors.a", 1),
+        Import("aha.actors.a", "aha.cluster.config", 3),
+        Import("aha.learner.b", "aha.learner.c", 1),
+        Import("aha.learner.c", "aha.learner.d", 1),
+        Import("aha.learner.d", "aha.learner.b", 2),
+        Import("aha.cluster.e", "aha.actors.a", 1),
     ]
     assert upward(made_up) == [made_up[0]]
-    assert cycles(made_up) == [["learner.b", "learner.c", "learner.d"]]
+    assert cycles(made_up) == [["aha.learner.b", "aha.learner.c", "aha.learner.d"]]
+
+
+def test_every_import_of_the_layers_uses_the_aha_names():
+    """Anywhere in the repository: `import cluster` would load a second copy of the module under another name
+    (or a user's own `cluster.py`)."""
+    paths = [p for top in (*LAYERS, *OUTSIDE) for p in sorted((ROOT / top).rglob("*.py"))]
+    bare = [
+        f"{path.relative_to(ROOT)}:{imp.line} imports {imp.imported}"
+        for path in paths
+        for imp in imports_of(module_name(path), path, set())
+        if imp.imported.split(".")[0] in LAYERS
+    ]
+    assert not bare, "import the layers as aha.actors, aha.learner, aha.cluster:\n  " + "\n  ".join(bare)

@@ -7,14 +7,14 @@ import pytest
 import torch
 import yaml
 
-from cluster.cli import main
-from learner.config import LoraConfig
-from learner.lora import add_adapters, is_adapter, merged_parameters, trainable_parameters
+from aha.cluster.cli import main
+from aha.learner.config import LoraConfig
+from aha.learner.lora import add_adapters, is_adapter, merged_parameters, trainable_parameters
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cluster.models import make_tiny_model
+    from aha.cluster.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("lora-tiny"), seed=0)
 
@@ -89,7 +89,7 @@ def test_only_adapters_train(tiny, checkpointing):
 
 MINIMAL = {
     "model": {"path": "models/x"},
-    "reward": {"functions": [{"function": "actors.rewards.match:exact_match"}]},
+    "reward": {"functions": [{"function": "aha.actors.rewards.match:exact_match"}]},
 }
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.models import make_tiny_model
-from learner.files import model_folder
+from aha.cluster.models import make_tiny_model
+from aha.learner.files import model_folder
 
 
 def test_tiny_model_folder_is_complete_and_leaves_no_staging(tmp_path):
@@ -24,11 +24,11 @@ def test_an_interrupted_write_leaves_no_folder_that_looks_complete(tmp_path):
 
 
 def test_config_json_is_moved_last(tmp_path, monkeypatch):
-    import learner.files
+    import aha.learner.files
 
     moved = []
-    real = learner.files.os.replace
-    monkeypatch.setattr(learner.files.os, "replace", lambda a, b: (moved.append(b.name), real(a, b)))
+    real = aha.learner.files.os.replace
+    monkeypatch.setattr(aha.learner.files.os, "replace", lambda a, b: (moved.append(b.name), real(a, b)))
     with model_folder(tmp_path / "m") as staging:
         for name in ("config.json", "a.safetensors", "z.json"):
             (staging / name).write_text("x")

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cluster.config import MonitorConfig
-from cluster.monitor import behaviour_metrics, pass_at_k, percentile, trajectory_metrics
+from aha.cluster.config import MonitorConfig
+from aha.cluster.monitor import behaviour_metrics, pass_at_k, percentile, trajectory_metrics
 
 COMPLETIONS = [
     "Hmm, let me check: 12. Wait, 13. \\boxed{13}",  # hmm, let me check, wait; boxed answer

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.prompts import encode_completion, encode_prompt
-from cluster.models import build_char_tokenizer
+from aha.actors.prompts import encode_completion, encode_prompt
+from aha.cluster.models import build_char_tokenizer
 
 
 def bos_tokenizer():

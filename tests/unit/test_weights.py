@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.weights import (
+from aha.actors.weights import (
     checksum,
     group_into_buckets,
     module_of,
