@@ -24,6 +24,9 @@ def check_import_spec(spec: str, what: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # model and sampling
 
+CPU_KV_CACHE_GIB = 1.0
+"""An engine's KV cache on CPU unless rollout.kv_cache_gib says otherwise (the CPU build needs a size)."""
+
 
 class ModelConfig(Section):
     path: str = Field(min_length=1, max_length=4096)
@@ -79,10 +82,10 @@ class RolloutConfig(Section):
     """Sampling for training rollouts."""
     eval_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0))
     """Sampling used for evaluation (greedy by default)."""
-    kv_cache_gib: float = Field(1.0, gt=0, le=1 << 14)
-    """KV-cache memory per engine (required by the CPU build)."""
-    enforce_eager: bool = True
-    """Skip torch.compile / CUDA graphs (faster start, and no slower on CPU)."""
+    kv_cache_gib: float | None = Field(None, gt=0, le=1 << 14)
+    """KV-cache memory per engine; None = 1 GiB on CPU, on GPU what gpu_memory_utilization leaves (vLLM measures)."""
+    enforce_eager: bool | None = None
+    """Skip torch.compile / CUDA graphs; None = eager on CPU (no faster compiled there), CUDA graphs on GPU."""
     seed: Seed = 0
     """Base of the per-chunk sampling seeds, so samples do not depend on the engine (docs/operations.md)."""
     startup_timeout_s: Seconds = 300.0
@@ -93,6 +96,15 @@ class RolloutConfig(Section):
     """Retries, on another engine, of a chunk whose generate call raised (docs/operations.md#faults)."""
     max_engine_restarts: int = Field(3, ge=0, le=1000, strict=True)
     """Replacements of each engine that died, hung or failed a weight load (docs/operations.md#faults)."""
+
+    def kv_cache_bytes(self) -> int | None:
+        """The engine's KV-cache budget in bytes; None: vLLM sizes it from the GPU memory it may use."""
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * 2**30)
+        return None if self.gpus_per_engine > 0 else int(CPU_KV_CACHE_GIB * 2**30)
+
+    def eager(self) -> bool:
+        return self.enforce_eager if self.enforce_eager is not None else self.gpus_per_engine == 0
 
     @field_validator("tensor_parallel_size")
     @classmethod

@@ -7,16 +7,16 @@ call at a time, so a weight load never overlaps a generate call.
 from __future__ import annotations
 
 import gc
-import logging
 import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Any
 
+from aha.actors import vllm_internals
 from aha.actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
 from aha.actors.prompts import encode_prompt
 from aha.actors.records import Prompt, Trajectory
@@ -34,16 +34,17 @@ def engine_options(model: ModelConfig, cfg: RolloutConfig, seed: int, dtype: str
     options: dict[str, Any] = dict(
         model=model.path,
         dtype=dtype,
-        enforce_eager=cfg.enforce_eager,
+        enforce_eager=cfg.eager(),
         max_model_len=model.max_model_len,
         seed=seed,
         tensor_parallel_size=1,
         distributed_executor_backend="uni",
-        kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
         # behaviour logprobs of the distribution actually sampled (after temperature, top-k, top-p), which
         # the learner recomputes with aha.learner.algorithms.sampling_logits; prompt logprobs stay unprocessed
         logprobs_mode="processed_logprobs",
     )
+    if cfg.kv_cache_bytes() is not None:  # a fixed budget: vLLM then skips measuring the GPU's free memory
+        options["kv_cache_memory_bytes"] = cfg.kv_cache_bytes()
     if cfg.gpus_per_engine > 0:
         # vLLM refuses to start unless this share of the GPU is free; an engine holding a fraction of a GPU
         # (sharing it with a learner rank) asks for that fraction of vLLM's usual 0.9. (The CPU build reads
@@ -128,7 +129,8 @@ class RolloutWorker:
         import torch
 
         torch.set_num_threads(cfg.threads_per_engine)  # before vLLM starts: it freezes the thread count
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.kv_cache_gib))))
+        kv_bytes = cfg.kv_cache_bytes() or 2**30
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(kv_bytes / 2**30))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # engines share cores with other actors
         from vllm import LLM
 
@@ -139,11 +141,10 @@ class RolloutWorker:
         self.reload: _StreamingReload | None = None
         started = time.perf_counter()
         self.llm = LLM(**engine_options(model, cfg, seed, dtype))
+        vllm_internals.check(self.llm)  # before anything relies on them
         self.tokenizer = self.llm.get_tokenizer()
         # completion_texts reproduces vLLM's fast (`tokenizers`) detokenizer only; others keep vLLM's own
-        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
-
-        self._batch_decode = uses_fast_detokenizer(self.tokenizer)
+        self._batch_decode = vllm_internals.uses_fast_detokenizer(self.tokenizer)
         self.startup_s = time.perf_counter() - started
         self.env = (
             None
@@ -159,10 +160,6 @@ class RolloutWorker:
             "updating": self.updating_to is not None,
             "pid": os.getpid(),
         }
-
-    def _driver_worker(self):
-        # In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor): the worker lives in this process.
-        return self.llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
 
     # -- generation -----------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> dict[str, list[int]]:
@@ -319,7 +316,7 @@ class RolloutWorker:
         with suppress(Exception):  # an update that never finished: its sync already failed and said why
             self._end_reload()
         self.updating_to = version
-        self.reload = _StreamingReload(self._driver_worker())
+        self.reload = _StreamingReload(vllm_internals.driver_worker(self.llm))
 
     def load_bucket(self, bucket: WeightBucket) -> int:
         """Check one bucket and queue it for loading. Returns its byte count. Raises if it is corrupted."""
@@ -363,12 +360,12 @@ class RolloutWorker:
         except Exception as e:
             self.updating_to = None
             raise EngineError(f"{self.name}: loading weights v{version} failed: {e}") from e
-        model = self._driver_worker().model_runner.get_model()
+        model = vllm_internals.served_model(self.llm)
         lm_head = getattr(model, "lm_head", None)
         if lm_head is not None and getattr(model.config, "tie_word_embeddings", False):
             # A tied head receives no checkpoint tensor of its own, so the reload skips re-processing it and
             # the CPU kernel keeps the old packed embedding. Re-process it from the (new) shared weight.
-            lm_head.quant_method.process_weights_after_loading(lm_head)
+            vllm_internals.reprocess_layer(lm_head)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         self.version, self.updating_to = version, None
         return self.version
@@ -386,7 +383,7 @@ class RolloutWorker:
         llm = getattr(self, "llm", None)
         if llm is not None:
             try:
-                llm.llm_engine.engine_core.shutdown()
+                vllm_internals.shutdown(llm)
             finally:
                 self.llm = None
                 del llm
@@ -462,23 +459,6 @@ class _EnvironmentClient:
             self.actor = None
 
 
-@contextmanager
-def _quiet_reload_logs():
-    names = (
-        "vllm.model_executor.model_loader.reload.layerwise",
-        "vllm.model_executor.model_loader.reload.inplace",
-    )
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 class _StreamingReload:
     """One in-place vLLM reload pass over a whole update, fed bucket by bucket.
 
@@ -504,8 +484,8 @@ class _StreamingReload:
         # vLLM warns that a tied lm_head got no tensor of its own ("Failed to load weights"): expected
         # (`finish_update` re-processes it), silenced; the probe after the sync checks the result.
         try:
-            with _quiet_reload_logs():
-                self.worker.reload_weights(weights_iterator=self._tensors())
+            with vllm_internals.quiet_reload_logs():
+                vllm_internals.reload_weights(self.worker, self._tensors())
         except BaseException as e:  # handed to the actor thread by finish()
             self.error = e
 

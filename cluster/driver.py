@@ -126,6 +126,12 @@ class Run:
             backend=cfg.weight_group_backend,
             dtype=cfg.learner.dtype,
         )
+        floor = self.sync.calibrate()  # before any training: engines and learner hold the folder's weights
+        if cfg.weight_sync.verify and self.sync.probe_ids:
+            print(
+                f"aha: probe noise floor {floor:.3g}; a sync passes within {self.sync.tolerance:.3g}",
+                flush=True,
+            )
         self.rng = random.Random(cfg.schedule.seed)
         if resume:
             self._restore()

@@ -253,6 +253,8 @@ def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
         return problems
     if problem := model_problem(cfg.model.path):
         problems.append(f"model.path {shorten(cfg.model.path)}: {problem}")
+    elif problem := kv_cache_problem(cfg):
+        problems.append(problem)
     if isinstance(cfg.data, JsonlData):
         imitate_from_data = cfg.imitation.steps > 0 and not cfg.imitation.path
         needs = ("prompt", "answer") if imitate_from_data else ("prompt",)
@@ -271,6 +273,36 @@ def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
         if problem := _gym_task_problem(cfg.data.task):
             problems.append(f"data.task {shorten(cfg.data.task)}: {problem}")
     return problems
+
+
+def kv_cache_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int:
+    """Keys and values of one token over every layer: 2 x layers x KV heads x head size x bytes per value."""
+    heads = model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    return 2 * model_config["num_hidden_layers"] * kv_heads * head_dim * (2 if dtype == "bfloat16" else 4)
+
+
+def kv_cache_problem(cfg: JobConfig) -> str | None:
+    """An engine's KV-cache budget (when it is a fixed size) must hold one sequence of model.max_model_len
+    tokens, or vLLM refuses to start."""
+    resolved = cfg.resolved()
+    budget = resolved.rollout.kv_cache_bytes()
+    if budget is None:  # on GPU vLLM sizes it from gpu_memory_utilization and checks it at start
+        return None
+    try:
+        model_config = json.loads(Path(cfg.model.path, "config.json").read_text())
+        per_token = kv_cache_bytes_per_token(model_config, resolved.learner.dtype)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None  # not a config this estimate understands: vLLM checks at start
+    need = cfg.model.max_model_len * per_token
+    if need <= budget:
+        return None
+    return (
+        f"rollout.kv_cache_gib: {budget / 2**30:.3g} GiB holds {budget // per_token} tokens of this model's KV "
+        f"cache ({per_token / 1024:.3g} KiB per token), fewer than model.max_model_len {cfg.model.max_model_len}: "
+        f"set rollout.kv_cache_gib to at least {need / 2**30:.3g} or lower model.max_model_len"
+    )
 
 
 def _gym_task_problem(task: str) -> str | None:

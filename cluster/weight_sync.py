@@ -8,7 +8,8 @@ One sync to version v (`begin`, then `complete`; `sync` does both at once):
   3. rank 0 gathers and packs bucket k (all ranks join the ZeRO-3 gathers) and ships it by the transport;
      every engine loads bucket k while rank 0 prepares bucket k+1 (a streaming Ray generator);
   4. every engine closes the update (re-processes tied heads, drops its prefix cache) and serves v;
-  5. verify: each engine's logprobs on fixed probe sequences must equal the learner's own within a tolerance;
+  5. verify: each engine reports the new version, and its logprobs on fixed probe sequences equal the learner's
+     own within a tolerance;
   6. resume the pool.
 Each bucket carries a checksum (xxh3-64) that the engine checks before loading it. Any failure names the engine; with
 `on_engine_failure: restart` (the default) the sync goes on with the other engines while the failed ones are
@@ -17,6 +18,13 @@ driver calls it when the pool reports restarted engines and the learner is idle)
 
 The sync joins the learner group and the rollout pool through their public methods only, and takes the version
 to publish as an argument of each call.
+
+The probe's tolerance is calibrated (`calibrate`): while engines and learner hold the same weights, the largest
+|engine - learner| logprob on the probes is their numerical noise floor (kernels, dtype); a sync passes within
+PROBE_NOISE_MARGIN times that floor, never below the dtype's minimum (`weight_sync.probe_tolerance` overrides).
+The version reported by each engine catches one that skipped an update; the checksums catch corrupted bytes; the
+probe catches weights that did not take effect (a wrong model, a reload that loaded nothing), and names an engine
+whose logprobs still match the previous version as stale.
 
 Transports (`weight_sync.transport`) differ only in how a bucket's bytes travel; the driver always forwards one
 small object per bucket and engine:
@@ -37,7 +45,7 @@ from typing import Any
 
 from aha.actors.remote import CallError, await_calls
 from aha.actors.rollout import Completed, EngineError, RolloutPool
-from aha.cluster.config import PROBE_TOLERANCE, WeightSyncConfig
+from aha.cluster.config import PROBE_MIN_TOLERANCE, PROBE_NOISE_MARGIN, WeightSyncConfig
 from aha.learner.group import LearnerError, LearnerGroup
 
 
@@ -60,15 +68,38 @@ class WeightSync:
         dtype: str = "float32",
     ):
         """`backend`: of the torch_dist group (`JobConfig.weight_group_backend`); `dtype`: the weights', which
-        sets the probe tolerance unless `cfg.probe_tolerance` does."""
+        sets the smallest probe tolerance."""
         self.group, self.pool, self.cfg, self.backend = group, pool, cfg, backend
         self.probe_ids = [ids[-cfg.probe_tokens :] for ids in probe_ids]
-        self.tolerance = cfg.probe_tolerance if cfg.probe_tolerance is not None else PROBE_TOLERANCE[dtype]
+        self.min_tolerance = PROBE_MIN_TOLERANCE[dtype]
+        self.noise_floor: float | None = None  # set by `calibrate`
+        self._verified: tuple[int, list[list[float]]] | None = None  # the last version verified, its logprobs
         self.transport = "object_store" if cfg.transport == "auto" else cfg.transport
         self.shm_dir = (
             tempfile.mkdtemp(prefix="aha-weights-", dir="/dev/shm") if self.transport == "shm" else None
         )
         self._group_members: list[int] | None = None  # engines in the torch_dist group
+
+    @property
+    def tolerance(self) -> float:
+        """Largest |engine - learner| logprob a sync accepts on the probes."""
+        if self.cfg.probe_tolerance is not None:
+            return self.cfg.probe_tolerance
+        if self.noise_floor is None:
+            return self.min_tolerance
+        return max(PROBE_NOISE_MARGIN * self.noise_floor, self.min_tolerance)
+
+    def calibrate(self) -> float:
+        """Measure the probe's noise floor: the largest |engine - learner| logprob on the probes, over the live
+        engines, while they serve the weights the learner holds (the model folder's, before any training).
+        Returns it; later syncs pass within `tolerance`."""
+        if not (self.cfg.verify and self.probe_ids):
+            return 0.0
+        engines = [i for i, _ in self.pool.live_engines()]
+        expected, got = self._probe(engines, time.monotonic() + self.cfg.timeout_s)
+        self.noise_floor = max((_max_diff(g, expected) for g in got.values()), default=0.0)
+        self._verified = (0, expected)  # the model folder's weights are version 0
+        return self.noise_floor
 
     # -- the sync ------------------------------------------------------------------------------------------------
     def sync(
@@ -208,13 +239,23 @@ class WeightSync:
         began = time.monotonic()
         sizes = self._wait(push.loads, deadline, f"load v{version}")
         loaded = time.monotonic()
-        self._wait(push.finishes, deadline, f"finish update v{version}")
+        served = self._wait(push.finishes, deadline, f"finish update v{version}", keep_order=True)
         finished = time.monotonic()
+        stale = [i for i, v in zip(sorted(push.finishes.values()), served) if v != version]
+        if stale:
+            names = ", ".join(
+                f"{self.pool.name(i)} serves v{v}"
+                for i, v in zip(sorted(push.finishes.values()), served)
+                if v != version
+            )
+            raise SyncError(f"after the update to v{version}: {names} (stale)", stale)
         if self.shm_dir:
             for f in _files(self.shm_dir):
                 f.unlink()
         probe_diff = (
-            self.verify(push.targets, deadline, push.probes, push.expected) if self.cfg.verify else 0.0
+            self.verify(push.targets, deadline, push.probes, push.expected, version)
+            if self.cfg.verify
+            else 0.0
         )
         return {
             "sync_transfer_s": finished - started,
@@ -225,6 +266,8 @@ class WeightSync:
             "sync_bytes": float(sum(sizes) // max(len(push.engines), 1)),
             "sync_buckets": float(push.buckets),
             "sync_probe_max_diff": probe_diff,
+            "sync_probe_tolerance": self.tolerance,
+            "sync_probe_noise_floor": self.noise_floor or 0.0,
         }
 
     def _check_learner(self, version: int) -> None:
@@ -244,31 +287,51 @@ class WeightSync:
         deadline: float,
         refs: dict[Any, int] | None = None,
         expected_refs: dict[Any, int] | None = None,
+        version: int | None = None,
     ) -> float:
-        """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine.
-        `refs`, `expected_refs`: the engines' and the learner's probe calls, already submitted by the sync."""
+        """Compare each engine's logprobs on the probe sequences with the learner's; raise naming the engine (as
+        stale when it still matches the last verified version). `refs`, `expected_refs`: the engines' and the
+        learner's probe calls, already submitted by the sync; `version`: the one they should serve. Returns the
+        largest difference."""
         if not self.probe_ids:
             return 0.0
+        expected, got = self._probe(engine_indices, deadline, refs, expected_refs)
+        diffs = {i: _max_diff(g, expected) for i, g in got.items()}
+        bad = [i for i, d in diffs.items() if d > self.tolerance]
+        if bad:
+            raise SyncError(
+                f"after the weight load, engine logprobs disagree with the learner's "
+                f"({', '.join(self._mismatch(i, diffs[i], got[i]) for i in bad)}; tolerance "
+                f"{self.tolerance:.3g}): the engine is not serving the learner's weights",
+                bad,
+            )
+        if version is not None:
+            self._verified = (version, expected)
+        return max(diffs.values(), default=0.0)
+
+    def _probe(
+        self,
+        engine_indices: list[int],
+        deadline: float,
+        refs: dict[Any, int] | None = None,
+        expected_refs: dict[Any, int] | None = None,
+    ) -> tuple[list[list[float]], dict[int, list[list[float]]]]:
+        """The learner's probe logprobs, and each engine's (by engine index)."""
         if refs is None:
             refs = self._submit_probes({i: self.pool.handle(i) for i in engine_indices})
         if expected_refs is None:  # submitted now, while the engines compute theirs
             expected_refs = self.group.submit_sequence_logprobs(self.probe_ids)
         expected = self.group.await_sequence_logprobs(expected_refs)
         results = self._wait(refs, deadline, "probe", keep_order=True)
-        worst, bad = 0.0, []
-        for i, got in zip(sorted(refs.values()), results):
-            diff = max((abs(a - b) for g, x in zip(got, expected) for a, b in zip(g, x)), default=0.0)
-            if diff > self.tolerance:
-                bad.append((i, diff))
-            worst = max(worst, diff)
-        if bad:
-            detail = ", ".join(f"{self.pool.name(i)} differs by {d:.3g}" for i, d in bad)
-            raise SyncError(
-                f"after the weight load, engine logprobs disagree with the learner's ({detail}; tolerance "
-                f"{self.tolerance:g}): the engine is not serving the learner's weights",
-                [i for i, _ in bad],
-            )
-        return worst
+        return expected, dict(zip(sorted(refs.values()), results))
+
+    def _mismatch(self, i: int, diff: float, got: list[list[float]]) -> str:
+        text = f"{self.pool.name(i)} differs by {diff:.3g}"
+        if self._verified is not None:
+            version, before = self._verified
+            if _max_diff(got, before) <= self.tolerance:
+                text += f" and matches v{version}, the weights before this update: stale"
+        return text
 
     def close(self) -> None:
         if self.shm_dir:
@@ -371,3 +434,7 @@ def _files(directory: str):
     from pathlib import Path
 
     return list(Path(directory).glob("*.bin"))
+
+
+def _max_diff(got: list[list[float]], expected: list[list[float]]) -> float:
+    return max((abs(a - b) for g, x in zip(got, expected) for a, b in zip(g, x)), default=0.0)

@@ -3,7 +3,7 @@
 # and ZeRO-3 against plain torch, device-side checksums, the torch_dist broadcast over NCCL into a GPU receiver,
 # and a vLLM engine on the GPU when vLLM's CUDA build is installed) and prints ONE JSON summary on stdout.
 # Without a GPU it prints {"status": "skipped", ...} and exits 0. Needs the GPU dependency set installed
-# (pip install torch==2.14.0 && pip install -e '.[gpu,dev]'); the learner and transport parts need only torch
+# (pip install torch==2.13.0 && pip install -e '.[gpu,dev]'); the learner and transport parts need only torch
 # with CUDA, DeepSpeed and Ray. Logs: $AHA_GPU_CHECK_DIR (default runs/gpu-check).
 #   scripts/gpu_check.sh            # uses .venv/bin/python, or $AHA_PYTHON
 set -uo pipefail

@@ -108,6 +108,7 @@ def make_group(
     sampling: SamplingConfig | None = None,
     warmup_steps: int = 0,
     skip_zero_advantage: bool = True,
+    dtype: str = "float32",
 ):
     from aha.learner.group import LearnerGroup
 
@@ -115,7 +116,7 @@ def make_group(
         num_ranks=ranks,
         cpus_per_rank=1,
         zero_stage=stage,
-        dtype="float32",
+        dtype=dtype,
         backend="gloo",
         micro_batch_size=micro,
         optimizer=OptimizerConfig(lr=LR, warmup_steps=warmup_steps),

@@ -17,13 +17,14 @@ pytestmark = pytest.mark.integration
 PROBES = [[21, 22, 23, 15, 24, 25, 26, 33, 40, 41], [5, 6, 7, 8, 9, 10, 11, 12]]
 
 
-def make_pool(model_dir, namespace: str):
+def make_pool(model_dir, namespace: str, dtype: str = "float32"):
     from aha.actors.rollout import RolloutPool
 
     pool = RolloutPool(
         ModelConfig(path=str(model_dir), max_model_len=256),
         RolloutConfig(num_engines=2, kv_cache_gib=0.25, sampling=SamplingConfig(max_tokens=8)),
         namespace=namespace,
+        dtype=dtype,
     )
     pool.start()
     return pool
@@ -223,6 +224,54 @@ def test_zero3_sync_to_two_engines(ray_cluster, tiny_model):
         metrics, _ = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5), PROBES).sync(1)
         assert metrics["sync_buckets"] > 1
         assert_engines_serve(pool, group, 1)
+    finally:
+        pool.shutdown()
+        group.shutdown()
+
+
+def test_an_engine_reporting_an_old_version_is_named_stale(stack):
+    """The version handshake: each engine's `finish_update` answers the version it serves."""
+    import ray
+
+    from aha.cluster.weight_sync import SyncError, _Push
+
+    group, pool = stack
+    sync = sync_with(stack, verify=False)
+    push = _Push(7, [0, 1], {0: pool.engines[0], 1: pool.engines[1]})
+    push.started = time.monotonic()
+    push.deadline = push.started + 30
+    push.finishes = {ray.put(7): 0, ray.put(6): 1}  # engine 1 answered v6: it skipped the update
+    with pytest.raises(SyncError, match=r"after the update to v7: rollout-1 serves v6 \(stale\)") as err:
+        sync._await(push)
+    assert err.value.engines == [1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_probe_is_calibrated_and_names_an_engine_left_one_update_behind(ray_cluster, tiny_model, dtype):
+    """With no probe_tolerance set, the tolerance is PROBE_NOISE_MARGIN x the engine-learner noise measured
+    while both hold the folder's weights: a sync passes in either dtype, and an engine that missed the last
+    update is named as stale (it still matches the weights verified before)."""
+    from aha.cluster.config import PROBE_MIN_TOLERANCE
+    from aha.cluster.weight_sync import SyncError, WeightSync
+
+    namespace = f"aha-tests-probe-{dtype}"
+    group = make_group(tiny_model, 2, ranks=1, namespace=namespace, dtype=dtype)
+    pool = make_pool(tiny_model, namespace, dtype=dtype)
+    try:
+        sync = WeightSync(group, pool, WeightSyncConfig(bucket_mb=0.5), PROBES, dtype=dtype)
+        floor = sync.calibrate()
+        assert 0 <= floor < PROBE_MIN_TOLERANCE[dtype] and sync.tolerance == PROBE_MIN_TOLERANCE[dtype]
+        group.train_step(make_samples(8))
+        metrics, _ = sync.sync(1)
+        assert metrics["sync_probe_max_diff"] <= sync.tolerance
+        assert (
+            metrics["sync_probe_noise_floor"] == floor and metrics["sync_probe_tolerance"] == sync.tolerance
+        )
+        group.train_step(make_samples(8, seed=3))
+        sync.sync(2, engines=[0])  # rollout-1 keeps v1
+        with pytest.raises(SyncError, match=r"rollout-1 differs by .* matches v1, the weights before") as err:
+            sync.verify([0, 1], time.monotonic() + 60)
+        assert err.value.engines == [1]
     finally:
         pool.shutdown()
         group.shutdown()

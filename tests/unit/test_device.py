@@ -18,7 +18,7 @@ from aha.actors.weights import (
     pack_flat,
     transport_device,
 )
-from aha.cluster.config import JobConfig
+from aha.cluster.config import PROBE_MIN_TOLERANCE, JobConfig
 from aha.cluster.config_file import ConfigError, load_config
 from tests.unit.test_config import MINIMAL, write
 
@@ -36,7 +36,8 @@ def decisions(cfg: JobConfig) -> tuple:
         cfg.learner.dtype,
         cfg.weight_sync.transport,
         cfg.weight_group_backend,
-        cfg.weight_sync.probe_tolerance,
+        # the probe's tolerance: as set, or calibrated at start, never below the dtype's minimum
+        cfg.weight_sync.probe_tolerance or PROBE_MIN_TOLERANCE[cfg.learner.dtype],
     )
 
 
@@ -52,7 +53,7 @@ def decisions(cfg: JobConfig) -> tuple:
             ["learner.gpus_per_rank=0.5", "rollout.gpus_per_engine=0.5"],
             ("cuda", "nccl", "bfloat16", "object_store", "gloo", 5e-2),
         ),
-        # the dtype decides the tolerance, whatever the device
+        # the dtype decides the smallest tolerance, whatever the device
         ([*GPU, "learner.dtype=float32"], ("cuda", "nccl", "float32", "torch_dist", "nccl", 1e-3)),
         (["learner.dtype=bfloat16"], ("cpu", "gloo", "bfloat16", "object_store", "gloo", 5e-2)),
         # explicit choices are kept
@@ -76,9 +77,8 @@ def test_resolved_leaves_no_auto(tmp_path):
     for overrides in ([], GPU):
         cfg = resolved(tmp_path, overrides)
         assert "auto" not in (cfg.learner.backend, cfg.learner.dtype, cfg.weight_sync.transport)
-        assert cfg.weight_sync.probe_tolerance is not None
     unresolved = load_config(write(tmp_path, MINIMAL), GPU)
-    assert unresolved.weight_sync.probe_tolerance is None  # resolved() returns a copy
+    assert unresolved.learner.dtype == "auto"  # resolved() returns a copy
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,22 @@ def test_tensor_parallel_message_says_why(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["rollout.tensor_parallel_size=4", "rollout.gpus_per_engine=1"])
 
 
-def test_fractional_ranks_over_gloo_and_custom_resources_are_accepted(tmp_path):
+@pytest.mark.parametrize("gpus", ["0.5", "1"])
+def test_several_gpu_ranks_over_gloo_are_refused(tmp_path, gpus):
+    """gloo cannot all-gather or reduce-scatter CUDA tensors: ZeRO would fail at its first collective."""
+    overrides = ["learner.num_ranks=2", f"learner.gpus_per_rank={gpus}", "learner.backend=gloo"]
+    with pytest.raises(ConfigError, match="gloo has no all-gather or reduce-scatter for CUDA tensors"):
+        load_config(write(tmp_path, MINIMAL), overrides)
+    load_config(
+        write(tmp_path, MINIMAL), ["learner.gpus_per_rank=1", "learner.backend=gloo"]
+    )  # one rank: fine
+    load_config(write(tmp_path, MINIMAL), ["learner.num_ranks=2", "learner.backend=gloo"])  # CPU ranks: fine
+
+
+def test_custom_resources_are_accepted(tmp_path):
     cfg = load_config(
         write(tmp_path, MINIMAL),
         [
-            "learner.num_ranks=2",
-            "learner.gpus_per_rank=0.5",
-            "learner.backend=gloo",
             "rollout.resources={node_gen: 0.01}",
             "reward.resources={node_score: 1}",
             "learner.resources={node_train: 1}",
@@ -149,6 +158,57 @@ def test_engine_options_per_device():
     assert whole["gpu_memory_utilization"] == 0.9 and whole["dtype"] == "bfloat16"
     shared = engine_options(model, RolloutConfig(gpus_per_engine=0.5), seed=0, dtype="bfloat16")
     assert shared["gpu_memory_utilization"] == 0.45  # its half of the GPU, not vLLM's default 0.9 of all
+
+
+def test_kv_cache_and_cuda_graphs_follow_the_device_unless_set():
+    """On GPU a fixed KV budget would make vLLM skip measuring free memory and ignore gpu_memory_utilization:
+    only a kv_cache_gib the user sets is passed. CUDA graphs are on there; CPU runs eager."""
+    model = ModelConfig(path="m", max_model_len=64)
+    cpu = engine_options(model, RolloutConfig(), seed=0, dtype="float32")
+    assert cpu["kv_cache_memory_bytes"] == 2**30 and cpu["enforce_eager"] is True
+    gpu = engine_options(model, RolloutConfig(gpus_per_engine=1), seed=0, dtype="bfloat16")
+    assert "kv_cache_memory_bytes" not in gpu and gpu["enforce_eager"] is False
+    fixed = RolloutConfig(gpus_per_engine=1, kv_cache_gib=16, enforce_eager=True)
+    options = engine_options(model, fixed, seed=0, dtype="bfloat16")
+    assert options["kv_cache_memory_bytes"] == 16 * 2**30 and options["enforce_eager"] is True
+    small = engine_options(model, RolloutConfig(kv_cache_gib=0.25), seed=0, dtype="float32")
+    assert small["kv_cache_memory_bytes"] == 2**28
+
+
+def test_kv_cache_bytes_per_token_of_known_models():
+    from aha.cluster.preflight import kv_cache_bytes_per_token
+
+    qwen7b = {
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "hidden_size": 3584,
+    }
+    assert kv_cache_bytes_per_token(qwen7b, "bfloat16") == 56 * 1024  # 2 x 28 layers x 4 heads x 128 x 2 B
+    smollm2 = {
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "hidden_size": 576,
+    }
+    assert kv_cache_bytes_per_token(smollm2, "float32") == 2 * 30 * 3 * 64 * 4
+
+
+def test_validate_says_when_max_model_len_does_not_fit_the_kv_cache(tmp_path):
+    from aha.cluster.models import make_tiny_model
+    from aha.cluster.preflight import reference_problems
+
+    make_tiny_model(tmp_path / "tiny", seed=0)
+    base = {**MINIMAL, "model": {"path": str(tmp_path / "tiny"), "max_model_len": 4096}}
+    fits = load_config(write(tmp_path, base), [])
+    assert not [p for p in reference_problems(fits) if "kv_cache" in p]
+    tight = load_config(write(tmp_path, base), ["rollout.kv_cache_gib=0.0001"])
+    [problem] = [p for p in reference_problems(tight) if "kv_cache" in p]
+    assert (
+        "fewer than model.max_model_len 4096" in problem and "set rollout.kv_cache_gib to at least" in problem
+    )
+    on_gpu = load_config(write(tmp_path, base), GPU)  # vLLM sizes the cache from the GPU: nothing to estimate
+    assert not [p for p in reference_problems(on_gpu) if "kv_cache" in p]
 
 
 # -- torch_dist buffers ---------------------------------------------------------------------------------------------
@@ -213,18 +273,22 @@ def test_device_checksum_is_exact_in_any_chunking_and_sees_every_change():
     assert device_checksum(swapped) != device_checksum(reordered)
 
 
-def test_weight_sync_takes_its_tolerance_from_the_dtype_unless_set():
-    from aha.cluster.config import WeightSyncConfig
+def test_weight_sync_tolerance_is_the_calibrated_noise_floor_times_the_margin():
+    from types import SimpleNamespace
+
+    from aha.cluster.config import PROBE_NOISE_MARGIN, WeightSyncConfig
     from aha.cluster.weight_sync import WeightSync
 
-    def tolerance(cfg, dtype):
-        from types import SimpleNamespace
+    def tolerance(cfg, dtype, floor=None):
+        sync = WeightSync(None, SimpleNamespace(), cfg, [], dtype=dtype)
+        sync.noise_floor = floor
+        return sync.tolerance
 
-        return WeightSync(None, SimpleNamespace(), cfg, [], dtype=dtype).tolerance
-
-    assert tolerance(WeightSyncConfig(), "float32") == 1e-3
+    assert tolerance(WeightSyncConfig(), "float32") == 1e-3  # not calibrated: the dtype's minimum
     assert tolerance(WeightSyncConfig(), "bfloat16") == 5e-2
-    assert tolerance(WeightSyncConfig(probe_tolerance=0.3), "bfloat16") == 0.3
+    assert tolerance(WeightSyncConfig(), "float32", floor=2e-6) == 1e-3  # never below the minimum
+    assert tolerance(WeightSyncConfig(), "bfloat16", floor=0.4) == pytest.approx(PROBE_NOISE_MARGIN * 0.4)
+    assert tolerance(WeightSyncConfig(probe_tolerance=0.3), "bfloat16", floor=0.4) == 0.3  # set: kept
 
 
 def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
