@@ -21,7 +21,14 @@ from aha.actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, Sam
 from aha.actors.prompts import encode_prompt
 from aha.actors.records import Prompt, Trajectory
 from aha.actors.remote import start_named_actor
-from aha.actors.weights import WeightBucket, open_weight_group, read_shm, receive_bucket, transport_device
+from aha.actors.weights import (
+    WeightBucket,
+    close_weight_group,
+    open_weight_group,
+    read_shm,
+    receive_bucket,
+    transport_device,
+)
 
 
 class EngineError(RuntimeError):
@@ -139,6 +146,7 @@ class RolloutWorker:
         self.version = 0
         self.updating_to: int | None = None
         self.reload: _StreamingReload | None = None
+        self.weight_group = None  # torch_dist: the process group with learner rank 0
         started = time.perf_counter()
         self.llm = LLM(**engine_options(model, cfg, seed, dtype))
         vllm_internals.check(self.llm)  # before anything relies on them
@@ -327,14 +335,27 @@ class RolloutWorker:
         if bucket.transport == "shm":
             read_shm(bucket)
         elif bucket.transport == "torch_dist":
-            receive_bucket(self.weight_group, bucket, self.weight_device)  # into GPU memory under NCCL
+            try:
+                receive_bucket(self.weight_group, bucket, self.weight_device)  # into GPU memory under NCCL
+            except Exception as e:
+                self._abandon_update()  # the group is broken: the sync rebuilds it with the engines left
+                close_weight_group(self.weight_group)
+                self.weight_group = None
+                raise EngineError(
+                    f"{self.name}: receiving bucket {bucket.index} of v{bucket.version}: {e}"
+                ) from e
         if not bucket.verify():
-            self.updating_to = None
-            with suppress(Exception):  # the checksum is the error to report
-                self._end_reload()  # modules already loaded keep the new weights, the rest the old
+            self._abandon_update()
             raise EngineError(f"{self.name}: bucket {bucket.index} of v{bucket.version} failed its checksum")
         self.reload.feed(bucket)
         return bucket.nbytes
+
+    def _abandon_update(self) -> None:
+        """Stop an update that failed: modules already loaded keep the new weights, the rest the old (the
+        sync's error says why; the next update loads every module again)."""
+        self.updating_to = None
+        with suppress(Exception):
+            self._end_reload()
 
     def _end_reload(self) -> None:
         """End the open reload pass, if any, and wait for it; re-raises its error."""
@@ -345,7 +366,10 @@ class RolloutWorker:
     def open_weight_group(
         self, address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str
     ) -> None:
-        """Join the process group with learner rank 0 used by the torch_dist weight transport."""
+        """Join the process group with learner rank 0 used by the torch_dist weight transport (a new one
+        replaces the last, which is released)."""
+        close_weight_group(self.weight_group)
+        self.weight_group = None
         self.weight_group = open_weight_group(address, port, rank, world_size, timeout_s, backend)
         self.weight_device = transport_device(backend)
 

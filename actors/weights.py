@@ -12,10 +12,13 @@ learner packs and checksums on its GPU, the engine receives and checksums on its
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,27 +212,58 @@ def read_shm(bucket: WeightBucket) -> WeightBucket:
     return bucket.fill_from_flat(np.fromfile(bucket.path, dtype=np.uint8))
 
 
-def open_weight_group(address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):
+@dataclass
+class WeightGroup:
+    """The torch_dist transport's process group and the bound on each of its broadcasts."""
+
+    pg: Any
+    timeout: timedelta
+
+
+def open_weight_group(
+    address: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str
+) -> WeightGroup:
     """A process group of learner rank 0 (rank 0, hosts the store) and the engines (ranks 1..N), separate from
     DeepSpeed's: gloo on CPU, NCCL on GPU. Blocks until every member has joined."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout  # how torch's own new_group sets it: a stuck collective fails, never hangs
-        return dist.ProcessGroupNCCL(store, rank, world_size, options)
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "gloo":
+        return WeightGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout  # how torch's own new_group sets it
+    # NCCL's watchdog would tear the whole process down when a broadcast of this group times out (a member died
+    # mid-sync); this group's failures are the sync's to handle: `broadcast_buffer` raises, `close_weight_group`
+    # aborts. Read once, by the constructor: DeepSpeed's own group keeps the process's setting.
+    saved = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+    try:
+        return WeightGroup(dist.ProcessGroupNCCL(store, rank, world_size, options), timeout)
+    finally:
+        if saved is None:
+            del os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
+        else:
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = saved
 
 
-def broadcast_buffer(group, buffer: torch.Tensor) -> torch.Tensor:
+def broadcast_buffer(group: WeightGroup, buffer: torch.Tensor) -> torch.Tensor:
     """Rank 0 sends `buffer`; every other member receives into its `buffer` (same size, same device kind).
-    Returns once the bytes are there (on a GPU, `wait` only orders the stream: synchronize)."""
-    group.broadcast(buffer, 0).wait()
-    if buffer.device.type == "cuda":
+    Returns once the bytes are there; raises when they are not there within the group's timeout (a member died
+    or hangs)."""
+    group.pg.broadcast(buffer, 0).wait(group.timeout)
+    if buffer.device.type == "cuda":  # `wait` orders the stream; the bytes are there once it has run
         torch.cuda.current_stream(buffer.device).synchronize()
     return buffer
+
+
+def close_weight_group(group: WeightGroup | None) -> None:
+    """Release a weight group, failed or replaced: NCCL's communicators are aborted (a collective stuck on a dead
+    member would hold the GPU), gloo's connections close with the object."""
+    abort = getattr(group.pg, "abort", None) if group is not None else None
+    if abort is not None:
+        with suppress(Exception):  # already broken: nothing more to release
+            abort()
 
 
 def receive_bucket(group, bucket: WeightBucket, device: torch.device) -> WeightBucket:

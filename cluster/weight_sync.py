@@ -50,11 +50,12 @@ from aha.learner.group import LearnerError, LearnerGroup
 
 
 class SyncError(EngineError):
-    """A sync failed on some engines; `engines` holds their pool indices."""
+    """A sync failed on some engines; `engines` holds their pool indices, `died` those whose process is gone."""
 
-    def __init__(self, message: str, engines: list[int]):
+    def __init__(self, message: str, engines: list[int], died: list[int] | None = None):
         super().__init__(message)
         self.engines = engines
+        self.died = died or []
 
 
 class WeightSync:
@@ -73,7 +74,9 @@ class WeightSync:
         self.probe_ids = [ids[-cfg.probe_tokens :] for ids in probe_ids]
         self.min_tolerance = PROBE_MIN_TOLERANCE[dtype]
         self.noise_floor: float | None = None  # set by `calibrate`
-        self._verified: tuple[int, list[list[float]]] | None = None  # the last version verified, its logprobs
+        self._verified: dict[
+            int, list[list[float]]
+        ] = {}  # the learner's probe logprobs of the last versions verified
         self.transport = "object_store" if cfg.transport == "auto" else cfg.transport
         self.shm_dir = (
             tempfile.mkdtemp(prefix="aha-weights-", dir="/dev/shm") if self.transport == "shm" else None
@@ -98,7 +101,7 @@ class WeightSync:
         engines = [i for i, _ in self.pool.live_engines()]
         expected, got = self._probe(engines, time.monotonic() + self.cfg.timeout_s)
         self.noise_floor = max((_max_diff(g, expected) for g in got.values()), default=0.0)
-        self._verified = (0, expected)  # the model folder's weights are version 0
+        self._remember(0, expected)  # the model folder's weights are version 0
         return self.noise_floor
 
     # -- the sync ------------------------------------------------------------------------------------------------
@@ -184,14 +187,19 @@ class WeightSync:
                 self._check_learner(push.version)  # engines fail to fetch buckets whose owner died
                 if self.cfg.on_engine_failure != "restart" or not e.engines:
                     raise
-                for i in e.engines:
+                lost = e.engines
+                if self.transport == "torch_dist" and e.died:
+                    # one member's death breaks the broadcast for all: only the dead are replaced, the others
+                    # join the rebuilt group
+                    lost = [i for i in e.engines if i in e.died]
+                for i in lost:
                     # an engine that died generating was replaced by the pool already: no second restart
                     self.pool.engine_lost(
                         i, f"failed the weight sync to v{push.version}: {e}", push.engines[i]
                     )
-                failed += e.engines
+                failed += lost
                 self._group_members = None  # a torch_dist group must be rebuilt without them
-                push = self._new_push(push.version, [i for i in push.targets if i not in e.engines])
+                push = self._new_push(push.version, [i for i in push.targets if i not in lost])
                 begun = None
                 continue
             self.pool.mark_synced(push.targets)
@@ -306,8 +314,13 @@ class WeightSync:
                 bad,
             )
         if version is not None:
-            self._verified = (version, expected)
+            self._remember(version, expected)
         return max(diffs.values(), default=0.0)
+
+    def _remember(self, version: int, expected: list[list[float]]) -> None:
+        self._verified[version] = expected
+        while len(self._verified) > 2:  # enough to tell an engine one update behind
+            del self._verified[min(self._verified)]
 
     def _probe(
         self,
@@ -327,10 +340,9 @@ class WeightSync:
 
     def _mismatch(self, i: int, diff: float, got: list[list[float]]) -> str:
         text = f"{self.pool.name(i)} differs by {diff:.3g}"
-        if self._verified is not None:
-            version, before = self._verified
-            if _max_diff(got, before) <= self.tolerance:
-                text += f" and matches v{version}, the weights before this update: stale"
+        for version in sorted(self._verified, reverse=True):
+            if _max_diff(got, self._verified[version]) <= self.tolerance:
+                return text + f" and matches v{version}, the weights before this update: stale"
         return text
 
     def close(self) -> None:
@@ -374,7 +386,7 @@ class WeightSync:
         try:
             results = await_calls(refs, self.cfg.timeout_s, what, name, deadline=deadline)
         except CallError as e:
-            raise SyncError(str(e), [i for i in e.failed if i >= 0]) from None
+            raise SyncError(str(e), [i for i in e.failed if i >= 0], [i for i in e.died if i >= 0]) from None
         if keep_order:
             results = [r for _, r in sorted(zip(refs.values(), results), key=lambda pair: pair[0])]
         return results
