@@ -30,7 +30,9 @@ CPU_KV_CACHE_GIB = 1.0
 
 class ModelConfig(Section):
     path: str = Field(min_length=1, max_length=4096)
-    """Hugging Face causal LM folder (config.json, safetensors, tokenizer); relative to the working dir."""
+    """A Hugging Face causal LM folder (relative to the working dir), or a Hub id org/name[@revision] (docs/quickstart.md)."""
+    source: str | None = Field(None, max_length=4096)
+    """Set by aha, not by you: the Hub id@commit that path was resolved from (None for a local folder)."""
     chat_template: bool = False
     """Wrap each prompt in the tokenizer's chat template before generation."""
     max_model_len: int = Field(512, ge=16, le=1 << 21, strict=True)
@@ -71,7 +73,7 @@ class RolloutConfig(Section):
     resources: CustomResources = Field(default_factory=dict)
     """Ray custom resources each engine asks for, e.g. `{node_type_gen: 0.01}` (docs/scaling.md)."""
     spread: bool = False
-    """Place engines (restarted ones too) on different nodes where Ray can; default: Ray's packing."""
+    """Engines' placement-group bundles spread over nodes where Ray can (SPREAD); default: packed (PACK)."""
     tensor_parallel_size: int = Field(1, ge=1, le=64, strict=True)
     """GPUs one engine shards the model over; only 1 is supported (docs/scaling.md#from-cpu-to-gpu)."""
     threads_per_engine: int = Field(1, ge=1, le=1024, strict=True)

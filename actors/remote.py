@@ -81,3 +81,20 @@ def await_calls(
             f"{', '.join(name(k) for k in missing)}: no answer to {what} within {timeout_s:.0f} s", missing
         )
     return [results[r] for r in refs]
+
+
+def placement_bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
+    """One actor's bundle: its CPUs, GPUs (if any) and custom resources (node types)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **resources}
+
+
+def reserve_placement_group(bundle: dict[str, float], count: int, strategy: str, timeout_s: float):
+    """A placement group of `count` copies of `bundle`, once Ray has placed it; None (and nothing left
+    reserved) when the cluster cannot hold it within `timeout_s`."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy)
+    if group.wait(timeout_seconds=timeout_s):
+        return group
+    remove_placement_group(group)
+    return None

@@ -21,7 +21,7 @@ from typing import Any
 from aha.actors.config import EnvironmentConfig, ModelConfig, RolloutConfig, SamplingConfig
 from aha.actors.engine import EngineError, RolloutWorker
 from aha.actors.records import Prompt, Trajectory
-from aha.actors.remote import await_calls, start_named_actor
+from aha.actors.remote import await_calls, placement_bundle, reserve_placement_group, start_named_actor
 
 __all__ = ["Completed", "EngineError", "RolloutPool", "chunk_seed"]
 
@@ -86,6 +86,7 @@ class RolloutPool:
         self.environment = environment  # episodes against it instead of single completions
         self.restarts_need_weights = restarts_need_weights
         self._base_dir = os.getcwd()  # where a `file.py:Class` environment is looked up
+        self.placement_group: Any = None  # one bundle per engine (`_reserve`)
         self.engines: list[Any] = [None] * cfg.num_engines  # actor handles, None while down
         self.alive: list[bool] = [False] * cfg.num_engines  # serving (restarted ones: once synced)
         self.restarts: list[int] = [0] * cfg.num_engines
@@ -101,8 +102,25 @@ class RolloutPool:
         return f"rollout-{i}"
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
+    def _reserve(self) -> None:
+        """One placement-group bundle per engine, packed on as few nodes as fit, or spread over nodes
+        (`rollout.spread`); engine i, and each replacement of it, runs in bundle i. Ray re-places the bundles of
+        a lost node, and a replacement engine waits for its bundle."""
+        cfg = self.cfg
+        bundle = placement_bundle(cfg.cpus_per_engine, cfg.gpus_per_engine, cfg.resources)
+        strategy = "SPREAD" if cfg.spread else "PACK"
+        self.placement_group = reserve_placement_group(
+            bundle, cfg.num_engines, strategy, cfg.startup_timeout_s
+        )
+        if self.placement_group is None:
+            raise EngineError(
+                f"placement group of {cfg.num_engines} x {bundle} not scheduled within "
+                f"{cfg.startup_timeout_s:.0f} s: the cluster lacks the resources (see rollout.* in the config)"
+            )
+
     def _spawn(self, i: int):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from aha.actors.runtime import actor_runtime_env
 
@@ -111,7 +129,7 @@ class RolloutPool:
             num_cpus=self.cfg.cpus_per_engine,
             num_gpus=self.cfg.gpus_per_engine,
             resources=self.cfg.resources or None,  # custom resources pin engines to node types
-            scheduling_strategy="SPREAD" if self.cfg.spread else "DEFAULT",
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
             runtime_env=actor_runtime_env(self.cfg.threads_per_engine, gpus=self.cfg.gpus_per_engine),
             max_restarts=0,
         )
@@ -131,6 +149,7 @@ class RolloutPool:
 
     def start(self) -> None:
         """Start every engine and wait until each answers, or fail naming the ones that did not."""
+        self._reserve()
         for i in range(self.cfg.num_engines):
             self.engines[i] = self._spawn(i)
         self._await_ready(range(self.cfg.num_engines))
@@ -248,6 +267,11 @@ class RolloutPool:
         self.alive = [False] * self.cfg.num_engines
         self._starting.clear()
         self._unsynced.clear()
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
 
     def live_engines(self) -> list[tuple[int, Any]]:
         return [(i, e) for i, e in enumerate(self.engines) if self.alive[i]]

@@ -21,8 +21,6 @@ def cache_dir() -> Path:
 def base_env() -> dict[str, str]:
     root = cache_dir()
     return {
-        "HF_HUB_OFFLINE": "1",  # never reach a hub at run time
-        "TRANSFORMERS_OFFLINE": "1",
         "VLLM_CACHE_ROOT": str(root / "vllm"),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the actor's own process: starts several times faster
         "VLLM_CONFIGURE_LOGGING": "0",
@@ -37,6 +35,23 @@ def base_env() -> dict[str, str]:
         "RAY_DEDUP_LOGS": "0",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
+
+
+HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def hub_env() -> dict[str, str]:
+    """The user's Hugging Face settings (every HF_* variable, and TRANSFORMERS_OFFLINE) as they are, for the
+    actors. Actors read model.path, a local folder once the driver has resolved a Hub id, so they need no Hub:
+    unless the user set HF_HUB_OFFLINE they run offline, and nothing they load reaches the network unnoticed.
+    A token stays out of the runtime_env, which the Ray dashboard shows (an actor still finds HF_HOME/token)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith("HF_") or k == "TRANSFORMERS_OFFLINE") and k not in HUB_TOKENS
+    }
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
 
 
 def apply_base_env() -> None:
@@ -56,9 +71,9 @@ def accelerator_env(gpus: float) -> dict[str, str]:
 def actor_runtime_env(
     threads: int = 1, extra: dict[str, str] | None = None, gpus: float = 0.0
 ) -> dict[str, Any]:
-    """runtime_env for one actor: the base env, the accelerator of its device and explicit thread counts (Ray
-    sets OMP_NUM_THREADS=1)."""
-    env = {**base_env(), **accelerator_env(gpus)}
+    """runtime_env for one actor: the base env, the user's Hugging Face settings, the accelerator of its device
+    and explicit thread counts (Ray sets OMP_NUM_THREADS=1)."""
+    env = {**base_env(), **hub_env(), **accelerator_env(gpus)}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.update(extra or {})
     return {"env_vars": env}

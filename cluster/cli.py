@@ -14,6 +14,7 @@ examples:
   aha validate deploy/examples/cpu_demo.yaml                      check a config, print it resolved
   aha run deploy/examples/cpu_demo.yaml schedule.steps=20         run locally (starts Ray if no address)
   aha run deploy/examples/cpu_demo.yaml --resume                  continue from the last checkpoint
+  aha export runs/cpu-demo --to exports/cpu-demo                  the final model + a model card (README.md)
   aha generate deploy/examples/cpu_demo.yaml generate.prompts=500   sample, score, filter into a dataset
   aha submit deploy/examples/cpu_demo.yaml --address http://HEAD:8265   submit to a Ray cluster (Ray Jobs)
   aha make-tiny-model models/tiny                                 write a tiny random model + tokenizer
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the contents of an existing run dir that `aha run` did not create",
+        help="delete what the run dir holds (an earlier run's checkpoints and final model, or a folder "
+        "`aha run` did not create) and start over",
     )
 
     p = sub.add_parser(
@@ -83,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", required=True, help="Ray dashboard URL")
         if verb == "logs":
             p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+
+    p = sub.add_parser(
+        "export",
+        help="copy a run's final model to a folder with a model card; optionally upload it to the Hub",
+    )
+    p.add_argument("run_dir", help="the run directory (logging.run_dir), holding final_model/")
+    p.add_argument("--to", required=True, help="folder to write (must not exist, or be empty)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the folder to this Hub model repo")
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model with a character tokenizer")
     p.add_argument("path")
@@ -165,6 +175,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.verb == "logs":
             return jobs.job_logs(args.job_id, args.address, follow=args.follow)
         return getattr(jobs, f"job_{args.verb}")(args.job_id, args.address)
+    if args.verb == "export":
+        from aha.cluster.export import export, push_to_hub
+
+        folder = export(args.run_dir, args.to)
+        print(folder)
+        if args.push_to_hub:
+            print(push_to_hub(folder, args.push_to_hub))
+        return 0
     if args.verb == "make-tiny-model":
         from aha.cluster.models import make_tiny_model
 

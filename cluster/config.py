@@ -242,8 +242,8 @@ class ScheduleConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
-    """Save every k steps (0 = only at the end)."""
+    every: int | None = Field(None, ge=0, le=MAX_ITEMS, strict=True)
+    """Save every k steps; None: every max(1, schedule.steps // 10), about 10% of the run; 0: only at the end."""
     keep: int = Field(2, ge=1, le=10_000, strict=True)
     """Checkpoints kept on disk."""
     export_hf: bool = True
@@ -539,13 +539,15 @@ class JobConfig(Section):
 
     def resolved(self) -> JobConfig:
         """A copy with every "auto" (and None that means auto) replaced by the value derived from the
-        requested devices."""
+        requested devices (checkpoint.every: from schedule.steps)."""
         cfg = self.model_copy(deep=True)
         gpu = cfg.device == "cuda"
         if cfg.learner.backend == "auto":
             cfg.learner.backend = "nccl" if gpu else "gloo"
         if cfg.learner.dtype == "auto":
             cfg.learner.dtype = "bfloat16" if gpu else "float32"
+        if cfg.checkpoint.every is None:  # a crash loses at most about a tenth of the run
+            cfg.checkpoint.every = max(1, cfg.schedule.steps // 10)
         if cfg.weight_sync.transport == "auto":
             # NCCL between GPUs beats the object store; over gloo the object store is faster (bench/weight_sync.py)
             nccl = cfg.weight_group_backend == "nccl"

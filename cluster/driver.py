@@ -31,6 +31,7 @@ from aha.cluster.config import JobConfig
 from aha.cluster.config_file import dump_config
 from aha.cluster.data import PromptSource, make_source, read_demonstrations
 from aha.cluster.files import write_atomic
+from aha.cluster.hub import resolve_model
 from aha.cluster.metrics import MetricsLogger, write_report
 from aha.cluster.monitor import environment_metrics, trajectory_metrics
 from aha.cluster.preflight import check_cluster_resources, prepare_run_dir
@@ -57,6 +58,7 @@ class RunState:
     engine_restarts: int = 0  # rollout engines replaced so far (summed over resumes)
     eval_start: float | None = None  # held-out accuracy before imitation
     eval_after_imitation: float | None = None
+    steps_short: int = 0  # steps that trained on fewer groups than schedule.prompts_per_step
 
 
 class Run:
@@ -70,6 +72,7 @@ class Run:
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
         self.last_accuracy: float | None = None  # of this process's latest evaluation (the progress bar's)
         self._begun_sync: PendingSync | None = None  # the step's weight sync, begun while the learner trains
+        self.stopped_early: str | None = None  # why trial and error ended before schedule.steps
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def start(self, resume: bool, overwrite: bool = False) -> None:
@@ -115,7 +118,8 @@ class Run:
         self.rewards = RewardPool(cfg.reward, self.namespace, batch_size=max(32, per_worker))
         # In the driver's process: the driver is its only user, so an actor would only add pickling both ways
         self.buffer = ReplayBuffer(cfg.buffer, cfg.rollout.samples_per_prompt)
-        self.pool.start()
+        self.group.reserve()  # the learner's ranks first: packed on the fewest nodes, before engines take room
+        self.pool.start()  # engines before the ranks load: vLLM checks at start that its GPU share is free
         self.group.start()
         probes = [self._encode(p) for p in self.source.eval_prompts(cfg.weight_sync.probe_sequences)]
         self.sync = WeightSync(
@@ -227,15 +231,15 @@ class Run:
             **{f"eval/{k}": v for k, v in environment_metrics(scored).items()},
         }
 
-    def _score_and_store(self, done) -> int:
+    def _score_and_store(self, done) -> list[Trajectory]:
         if done.failed:
             self.state.failed_prompts += list(done.failed)
         if not done.trajectories:
-            return 0
+            return []
         self.tokens_generated += sum(len(t.completion_ids) for t in done.trajectories)
         scored = self.rewards.score(done.trajectories)
         self.buffer.add(scored)
-        return len(scored)
+        return scored
 
     def _submit_prompts(self, count: int) -> None:
         prompts = self.source.train_prompts(self.state.cursor, count)
@@ -302,29 +306,51 @@ class Run:
 
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
         """Generate and score until the buffer holds `num_groups` fresh complete groups; take them. Refills
-        (dynamic sampling, stale or failed prompts) are bounded by `buffer.max_refills`."""
+        (dynamic sampling, stale or failed prompts) are bounded by `buffer.max_refills`; past them the step takes
+        the groups it has (`short_groups` counts the missing ones). With none at all: `NoLearningSignal` when
+        dynamic sampling dropped them (a task always or never solved), else an error naming the cause."""
         started = time.perf_counter()
         per_step = self.cfg.schedule.prompts_per_step
         stats_before = self.buffer.stats()
         failed_before = len(self.state.failed_prompts)
+        rewards: list[float] = []  # of every sample scored here
         rounds = 0
         while (ready := self.buffer.num_ready(self.state.version)) < num_groups:
             if not self.pool.pending():  # first submission, or a refill after drops
                 if rounds > self.cfg.buffer.max_refills:
-                    stats = self.buffer.stats()
-                    failed = self.state.failed_prompts[failed_before:]
-                    raise RuntimeError(
+                    shortfall = (
                         f"step {self.state.step + 1}: {rounds} rounds of {per_step} prompts gave {ready} of the "
-                        f"{num_groups} groups a step needs (buffer.max_refills={self.cfg.buffer.max_refills}): "
-                        + _refill_cause(stats_before, stats, len(failed))
+                        f"{num_groups} groups a step needs (buffer.max_refills={self.cfg.buffer.max_refills})"
                     )
+                    failed = len(self.state.failed_prompts) - failed_before
+                    self._short_of_groups(shortfall, ready, stats_before, failed, rewards)
+                    break
                 self._submit_prompts(per_step)
                 rounds += 1
             for done in self._next_chunks():
-                self._score_and_store(done)
+                rewards += [t.reward for t in self._score_and_store(done)]
         groups = self.buffer.take(num_groups, self.state.version)
+        if len(groups) < num_groups:
+            self.state.steps_short += 1
         elapsed = time.perf_counter() - started
-        return groups, {"generate_score_s": elapsed}
+        return groups, {"generate_score_s": elapsed, "short_groups": float(num_groups - len(groups))}
+
+    def _short_of_groups(
+        self, shortfall: str, ready: int, before: dict[str, float], failed: int, rewards: list[float]
+    ) -> None:
+        """A step past its refills: with some groups it trains on them (one line says so); with none it raises
+        `NoLearningSignal` when dynamic sampling dropped every group, else a RuntimeError naming the cause."""
+        after = self.buffer.stats()
+        if ready:
+            print(
+                f"aha: {shortfall}; it trains on those {ready}: {_refill_cause(before, after, failed)}",
+                flush=True,
+            )
+            return
+        if after["buffer_dropped_zero_variance"] > before["buffer_dropped_zero_variance"] and not failed:
+            verdict = _equal_rewards_verdict(rewards, self.cfg.schedule.eval_threshold)
+            raise NoLearningSignal(f"{shortfall}: {verdict}")
+        raise RuntimeError(f"{shortfall}: {_refill_cause(before, after, failed)}")
 
     @contextmanager
     def _naming_step(self, what: str):
@@ -351,7 +377,16 @@ class Run:
         progress = _progress(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
         while self.state.step < sched.steps:
             with self._naming_step(f"trial-and-error step {self.state.step + 1} of {sched.steps}"):
-                self._train_one_step(progress)
+                try:
+                    self._train_one_step(progress)
+                except NoLearningSignal as e:  # nothing left to learn from: end as a finished run does
+                    self.stopped_early = str(e)
+                    print(
+                        f"aha: {e}. Trial and error ends here, after {self.state.step} of {sched.steps} steps; "
+                        "the run finishes with its final evaluation, checkpoint and export",
+                        flush=True,
+                    )
+                    break
         progress.close()
 
     def _train_one_step(self, progress) -> None:
@@ -458,10 +493,29 @@ class Run:
         if run.get("rng") is not None:
             self.rng.setstate(_tuplify(run["rng"]))
         self.buffer.load_state_dict(client_state["buffer"])
+        if self.state.step > 0 and self._snapshots_reference():
+            reference = self._reference_path()
+            if not reference.is_file():
+                raise FileNotFoundError(
+                    f"{reference} is missing: the KL reference of this run (the weights trial and error started "
+                    "from, algorithm.kl_reference: rl_start) cannot be restored. Resume with "
+                    "algorithm.kl_reference=model to take model.path as the reference"
+                )
+            self.group.load_reference(str(reference))
         print(
             f"aha: resumed from {tag} (step {self.state.step}, version {self.state.version}, cursor {self.state.cursor})"
         )
         self.sync.sync(self.state.version)
+
+    def _snapshots_reference(self) -> bool:
+        """Whether the KL reference is a snapshot of the learner when trial and error starts, not model.path as
+        the ranks loaded it (the two differ only after imitation)."""
+        algo = self.cfg.algorithm
+        return algo.kl_coef > 0 and algo.kl_reference == "rl_start" and self.cfg.imitation.steps > 0
+
+    def _reference_path(self) -> Path:
+        """Where rank 0 keeps that snapshot for a resume: written once, as trial and error starts."""
+        return self.run_dir / "checkpoints" / "reference.safetensors"
 
     # -- the whole run ----------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -478,7 +532,11 @@ class Run:
                 self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
         from aha.actors.rollout import EngineError
 
+        if self.state.step == 0 < self.cfg.schedule.steps and self._snapshots_reference():
+            self.group.snapshot_reference(str(self._reference_path()))
         self.train()
+        if self.stopped_early is not None and not self._syncs_after(self.state.step):
+            self._sync()  # the final evaluation samples from the last trained weights
         # an engine restarted late in the run (in async mode its restart overlaps the last steps) is brought up
         # before the final evaluation, so the run ends with every engine it could restart serving
         try:
@@ -514,6 +572,8 @@ class Run:
             "reward_errors": self.rewards.metrics(),
             "final_model": export,
             "final_adapter": adapter,
+            "steps_short": self.state.steps_short,
+            "stopped_early": self.stopped_early,
         }
         write_report(self.run_dir, summary)
         return summary
@@ -530,6 +590,26 @@ class Run:
             self.sync.close()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+class NoLearningSignal(Exception):
+    """A step found no group whose samples differ in reward, within buffer.max_refills: trial and error ends."""
+
+
+def _equal_rewards_verdict(rewards: list[float], threshold: float) -> str:
+    """What a round of groups dropped for equal rewards says about the task, from the rewards scored."""
+    solved = sum(r >= threshold for r in rewards)
+    if rewards and solved == len(rewards):
+        return (
+            "every sample of every new prompt was correct (buffer.drop_zero_variance dropped each group): the "
+            "task is saturated"
+        )
+    if rewards and not solved:
+        return (
+            "no sample of any new prompt was correct (buffer.drop_zero_variance dropped each group): the model "
+            "never solves these prompts"
+        )
+    return "each new prompt's samples got equal rewards (buffer.drop_zero_variance dropped each group)"
 
 
 def learner_sampling(cfg: JobConfig):
@@ -591,7 +671,7 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
 def run(cfg: JobConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """`aha run`: start Ray (local unless cluster.address), the actors, and run imitation then trial and error."""
     apply_base_env()
-    job = Run(cfg)
+    job = Run(resolve_model(cfg))  # a Hub id becomes its local snapshot: the actors read only that folder
     try:
         job.start(resume, overwrite)
         summary = job.execute()

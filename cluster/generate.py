@@ -384,10 +384,11 @@ def generate(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
     from aha.actors.reward import RewardPool
     from aha.actors.rollout import RolloutPool
     from aha.actors.runtime import apply_base_env
+    from aha.cluster.hub import resolve_model
     from aha.cluster.runtime import init_ray
 
     apply_base_env()
-    cfg = cfg.resolved()
+    cfg = resolve_model(cfg).resolved()  # a Hub id becomes its local snapshot folder
     gen = cfg.generate
     if not Path(cfg.model.path, "config.json").is_file():
         raise FileNotFoundError(f"model.path {cfg.model.path!r} has no config.json")

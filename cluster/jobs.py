@@ -27,6 +27,7 @@ from typing import Any
 
 from aha.cluster.config import JobConfig, JsonlData
 from aha.cluster.config_file import ConfigError, load_config
+from aha.cluster.hub import hub_id, hub_problem
 from aha.cluster.preflight import file_problem, model_problem
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -100,6 +101,11 @@ def job_request(
         local = root / path
         if pattern is not None:
             problems.append(f"{key}: {path} is excluded from the upload by {pattern!r}")
+        elif not local.exists() and key == "model.path" and (ref := hub_id(path)) is not None:
+            if problem := hub_problem(*ref):  # else a Hub id, resolved by the job's driver on the cluster
+                problems.append(
+                    f"{key}: {path} does not exist in {root}, and as a Hugging Face Hub id: {problem}"
+                )
         elif not local.exists():
             problems.append(f"{key}: {path} does not exist in {root}")
         elif problem := (model_problem if key == "model.path" else file_problem)(str(local)):

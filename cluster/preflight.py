@@ -1,11 +1,14 @@
 """Checks before anything starts, so that a job either fails in seconds with exit 2 or runs to the end.
 
 - `reference_problems`: what the config names exists and fits: reward functions import and accept their
-  kwargs, the model folder has config.json, data and demonstration files are readable JSONL. No Ray.
+  kwargs, the model folder has config.json (or the Hub id resolves: cluster/hub.py), data and demonstration
+  files are readable JSONL. No Ray.
   `aha validate`, `aha run` and `aha generate` run it (`aha validate --no-check-files` skips the file checks,
   for a config meant for another machine).
-- `run_dir_refusal` / `prepare_run_dir`: `aha run` never deletes a folder it did not create. Folders it
-  creates hold a `.aha-run` marker; an existing non-empty folder without it is refused unless `--overwrite`.
+- `run_dir_refusal` / `prepare_run_dir`: `aha run` never deletes a folder it did not create, nor a run that
+  has a final model or a checkpoint. Folders it creates hold a `.aha-run` marker; an existing non-empty folder
+  without it, or one holding `final_model/` or `checkpoints/latest_run`, is refused unless `--resume` or
+  `--overwrite`.
 - `resource_problems`: the job's resource totals against the Ray cluster's (after `ray.init`, before any actor
   starts), naming which actors ask for what. Without an autoscaler, a request the cluster cannot hold would
   otherwise wait for a start-up timeout and then fail without saying why.
@@ -25,6 +28,7 @@ from typing import Any
 from aha.actors.schema import shorten
 from aha.cluster.config import AdditionData, JobConfig, JsonlData, ReasoningGymData, regex_problem
 from aha.cluster.config_file import ConfigError
+from aha.cluster.hub import hub_id, hub_problem
 
 # ---------------------------------------------------------------------------------------------------------------
 # files
@@ -48,6 +52,16 @@ def file_problem(path: str) -> str | None:
 
 
 def model_problem(path: str) -> str | None:
+    """Why `path` is not a usable model: a local folder, or a Hub id that the Hub (or, offline, the cache)
+    holds (cluster/hub.py)."""
+    if (ref := hub_id(path)) is not None:
+        problem = hub_problem(*ref)
+        if problem is None:
+            return None
+        return (
+            f"no such folder here (`aha make-tiny-model {path}` writes a tiny one), and as a Hugging Face Hub "
+            f"id: {problem}"
+        )
     if not os.path.exists(path):
         return f"not found (make one with `aha make-tiny-model {path}`, or point model.path at a Hugging Face model folder)"
     if not os.path.isdir(path):
@@ -330,13 +344,30 @@ RUN_MARKER = ".aha-run"
 """Written into every run directory `aha run` creates; only such folders are ever deleted by it."""
 
 
+def kept_results(path: Path) -> list[str]:
+    """What in run directory `path` a plain rerun must not delete: its final model and its checkpoints."""
+    kept = []
+    if (path / "final_model").is_dir():
+        kept.append("a final model (final_model/)")
+    if (path / "checkpoints" / "latest_run").is_file():
+        kept.append("checkpoints (checkpoints/latest_run)")
+    return kept
+
+
 def run_dir_refusal(path: Path, resume: bool, overwrite: bool) -> str | None:
     """Why `aha run` must not use `path` as its run directory, or None."""
     if not path.exists():
         return None
     if not path.is_dir():
         return f"logging.run_dir {path} exists and is not a folder"
-    if resume or overwrite or (path / RUN_MARKER).is_file() or not any(path.iterdir()):
+    if resume or overwrite:
+        return None
+    if kept := kept_results(path):
+        return (
+            f"logging.run_dir {path} holds a run with {' and '.join(kept)}: pass --resume to continue it, or "
+            "--overwrite to delete it and start over (or keep it: change name= or logging.run_dir)"
+        )
+    if (path / RUN_MARKER).is_file() or not any(path.iterdir()):
         return None
     return (
         f"logging.run_dir {path} exists, is not empty and was not created by `aha run` (no {RUN_MARKER} in it): "
@@ -345,8 +376,8 @@ def run_dir_refusal(path: Path, resume: bool, overwrite: bool) -> str | None:
 
 
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool = False) -> None:
-    """Create the run directory, marked as aha's. A new run replaces a folder aha created (or, with
-    `overwrite`, one it did not); `resume` keeps everything."""
+    """Create the run directory, marked as aha's. A new run replaces a folder aha created that holds no final
+    model or checkpoint (with `overwrite`, any folder); `resume` keeps everything."""
     refusal = run_dir_refusal(path, resume, overwrite)
     if refusal:
         raise ConfigError(refusal)
@@ -357,7 +388,9 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool = False) -> None:
             else:
                 child.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    (path / RUN_MARKER).write_text("created by aha run; `aha run` replaces this folder on a new run\n")
+    (path / RUN_MARKER).write_text(
+        "created by aha run; a new `aha run` replaces this folder unless it holds a final model or checkpoints\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

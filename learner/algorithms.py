@@ -214,15 +214,31 @@ class LossOutputs:
       kl             the KL estimate to the reference (whenever ref_logprobs is given, even with kl_coef 0),
                      times the ratio with `kl_ratio_weighted`
       entropy        the policy entropy (whenever entropy is given)
+      clamped        1 where a log-ratio hit LOG_RATIO_BOUND or the KL estimate KL_BOUND (RL losses; sft with
+                     ref_logprobs: the KL's only)
     """
 
     per_token: Tensor  # (B, T)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T)
 
 
+LOG_RATIO_BOUND = 20.0
+"""Every log-ratio (pi_theta / pi_old, pi_old / pi_behaviour, pi_ref / pi_theta) is clamped to +-this, as veRL
+does: a token that one side's top-k / top-p removed has a log-probability near `MASKED_LOGIT`, and exp() of the
+raw difference would be inf (then inf * 0 = NaN in the gradient)."""
+KL_BOUND = 10.0
+"""The per-token KL estimate is clamped to +-this (veRL's bound on k3): one token cannot outweigh a batch."""
+
+
 def _log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """a - b on real tokens, 0 on padding, so exp() of it can't overflow on padding values. (B, T)"""
-    return torch.where(mask > 0, a - b, torch.zeros_like(a))
+    """a - b clamped to +-LOG_RATIO_BOUND on real tokens, 0 on padding (so exp() of it is finite everywhere).
+    Beyond the bound the gradient is 0. (B, T)"""
+    return torch.where(mask > 0, (a - b).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND), torch.zeros_like(a))
+
+
+def _beyond_bound(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """Where `_log_ratio(a, b, mask)` clamped: real tokens with |a - b| > LOG_RATIO_BOUND. (B, T) bool"""
+    return ((a - b).detach().abs() > LOG_RATIO_BOUND) & (mask > 0)
 
 
 def off_policy_weight(inputs: LossInputs, cfg: AlgorithmConfig) -> Tensor:
@@ -250,24 +266,35 @@ def approx_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tens
     With d = log pi_ref - log pi_theta (http://joschu.net/blog/kl-approx.html, Schulman 2020):
       k1 = -d                      unbiased, can be negative per token
       k3 = exp(d) - d - 1          unbiased, always >= 0, lower variance (the GRPO paper's choice)
+    d is clamped to +-LOG_RATIO_BOUND and the estimate to +-KL_BOUND (as veRL's k3).
     """
-    d = _log_ratio(ref_logprobs.detach(), logprobs, mask)  # (B, T)
+    return _kl_estimate(logprobs, ref_logprobs, estimator, mask)[0]
+
+
+def _kl_estimate(
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`approx_kl`, and where it hit a bound (its log-ratio or its estimate). (B, T) each, the second bool"""
+    ref = ref_logprobs.detach()
+    d = _log_ratio(ref, logprobs, mask)  # (B, T)
     if estimator == "k1":
-        return -d
-    if estimator == "k3":
-        return d.exp() - d - 1
-    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+        kl = -d
+    elif estimator == "k3":
+        kl = d.exp() - d - 1
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+    clamped = _beyond_bound(ref, logprobs, mask) | ((kl.detach().abs() > KL_BOUND) & (mask > 0))
+    return kl.clamp(-KL_BOUND, KL_BOUND), clamped
 
 
 def _kl_and_entropy(inputs: LossInputs, cfg: AlgorithmConfig) -> dict[str, Tensor]:
     """The per-token KL to the reference and the entropy, for those of them that the inputs carry."""
     out = {}
     if inputs.ref_logprobs is not None:
-        out["kl"] = approx_kl(inputs.logprobs, inputs.ref_logprobs, cfg.kl_estimator, inputs.mask)
-        if (
-            cfg.kl_ratio_weighted
-        ):  # pi_theta / pi_old, with its gradient: the estimate of DeepSeek-V3.2's Eq. 7
-            out["kl"] = out["kl"] * _ratio(inputs)
+        kl, clamped = _kl_estimate(inputs.logprobs, inputs.ref_logprobs, cfg.kl_estimator, inputs.mask)
+        if cfg.kl_ratio_weighted:  # times pi_theta / pi_old, with its gradient: DeepSeek-V3.2's Eq. 7
+            kl = kl * _ratio(inputs)
+        out["kl"], out["clamped"] = kl, clamped
     if inputs.entropy is not None:
         out["entropy"] = inputs.entropy
     return out
@@ -302,7 +329,17 @@ def _regularised(
         loss = loss + cfg.kl_coef * extra["kl"]
     if "entropy" in extra and cfg.entropy_coef > 0:
         loss = loss - cfg.entropy_coef * extra["entropy"]
-    return _outputs(loss, inputs.mask, {**metrics, **extra})
+    clamped = _ratios_clamped(inputs, cfg) | extra.pop("clamped", False)
+    return _outputs(loss, inputs.mask, {**metrics, **extra, "clamped": clamped})
+
+
+def _ratios_clamped(inputs: LossInputs, cfg: AlgorithmConfig) -> Tensor:
+    """Where the ratio pi_theta / pi_old or the off-policy weight's log-ratio hit LOG_RATIO_BOUND. (B, T) bool"""
+    mask = inputs.mask
+    clamped = _beyond_bound(inputs.logprobs, inputs.old_logprobs, mask)
+    if cfg.off_policy != "none":
+        clamped = clamped | _beyond_bound(inputs.old_logprobs, inputs.behaviour_logprobs, mask)
+    return clamped
 
 
 @register_loss("pg")

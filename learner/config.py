@@ -117,6 +117,9 @@ class AlgorithmConfig(Section):
     """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (ppo only; off by default)."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the frozen reference (0 = no reference model)."""
+    kl_reference: Literal["rl_start", "model"] = "rl_start"
+    """The KL penalty's reference: rl_start, the weights trial and error starts from (after imitation); model,
+    model.path (docs/concepts.md#the-algorithm-family)."""
     kl_estimator: Literal["k1", "k3"] = "k3"
     """KL estimator per token: k1 = log ratio, k3 = exp(-x) + x - 1 (unbiased, non-negative)."""
     kl_ratio_weighted: bool = False

@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from aha.actors.config import ModelConfig, SamplingConfig
-from aha.actors.remote import CallError, await_calls, start_named_actor
+from aha.actors.remote import (
+    CallError,
+    await_calls,
+    placement_bundle,
+    reserve_placement_group,
+    start_named_actor,
+)
 from aha.learner.algorithms import zero_advantage_is_inert
 from aha.learner.batch import Sample, shard, split_mini_batches, step_totals
 from aha.learner.config import AlgorithmConfig, LearnerConfig
@@ -20,6 +26,9 @@ from aha.learner.worker import LearnerWorker
 
 PASS_METRICS = ("ratio", "is_weight", "clip_frac", "dual_clip_frac", "kl", "entropy")
 """Means over every token of every pass (epochs x mini-batches)."""
+COUNT_METRICS = {"clamped": "clamped_tokens"}
+"""Sums over every token of every pass and rank, reported as counts under these names: tokens where a
+log-ratio or the KL estimate hit its bound (learner/algorithms.py, LOG_RATIO_BOUND and KL_BOUND)."""
 PROXIMAL_METRICS = ("logprob", "engine_logprob_diff", "policy_kl")
 """Means over the step's tokens, each counted once: the proximal policy's logprob, its gap to the engine's
 behaviour logprob, and KL(proximal || updated) measured after the last update (with more than one update)."""
@@ -54,24 +63,28 @@ class LearnerGroup:
         return self.cfg.num_ranks
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from aha.actors.runtime import actor_runtime_env
-
-        bundle = {"CPU": self.cfg.cpus_per_rank, **self.cfg.resources}  # custom resources: node types
-        if self.cfg.gpus_per_rank:
-            bundle["GPU"] = self.cfg.gpus_per_rank
-        self.placement_group = placement_group(
-            [dict(bundle) for _ in range(self.world_size)], strategy=self.strategy
+    def reserve(self) -> None:
+        """Reserve the ranks' placement group (the driver does this before the engines start, so that the
+        ranks get the nodes they pack best on)."""
+        if self.placement_group is not None:
+            return
+        bundle = placement_bundle(self.cfg.cpus_per_rank, self.cfg.gpus_per_rank, self.cfg.resources)
+        self.placement_group = reserve_placement_group(
+            bundle, self.world_size, self.strategy, self.cfg.startup_timeout_s
         )
-        if not self.placement_group.wait(timeout_seconds=self.cfg.startup_timeout_s):
+        if self.placement_group is None:
             raise LearnerError(
                 f"placement group of {self.world_size} x {bundle} not scheduled within "
                 f"{self.cfg.startup_timeout_s:.0f} s: the cluster lacks the resources (see learner.* in the config)"
             )
+
+    def start(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from aha.actors.runtime import actor_runtime_env
+
+        self.reserve()
         actor_cls = ray.remote(LearnerWorker)
         for rank in range(self.world_size):
             options = {
@@ -245,6 +258,17 @@ class LearnerGroup:
         self.steps = int(states[0].get("learner_step", 0))
         return states[0]
 
+    def snapshot_reference(self, path: str) -> None:
+        """The KL reference becomes a copy of the current weights on every rank (`algorithm.kl_reference:
+        rl_start`, called once, when trial and error starts); rank 0 then writes it to `path`, from which
+        `load_reference` restores it in a resumed run."""
+        self._call("snapshot_reference", timeout_s=self.cfg.step_timeout_s)
+        self._call("save_reference", path, timeout_s=self.cfg.step_timeout_s, ranks=[0])
+
+    def load_reference(self, path: str) -> None:
+        """Every rank's KL reference from the file `snapshot_reference` wrote."""
+        self._call("load_reference", path, timeout_s=self.cfg.step_timeout_s)
+
     def export_hf(self, directory: str) -> str:
         return self._call("export_hf", directory, timeout_s=self.cfg.step_timeout_s)[0]
 
@@ -320,6 +344,9 @@ def reduce_metrics(per_rank: list[dict[str, Any]], updates: list[dict[str, float
         for name in names:
             if name in total:
                 metrics[name] = total[name] / max(total[denominator], 1.0)
+    for name, reported in COUNT_METRICS.items():
+        if name in total:
+            metrics[reported] = total[name]
     if "ratio" in total and total["token_passes"] > 0:
         metrics["ratio_min"] = min(r["ratio_min"] for r in per_rank)
         metrics["ratio_max"] = max(r["ratio_max"] for r in per_rank)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +23,7 @@ from aha.actors.config import ModelConfig, SamplingConfig
 from aha.actors.weights import (
     WeightBucket,
     broadcast_buffer,
+    close_weight_group,
     group_into_buckets,
     open_weight_group,
     pack_bucket,
@@ -45,6 +46,9 @@ from aha.learner.files import model_folder
 from aha.learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
 from aha.learner.ops import build_deepspeed_ops
 from aha.learner.prompt_sharing import collate_shared, shared_prompt_logits
+
+Processing = Literal["sampled", "tempered", "raw"]
+"""How the learner turns logits into logprobs (`LearnerWorker._forward`)."""
 
 
 def free_port() -> int:
@@ -187,6 +191,7 @@ class LearnerWorker:
         self.name = f"learner-{rank}"
         self.engine = None
         self.ref_model = None
+        self.weight_group = None  # torch_dist: the process group with the engines (rank 0)
         self.weight_device = torch.device("cpu")  # of the torch_dist buffers; set with the weight group
         self.step = 0
 
@@ -215,7 +220,7 @@ class LearnerWorker:
         deepspeed.init_distributed(
             dist_backend=self.cfg.backend, timeout=timedelta(seconds=self.cfg.step_timeout_s), verbose=False
         )
-        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        self.dtype = dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.path)
         self.pad_id = (
             self.tokenizer.pad_token_id
@@ -255,6 +260,53 @@ class LearnerWorker:
         model.requires_grad_(False)
         return model
 
+    @torch.no_grad()
+    def snapshot_reference(self) -> None:
+        """The KL reference becomes a frozen copy of the current weights (adapters merged in, with LoRA): the
+        model trial and error starts from. Every rank calls it (under ZeRO-3 the weights are gathered in
+        collectives) and ends with the same whole copy."""
+        if self.ref_model is None:  # LoRA: the frozen base was the reference until now
+            with _without_hf_zero3():
+                self.ref_model = self._reference_model(self.dtype)
+        params = dict(self.ref_model.named_parameters())
+        copied = set()
+        for named in self._full_parameters(256 * 2**20, self.device, every_rank=True):
+            for name, value in named:
+                params[name].copy_(value)
+                copied.add(name)
+        if copied != set(params):
+            raise RuntimeError(
+                f"{self.name}: the reference snapshot missed {sorted(set(params) - copied)[:5]}"
+            )
+
+    def save_reference(self, path: str) -> str | None:
+        """Rank 0 writes the reference's weights to `path` (safetensors, replaced whole) for a resumed run."""
+        if self.rank != 0 or self.ref_model is None:
+            return None
+        from safetensors.torch import save_file
+
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.ref_model.named_parameters()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        staging = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, staging)
+        os.replace(staging, path)  # a cut write never looks like a reference
+        return path
+
+    @torch.no_grad()
+    def load_reference(self, path: str) -> None:
+        """The reference `save_reference` wrote (every rank reads it)."""
+        from safetensors.torch import load_file
+
+        if self.ref_model is None:
+            with _without_hf_zero3():
+                self.ref_model = self._reference_model(self.dtype)
+        params = dict(self.ref_model.named_parameters())
+        saved = load_file(path)
+        if set(saved) != set(params):
+            raise ValueError(f"{path} does not hold this model's weights (names differ)")
+        for name, value in saved.items():
+            params[name].copy_(value)
+
     def ready(self) -> str:
         return self.name
 
@@ -263,12 +315,14 @@ class LearnerWorker:
             group["lr"] = lr
 
     # -- training ---------------------------------------------------------------------------------------------
-    def _forward(self, mb: MicroBatch, sampled: bool, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, mb: MicroBatch, processing: Processing, model=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprobs (B, T) of the targets and the logits (B, T, V) they come from, T = mb.targets' width. Plain
         layout: the model's last T + 1 positions are projected to logits (the prompt positions a
         `completion_window` cut off never reach the lm_head); shared-prompt layout: `shared_prompt_logits`.
-        sampled: of the distribution the engines sample from (temperature, top-k, top-p: `sampling_logits`);
-        else of the model's own softmax."""
+        processing: "sampled", of the distribution the engines sample from (temperature, top-k, top-p:
+        `sampling_logits`); "tempered", temperature only (the KL reference); "raw", the model's own softmax."""
         model = self.engine if model is None else model
         if mb.prompt_ids is not None:  # each distinct prompt once, completions against its cache
             logits = shared_prompt_logits(model, mb, self.device)
@@ -278,14 +332,16 @@ class LearnerWorker:
             keep = mb.targets.shape[1] + 1
             out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
             logits = out.logits[:, :-1]  # (B, T, V): the last position predicts past the sequence
-        if sampled:
-            s = self.sampling
+        s = self.sampling
+        if processing == "sampled":
             logits = sampling_logits(logits, s.temperature, s.top_k, s.top_p)
+        elif processing == "tempered":
+            logits = sampling_logits(logits, s.temperature)
         return token_logprobs(logits, mb.targets.to(self.device)), logits
 
     @torch.no_grad()
-    def _logprobs(self, mb: MicroBatch, sampled: bool, model=None) -> torch.Tensor:
-        return self._forward(mb, sampled, model)[0]
+    def _logprobs(self, mb: MicroBatch, processing: Processing, model=None) -> torch.Tensor:
+        return self._forward(mb, processing, model)[0]
 
     def train_step(
         self,
@@ -308,15 +364,17 @@ class LearnerWorker:
         counts each token once), ratio extremes, and one record per optimizer step (loss share, grad norm, lr)."""
         started = time.perf_counter()
         algo = self.algo if loss_name is None else self.algo.model_copy(update={"loss": loss_name})
-        sampled = algo.loss != "sft"  # imitation fits the model's own distribution, not the sampled one
+        imitation = algo.loss == "sft"
+        policy: Processing = "raw" if imitation else "sampled"  # imitation fits the model's own distribution
         batches = [  # collated once
             [training_batch(samples, self.pad_id, shared) for samples in mbs] for mbs in updates
         ]
         several = epochs * len(batches) > 1
         if several:  # the proximal policy: this step's starting weights
             self.engine.eval()
-            old = [[self._logprobs(mb, sampled) for mb in mbs] for mbs in batches]
-        refs = [[self._ref_logprobs(mb, sampled) for mb in mbs] for mbs in batches]
+            old = [[self._logprobs(mb, policy) for mb in mbs] for mbs in batches]
+        # the KL reference: never in imitation, whose loss has no penalty
+        refs = [[None if imitation else self._ref_logprobs(mb) for mb in mbs] for mbs in batches]
         self.engine.train()
         sums: dict[str, Any] = {"tokens": 0.0, "sequences": 0.0, "token_passes": 0.0}
         sums.update(ratio_min=float("inf"), ratio_max=float("-inf"), logprob=0.0, engine_logprob_diff=0.0)
@@ -327,7 +385,7 @@ class LearnerWorker:
                 update_loss = 0.0
                 for i, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-                    logprobs, logits = self._forward(mb, sampled)
+                    logprobs, logits = self._forward(mb, policy)
                     proximal = old[u][i] if several else None
                     loss, out = micro_batch_loss(
                         logprobs, logits, mb, totals[u], algo, ref_logprobs=refs[u][i], old_logprobs=proximal
@@ -358,9 +416,7 @@ class LearnerWorker:
             for olds, mbs in zip(old, batches):
                 for o, mb in zip(olds, mbs):
                     mask = mb.loss_mask.to(self.device)
-                    kl_old_new = approx_kl(
-                        o, self._logprobs(mb, sampled), "k3", mask
-                    )  # samples came from old
+                    kl_old_new = approx_kl(o, self._logprobs(mb, policy), "k3", mask)  # samples came from old
                     kl += float((kl_old_new * mask).sum())
             sums["policy_kl"] = kl
         self.step += 1
@@ -368,11 +424,17 @@ class LearnerWorker:
         sums["step_s"] = time.perf_counter() - started
         return sums
 
-    def _ref_logprobs(self, mb: MicroBatch, sampled: bool) -> torch.Tensor | None:
-        if self.algo.kl_coef > 0 and self.cfg.lora is not None:
-            with self.engine.module.disable_adapter():  # the frozen base model is the reference
-                return self._logprobs(mb, sampled)
-        return self._logprobs(mb, sampled, self.ref_model) if self.ref_model is not None else None
+    def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
+        """The reference's logprobs under the temperature alone, as TRL takes them: a top-k / top-p truncated
+        reference would give a sampled token outside its own nucleus probability 0 (and the KL estimate ~1e9).
+        None without a KL penalty."""
+        if self.algo.kl_coef == 0:
+            return None
+        if self.ref_model is not None:
+            return self._logprobs(mb, "tempered", self.ref_model)
+        # LoRA before any snapshot: the frozen base is the reference
+        with self.engine.module.disable_adapter():
+            return self._logprobs(mb, "tempered")
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
@@ -381,16 +443,17 @@ class LearnerWorker:
         out = []
         for ids in token_ids:
             mb = collate([Sample(ids, 1, [0.0] * (len(ids) - 1), 0.0)], self.pad_id)
-            logprobs, _ = self._forward(mb, sampled=False)  # as the engine's prompt logprobs: unprocessed
+            logprobs, _ = self._forward(mb, "raw")  # as the engine's prompt logprobs: unprocessed
             out.append(logprobs[0].float().cpu().tolist())
         return out
 
     # -- weights out ----------------------------------------------------------------------------------------------
     def _full_parameters(
-        self, bucket_bytes: int, device: torch.device | str = "cpu"
+        self, bucket_bytes: int, device: torch.device | str = "cpu", every_rank: bool = False
     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full (gathered under ZeRO-3) named tensors, one bucket at a time, on `device`. Under ZeRO-3 only the
-        current bucket is materialised; every rank must iterate (the gathers are collectives)."""
+        """Full (gathered under ZeRO-3) named tensors, one bucket at a time, on `device`, on rank 0 (other ranks
+        get empty buckets) or, with `every_rank`, on every rank. Under ZeRO-3 only the current bucket is
+        materialised; every rank must iterate (the gathers are collectives)."""
         import deepspeed
 
         module = self.engine.module
@@ -401,7 +464,7 @@ class LearnerWorker:
             for group in groups:
                 params = [lookup[n] for n, _ in group]
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    if self.rank != 0:  # only joined the gather
+                    if self.rank != 0 and not every_rank:  # only joined the gather
                         yield []
                         continue
                     yield [(n, p.detach().to(device, copy=True)) for (n, _), p in zip(group, params)]
@@ -409,7 +472,7 @@ class LearnerWorker:
             if self.cfg.lora is not None:  # the base model's names and shapes, adapters merged in
                 named = merged_parameters(module)
             for group in group_into_buckets(named, bucket_bytes):
-                yield [(n, _tensor(p).to(device)) for n, p in group] if self.rank == 0 else []
+                yield [(n, _tensor(p).to(device)) for n, p in group] if self.rank == 0 or every_rank else []
 
     def weight_buckets(
         self, version: int, bucket_bytes: int, transport: str = "object_store", shm_dir: str | None = None
@@ -420,21 +483,30 @@ class LearnerWorker:
         engines, which receive as they load that bucket (packed on the group's device: over NCCL the bytes never
         leave the GPU)."""
         device = self.weight_device if transport == "torch_dist" else torch.device("cpu")
+        broken: Exception | None = None  # a torch_dist broadcast that failed (a member died or hung)
         for i, named in enumerate(self._full_parameters(bucket_bytes, device)):
             if self.rank != 0:
                 yield None
-                continue
-            if transport == "torch_dist":
+            elif transport != "torch_dist":
+                bucket = pack_bucket(version, i, named)
+                yield bucket if transport == "object_store" else write_shm(bucket, shm_dir)
+            elif broken is None:  # after a failure rank 0 still joins every ZeRO-3 gather, and sends nothing
                 bucket, flat = pack_flat(version, i, named, device)
                 yield bucket
-                broadcast_buffer(self.weight_group, flat)
-                continue
-            bucket = pack_bucket(version, i, named)
-            yield bucket if transport == "object_store" else write_shm(bucket, shm_dir)
+                try:
+                    broadcast_buffer(self.weight_group, flat)
+                except Exception as e:  # noqa: BLE001 - this rank lives on; the sync rebuilds the group
+                    broken = e
+                    close_weight_group(self.weight_group)
+                    self.weight_group = None
+        if broken is not None:
+            raise RuntimeError(f"broadcast of v{version} to the engines failed: {broken}")
 
     def open_weight_group(self, port: int, world_size: int, timeout_s: float, backend: str) -> None:
         """Rank 0 joins (and hosts) the process group it shares with the engines for the torch_dist transport:
         NCCL over GPU buffers or gloo over CPU buffers (`JobConfig.weight_group_backend`)."""
+        close_weight_group(self.weight_group)  # the one it replaces, if any
+        self.weight_group = None
         self.weight_group = open_weight_group(node_address(), port, 0, world_size, timeout_s, backend)
         self.weight_device = transport_device(backend)
 

@@ -9,6 +9,7 @@ import pytest
 from aha.actors.runtime import apply_base_env
 
 apply_base_env()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub (tests of Hub ids use a local cache)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -208,3 +209,75 @@ def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tin
     # the policy moved within the step: later updates see ratios != 1, some clipped, and a nonzero KL
     assert metrics["ratio_max"] > 1.0 > metrics["ratio_min"]
     assert metrics["clip_frac"] > 0 and metrics["policy_kl"] > 0
+
+
+def greedy_samples(model, n: int, length: int = 4, seed: int = 0) -> list[Sample]:
+    """n samples whose completions are the model's own argmax tokens: inside any top-k / top-p nucleus."""
+    samples = []
+    for s in make_samples(n, seed):
+        ids = s.tokens[: s.prompt_len]
+        with torch.no_grad():
+            for _ in range(length):
+                ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+        samples.append(Sample(ids, s.prompt_len, [-1.0] * length, s.advantage))
+    return samples
+
+
+def test_kl_reference_is_tempered_while_the_policy_is_truncated(ray_cluster, tiny_model):
+    """kl_coef > 0 with top_p < 1: the policy's logprobs are the sampler's (temperature, then top-p, as the
+    engines' behaviour logprobs), the reference's under the temperature alone (as TRL's). Policy and reference
+    hold the same weights at the first update, so a truncated reference would give KL 0; against the tempered
+    one a token inside the nucleus has log pi_ref - log pi = log(mass kept), and the KL is a hand computation."""
+    from transformers import AutoModelForCausalLM
+
+    sampling = SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.8, top_p=0.5)
+    algo = AlgorithmConfig(loss="pg", off_policy="none", kl_coef=0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    samples = greedy_samples(model, 6)
+    mb = collate(samples, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    policy = token_logprobs(sampling_logits(logits, 0.8, -1, 0.5), mb.targets)
+    reference = token_logprobs(sampling_logits(logits, 0.8), mb.targets)
+    d = torch.where(mb.loss_mask > 0, reference - policy, 0.0)  # (B, T); padding may be outside the nucleus
+    expected = float(((d.exp() - d - 1) * mb.loss_mask).sum() / mb.loss_mask.sum())
+    group = make_group(
+        tiny_model, 2, ranks=1, algo=algo, sampling=sampling, namespace="aha-tests-kl-tempered"
+    )
+    try:
+        metrics = group.train_step(samples)
+    finally:
+        group.shutdown()
+    assert expected > 1e-3
+    assert metrics["kl"] == pytest.approx(expected, rel=1e-4)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    assert metrics["clamped_tokens"] == 0
+
+
+def test_kl_reference_snapshot_at_rl_start_is_restored_from_its_file(ray_cluster, tiny_model, tmp_path):
+    """algorithm.kl_reference: rl_start, as the driver runs it. Imitation steps compute no reference (no `kl`);
+    until the snapshot the reference is model.path (KL > 0 after imitation), after it the imitated model (KL 0
+    at the next update, on both ranks); a resumed run takes the reference from the snapshot's file, not from the
+    weights it resumes with."""
+    algo = AlgorithmConfig(loss="pg", off_policy="none", kl_coef=0.1)
+    demos = demonstration_samples([([5, 6, 7], [8, 9]), ([10, 11], [12])])
+    batch_x, batch_y = make_samples(6, seed=1), make_samples(6, seed=2)
+    reference, checkpoints = str(tmp_path / "reference.safetensors"), str(tmp_path / "checkpoints")
+    group = make_group(tiny_model, 2, ranks=2, algo=algo, namespace="aha-tests-kl-snapshot")
+    try:
+        imitation = [group.train_step(demos, loss="sft", lr=1e-2, phase_step=k) for k in range(2)]
+        against_model = group.train_step(batch_x)["kl"]
+        group.snapshot_reference(reference)
+        at_rl_start = group.train_step(batch_x)["kl"]
+        group.save_checkpoint(checkpoints, "a", {})
+        expected = group.train_step(batch_y)["kl"]
+        group.snapshot_reference(str(tmp_path / "later.safetensors"))  # a wrong reference, to be replaced
+        group.load_checkpoint(checkpoints, "a")
+        group.load_reference(reference)
+        resumed = group.train_step(batch_y)["kl"]
+    finally:
+        group.shutdown()
+    assert all("kl" not in m for m in imitation)
+    assert against_model > 1e-4
+    assert at_rl_start < 1e-7
+    assert expected > 1e-6 and resumed == pytest.approx(expected, rel=1e-5)

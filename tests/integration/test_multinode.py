@@ -143,6 +143,7 @@ def run(three_nodes, tmp_path_factory):
     )
     log = work / "driver.log"
     placement: dict[str, list[dict]] = {}
+    groups: list[dict] = []
     removed_at = None
     try:
         deadline = time.monotonic() + 240
@@ -150,6 +151,11 @@ def run(three_nodes, tmp_path_factory):
             steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "sync_s" in r]
             if removed_at is None and len(steps) >= REMOVE_AFTER_STEP:
                 placement = actors_by_name(cluster)
+                groups = [
+                    g
+                    for g in cluster.global_state.placement_group_table().values()
+                    if g["state"] == "CREATED"
+                ]
                 removed_at = time.time() * 1000  # ms, as the actor table's StartTime
                 # the node's raylet, object store and workers die at once (no graceful shutdown)
                 cluster.remove_node(nodes[VICTIM], allow_graceful=False)
@@ -166,6 +172,7 @@ def run(three_nodes, tmp_path_factory):
         "output": output,
         "node_ids": node_ids,
         "placement": placement,
+        "groups": groups,
         "removed_at_ms": removed_at,
         "actors": actors_by_name(cluster, alive_only=False),
         "metrics": read_jsonl(run_dir / "metrics.jsonl"),
@@ -188,6 +195,22 @@ def test_actors_land_on_the_node_types_the_yaml_names(run):
     assert where["reward-0"] == "head"  # node_score
     assert {where["learner-0"], where["learner-1"]} == {"head", "gen-a"}  # node_train, one rank each
     assert {where["rollout-0"], where["rollout-1"]} == {"gen-a", "gen-b"}  # node_gen, spread
+
+
+def test_learner_and_engines_each_run_in_their_own_placement_group(run):
+    """The learner's group (reserved first, PACK) and the engines' (SPREAD, as the YAML says): one bundle per
+    rank or engine, each bundle on a node type its role names."""
+    by_resource = {}
+    for group in run["groups"]:
+        bundles = list(group["bundles"].values())
+        kind = "node_train" if "node_train" in bundles[0] else "node_gen" if "node_gen" in bundles[0] else "?"
+        by_resource[kind] = group
+    assert set(by_resource) == {"node_train", "node_gen"}, run["groups"]
+    learner, engines = by_resource["node_train"], by_resource["node_gen"]
+    assert learner["strategy"] == "PACK" and len(learner["bundles"]) == 2
+    assert engines["strategy"] == "SPREAD" and len(engines["bundles"]) == 2
+    by_id = {v: k for k, v in run["node_ids"].items()}
+    assert {by_id[n] for n in engines["bundles_to_node_id"].values()} == {"gen-a", "gen-b"}
 
 
 def test_weights_sync_across_nodes_and_ranks_train_across_nodes(run):

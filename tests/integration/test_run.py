@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 DEMO = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "cpu_demo.yaml"
 
 
-def run_job(tmp_path, tiny_model, mode: str, extra: list[str] = ()):
+def run_job(tmp_path, tiny_model, mode: str, extra: list[str] = (), resume: bool = False):
     from aha.cluster.driver import run
 
     cfg = load_config(
@@ -39,7 +39,7 @@ def run_job(tmp_path, tiny_model, mode: str, extra: list[str] = ()):
             *extra,
         ],
     )
-    summary = run(cfg)
+    summary = run(cfg, resume=resume)
     records = [json.loads(line) for line in (Path(tmp_path) / f"e2e-{mode}" / "metrics.jsonl").open()]
     return summary, records
 
@@ -81,3 +81,95 @@ def test_sync_mode_is_reproducible_with_a_seed(ray_cluster, tiny_model, tmp_path
         keys = ("completion_len", "train/logprob", "train/entropy", "reward_mean", "train/loss")
         curves.append([tuple(r[k] for k in keys) for r in records if "reward_mean" in r])
     assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+SMALL = ["rollout.num_engines=1", "reward.num_workers=1", "learner.num_ranks=1"]
+
+
+def by_version(records: list[dict]) -> dict[int, dict]:
+    """The last metrics line of each trial-and-error step (a step redone after a resume replaces the first)."""
+    return {int(r["version"]): r for r in records if "reward_mean" in r}
+
+
+def test_a_saturated_task_ends_the_run_cleanly_with_its_final_model(ray_cluster, tiny_model, tmp_path):
+    """Every sample is correct, so dynamic sampling drops every group and the first step has none after
+    buffer.max_refills: the run ends as a finished run does (final evaluation, checkpoint, export, summary),
+    with no error, and the summary says why it stopped early."""
+    always = "{function: 'tests.integration.run_rewards:always_one'}"
+    extra = [*SMALL, "imitation.steps=0", f"reward.functions=[{always}]", "buffer.drop_zero_variance=true"]
+    summary, records = run_job(tmp_path, tiny_model, "sync", [*extra, "buffer.max_refills=1"])
+    run_dir = tmp_path / "e2e-sync"
+    assert summary["steps"] == 0 and "the task is saturated" in summary["stopped_early"]
+    assert summary["prompts_consumed"] == 2 * 8  # the first round and one refill
+    assert summary["eval_accuracy_final"] == 1.0 and any(r.get("phase") == 2.0 for r in records)
+    assert summary["final_model"] and (run_dir / "final_model" / "config.json").is_file()
+    assert (run_dir / "checkpoints" / "latest_run").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["stopped_early"] == summary["stopped_early"]
+
+
+def test_a_step_short_of_groups_trains_on_those_it_has(ray_cluster, tiny_model, tmp_path):
+    """Prompts of odd sum are always solved (their groups are dropped), those of even sum score the digit share
+    of the completion: with no refill each step has only part of its 8 groups, trains on them and counts it."""
+    reward = "{function: 'tests.integration.run_rewards:digit_share_on_even_sums'}"
+    extra = [*SMALL, f"reward.functions=[{reward}]", "buffer.drop_zero_variance=true", "buffer.max_refills=0"]
+    summary, records = run_job(tmp_path, tiny_model, "sync", [*extra, "schedule.steps=3"])
+    steps = list(by_version(records).values())
+    assert summary["steps"] == 3 and summary["stopped_early"] is None
+    assert len(steps) == 3 and all(0 < r["short_groups"] < 8 for r in steps)
+    assert summary["steps_short"] == 3
+    for r in steps:  # 8 samples of each group the step had, every one trained or skipped as advantage 0
+        assert r["train/sequences"] + r["train/skipped_sequences"] == 8 * (8 - r["short_groups"])
+
+
+def test_kl_reference_is_the_model_trial_and_error_starts_from(ray_cluster, tiny_model, tmp_path):
+    """algorithm.kl_reference after imitation: `model` keeps model.path as the reference (KL > 0 at the first
+    step: imitation moved the policy), `rl_start` (the default) the imitated weights (KL 0 at the first step).
+    A run resumed from its step-1 checkpoint restores that reference: its step 2 has the uninterrupted KL."""
+    common = [*SMALL, "algorithm.kl_coef=0.1", "imitation.steps=3", "schedule.eval_prompts=0"]
+    _, model_records = run_job(
+        tmp_path / "model", tiny_model, "sync", [*common, "schedule.steps=1", "algorithm.kl_reference=model"]
+    )
+    args = [*common, "schedule.steps=2", "checkpoint.every=1", "checkpoint.keep=3"]
+    _, first = run_job(tmp_path / "rl_start", tiny_model, "sync", args)
+    checkpoints = tmp_path / "rl_start" / "e2e-sync" / "checkpoints"
+    assert (checkpoints / "reference.safetensors").is_file()
+    (checkpoints / "latest_run").write_text(min(p.name for p in checkpoints.glob("step-*")))  # after step 1
+    _, resumed = run_job(tmp_path / "rl_start", tiny_model, "sync", args, resume=True)
+    assert by_version(model_records)[4]["train/kl"] > 1e-4  # versions: 3 imitation steps, then 4, 5
+    assert by_version(first)[4]["train/kl"] < 1e-7
+    assert by_version(first)[5]["train/kl"] > 1e-7
+    assert by_version(resumed)[5]["train/kl"] == pytest.approx(by_version(first)[5]["train/kl"], rel=1e-3)
+
+
+def test_a_hub_id_runs_from_its_cached_snapshot_and_a_rerun_keeps_the_run(
+    ray_cluster, tiny_model, tmp_path, monkeypatch
+):
+    """model.path=org/name from a Hub cache (HF_HUB_OFFLINE=1): the driver resolves it once, the engines and the
+    learner load the snapshot folder, and config.yaml records the snapshot as model.path with the id@commit as
+    model.source. A plain rerun into the same run dir is refused (checkpoints and a final model are there)."""
+    import yaml
+
+    from aha.cluster.config_file import ConfigError
+    from tests.unit.test_hub import REV, hub_cache_with
+
+    snapshot = hub_cache_with(tmp_path / "hf", "org/tiny", tiny_model)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    extra = [
+        *SMALL,
+        "imitation.steps=0",
+        "schedule.steps=2",
+        "schedule.eval_prompts=0",
+        "checkpoint.every=null",
+    ]
+    summary, records = run_job(tmp_path, "org/tiny", "sync", extra)
+    run_dir = tmp_path / "e2e-sync"
+    assert summary["steps"] == 2 and len(by_version(records)) == 2
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    assert saved["path"] == str(snapshot) and saved["source"] == f"org/tiny@{REV}"
+    assert (run_dir / "final_model" / "config.json").is_file()
+    assert len(list((run_dir / "checkpoints").glob("step-*"))) == 2  # unset, checkpoint.every is 1 here
+    with pytest.raises(ConfigError, match="--resume .* --overwrite"):
+        run_job(tmp_path, "org/tiny", "sync", extra)
+    assert (run_dir / "final_model" / "config.json").is_file()

@@ -9,6 +9,8 @@ import torch
 
 from aha.learner.algorithms import (
     ADVANTAGE_ESTIMATORS,
+    KL_BOUND,
+    LOG_RATIO_BOUND,
     POLICY_LOSSES,
     AdvantageInputs,
     LossInputs,
@@ -336,11 +338,46 @@ def test_kl_weighted_by_the_ratio():
     close(inputs.logprobs.grad, [[math.exp(0.2) * (k3 + 1 - math.exp(-0.5))]])
 
 
+@pytest.mark.parametrize("loss", [n for n in LOSS_NAMES if n != "sft"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_extreme_log_ratios_are_clamped_with_a_finite_loss_gradient_and_a_count(loss, estimator):
+    """Tokens that a top-p nucleus removed on one side (logprob ~ MASKED_LOGIT): token 1 is outside the proximal
+    policy's nucleus but inside the current one's (ratio exp(1e9), unclamped inf, then inf * 0 = NaN for the
+    decoupled pg); token 2 is outside the current policy's nucleus, inside the reference's (k3 ~ exp(1e9))."""
+    masked = -1e9
+    inputs = loss_inputs(
+        [-1.0, -1.0, masked],  # current policy
+        [-1.0, masked, masked],  # proximal
+        [-1.0, -1.0, -1.0],  # advantages: negative, where ppo's unclipped term is the larger
+        behaviour=[-1.2, -3.0, -2.0],
+        ref=[-1.1, -1.0, -2.0],
+    )
+    cfg = AlgorithmConfig(
+        loss=loss, off_policy="decoupled", kl_coef=0.1, kl_estimator=estimator, kl_ratio_weighted=True
+    )
+    out = compute_loss(inputs, cfg)
+    out.per_token.sum().backward()
+    assert torch.isfinite(out.per_token).all()
+    assert torch.isfinite(inputs.logprobs.grad).all()
+    assert all(torch.isfinite(m).all() for m in out.metrics.values())
+    assert out.metrics["clamped"].tolist() == [[0.0, 1.0, 1.0]]
+    # token 2: the log-ratio to the reference is clamped to LOG_RATIO_BOUND, the estimate to KL_BOUND
+    d = min(-2.0 - masked, LOG_RATIO_BOUND)
+    raw = -d if estimator == "k1" else math.exp(d) - d - 1
+    close(
+        approx_kl(inputs.logprobs, inputs.ref_logprobs, estimator, inputs.mask)[0, 2],
+        max(-KL_BOUND, min(raw, KL_BOUND)),
+    )
+    # without extremes nothing is clamped
+    calm = compute_loss(loss_inputs([-1.0], [-1.1], [1.0], behaviour=[-1.3], ref=[-0.9]), cfg)
+    assert calm.metrics["clamped"].tolist() == [[0.0]]
+
+
 def test_sft_is_the_masked_nll_and_ignores_advantages_and_penalties():
     inputs = loss_inputs([-1.0, -2.0, -3.0], [0.0] * 3, [5.0, -5.0, 0.0], mask=[1, 1, 0], ref=[0.0] * 3)
     out = compute_loss(inputs, AlgorithmConfig(loss="sft", kl_coef=1.0))
     assert out.per_token.tolist() == [[1.0, 2.0, 0.0]]
-    assert set(out.metrics) == {"kl"}
+    assert set(out.metrics) == {"kl", "clamped"}
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)

@@ -82,7 +82,7 @@ def test_window_gives_the_same_logprobs_loss_and_gradient(model):
     results = []
     for batch in (mb, cut):
         model.zero_grad()
-        logprobs, logits = w._forward(batch, sampled=True)
+        logprobs, logits = w._forward(batch, "sampled")
         assert logits.shape[:2] == batch.targets.shape
         loss, _ = micro_batch_loss(logprobs, logits, batch, totals, algo)
         loss.backward()

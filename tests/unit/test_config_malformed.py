@@ -505,3 +505,14 @@ def test_run_refuses_a_folder_it_did_not_create(tree):
         proc.stderr
     )
     assert (run_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_a_plain_rerun_refuses_a_finished_run_and_deletes_nothing(tree):
+    """A folder aha created, holding a final model: exit 2 before Ray, naming --resume and --overwrite."""
+    run_dir = tree / "runs" / "t"
+    (run_dir / "final_model").mkdir(parents=True)
+    (run_dir / ".aha-run").write_text("")
+    (run_dir / "final_model" / "config.json").write_text("{}")
+    proc = _cli("run", str(_base_file(tree)), cwd=tree)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and (run_dir / "final_model" / "config.json").is_file()

@@ -135,6 +135,31 @@ def test_overwrite_replaces_the_contents_but_keeps_the_folder(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [RUN_MARKER]
 
 
+@pytest.mark.parametrize("result", ["final_model/config.json", "checkpoints/latest_run"])
+def test_a_run_with_a_final_model_or_checkpoints_is_never_replaced_by_a_plain_rerun(tmp_path, result):
+    run_dir = tmp_path / "a"
+    prepare_run_dir(run_dir, resume=False)
+    (run_dir / result).parent.mkdir()
+    (run_dir / result).write_text("results")
+    refusal = run_dir_refusal(run_dir, resume=False, overwrite=False)
+    assert "--resume" in refusal and "--overwrite" in refusal and result.split("/")[0] in refusal
+    with pytest.raises(ConfigError, match="holds a run with"):
+        prepare_run_dir(run_dir, resume=False)
+    assert (run_dir / result).read_text() == "results"  # nothing deleted
+    prepare_run_dir(run_dir, resume=True)
+    assert (run_dir / result).is_file()
+    prepare_run_dir(run_dir, resume=False, overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER]
+
+
+@pytest.mark.parametrize("steps, every", [(200, 20), (25, 2), (9, 1), (1, 1)])
+def test_checkpoint_every_defaults_to_a_tenth_of_the_steps(steps, every):
+    assert job(schedule={"steps": steps}).checkpoint.every is None
+    assert job(schedule={"steps": steps}).resolved().checkpoint.every == every
+    assert job(schedule={"steps": steps}, checkpoint={"every": 0}).resolved().checkpoint.every == 0  # never
+    assert job(schedule={"steps": steps}, checkpoint={"every": 3}).resolved().checkpoint.every == 3
+
+
 def test_a_file_is_not_a_run_dir(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")

@@ -44,6 +44,15 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/integration/test_resume.py",
         "kills `python -m aha.cluster.cli run` and resumes the run",
     ),
+    r"aha run \S+( \S+=\S+)* --overwrite": (
+        "tests/unit/test_config_preflight.py",
+        "checks what --overwrite replaces and that a plain rerun refuses a finished run (the run itself: "
+        "tests/integration/test_run.py)",
+    ),
+    r"aha export \S+ --to \S+( --push-to-hub \S+)?": (
+        "tests/unit/test_export.py",
+        "exports a finished run's folder and uploads it up to huggingface_hub's call (no network here)",
+    ),
     r"aha run \S+( \S+=\S+)*": (
         "tests/integration/test_submit.py",
         "the submitted job's entrypoint is `aha run`",

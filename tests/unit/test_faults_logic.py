@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aha.actors.rollout import chunk_seed
-from aha.cluster.driver import _refill_cause
+from aha.cluster.driver import _equal_rewards_verdict, _refill_cause
 
 
 def test_chunk_seed_depends_on_the_prompts_and_the_engine_seed_only():
@@ -27,3 +27,11 @@ def test_refill_cause_names_what_grew():
     assert "buffer.capacity" in _refill_cause(before, stats(dropped_zero_variance=8, evicted=9), 0)
     assert "4 prompts failed" in _refill_cause(before, before, 4)
     assert "no complete group" in _refill_cause(before, before, 0)
+
+
+def test_a_step_without_groups_says_whether_the_task_is_saturated_or_never_solved():
+    assert "the task is saturated" in _equal_rewards_verdict([1.0, 1.0, 1.5], threshold=1.0)
+    assert "never solves" in _equal_rewards_verdict([0.0, 0.5], threshold=1.0)
+    mixed = _equal_rewards_verdict([1.0, 0.0], threshold=1.0)
+    assert "saturated" not in mixed and "never" not in mixed
+    assert "saturated" not in _equal_rewards_verdict([], threshold=1.0)  # nothing scored in this step

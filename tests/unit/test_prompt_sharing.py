@@ -49,7 +49,7 @@ def per_token(logprobs: torch.Tensor, mb) -> dict[tuple[int, int], float]:
 
 def run(model, mb, samples, algo):
     model.zero_grad()
-    logprobs, logits = worker(model)._forward(mb, sampled=True)
+    logprobs, logits = worker(model)._forward(mb, "sampled")
     assert logits.shape[:2] == mb.targets.shape
     loss, _ = micro_batch_loss(logprobs, logits, mb, step_totals(samples, max_tokens=8), algo)
     loss.backward()
@@ -103,7 +103,7 @@ def test_shared_layout_runs_both_passes_for_any_micro_batch():
         mb = collate_shared(batch, pad_id=0)
         assert mb.targets.shape[1] >= 2
         calls.clear()
-        logprobs, _ = worker(model)._forward(mb, sampled=False)
+        logprobs, _ = worker(model)._forward(mb, "raw")
         assert len(calls) == 2 and torch.isfinite(logprobs).all()
         assert mb.loss_mask.sum() == sum(len(s.tokens) - s.prompt_len for s in batch)
     assert training_batch(samples, 0, shared=True).prompt_ids is not None
