@@ -64,7 +64,7 @@ class TorchReference:
 
         from aha.learner.algorithms import token_logprobs
         from aha.learner.batch import collate
-        from aha.learner.worker import completion_window, micro_batch_loss
+        from aha.learner.micro_batch import completion_window, micro_batch_loss
 
         started = time.perf_counter()
         algo = self.algo

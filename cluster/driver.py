@@ -18,7 +18,6 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,30 +34,14 @@ from aha.cluster.hub import resolve_model
 from aha.cluster.metrics import MetricsLogger, write_report
 from aha.cluster.monitor import environment_metrics, trajectory_metrics
 from aha.cluster.preflight import check_cluster_resources, prepare_run_dir
+from aha.cluster.progress import progress_bar, progress_fields
+from aha.cluster.refill import NoLearningSignal, equal_rewards_verdict, refill_cause
+from aha.cluster.run_state import RunState
 from aha.cluster.runtime import init_ray
 
 if TYPE_CHECKING:
     from aha.actors.rollout import Completed
     from aha.cluster.weight_sync import PendingSync
-
-
-@dataclass
-class RunState:
-    """Everything besides the learner's weights that a resumed run needs."""
-
-    step: int = 0  # RL steps done
-    imitation_step: int = 0
-    version: int = (
-        0  # training steps applied (imitation + RL, one each whatever its optimizer steps) = policy version
-    )
-    cursor: int = 0  # training prompts consumed from the source
-    failed_prompts: list[str] = field(default_factory=list)
-    rng: Any = None
-    wall_s: float = 0.0  # seconds the run had taken at this checkpoint (summed over resumes)
-    engine_restarts: int = 0  # rollout engines replaced so far (summed over resumes)
-    eval_start: float | None = None  # held-out accuracy before imitation
-    eval_after_imitation: float | None = None
-    steps_short: int = 0  # steps that trained on fewer groups than schedule.prompts_per_step
 
 
 class Run:
@@ -157,7 +140,7 @@ class Run:
         encoded = [(self._encode(Prompt("demo", p)), encode_completion(self.tokenizer, c)) for p, c in pairs]
         order_rng = random.Random(f"imitation-{self.cfg.schedule.seed}")
         order = list(range(len(encoded)))
-        progress = _progress(
+        progress = progress_bar(
             icfg.steps, "imitation", self.cfg.logging.progress, initial=self.state.imitation_step
         )
         while self.state.imitation_step < icfg.steps:
@@ -343,14 +326,14 @@ class Run:
         after = self.buffer.stats()
         if ready:
             print(
-                f"aha: {shortfall}; it trains on those {ready}: {_refill_cause(before, after, failed)}",
+                f"aha: {shortfall}; it trains on those {ready}: {refill_cause(before, after, failed)}",
                 flush=True,
             )
             return
         if after["buffer_dropped_zero_variance"] > before["buffer_dropped_zero_variance"] and not failed:
-            verdict = _equal_rewards_verdict(rewards, self.cfg.schedule.eval_threshold)
+            verdict = equal_rewards_verdict(rewards, self.cfg.schedule.eval_threshold)
             raise NoLearningSignal(f"{shortfall}: {verdict}")
-        raise RuntimeError(f"{shortfall}: {_refill_cause(before, after, failed)}")
+        raise RuntimeError(f"{shortfall}: {refill_cause(before, after, failed)}")
 
     @contextmanager
     def _naming_step(self, what: str):
@@ -374,7 +357,7 @@ class Run:
     def train(self) -> None:
         cfg = self.cfg
         sched = cfg.schedule
-        progress = _progress(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
+        progress = progress_bar(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
         while self.state.step < sched.steps:
             with self._naming_step(f"trial-and-error step {self.state.step + 1} of {sched.steps}"):
                 try:
@@ -469,9 +452,7 @@ class Run:
         self.state.wall_s = self.before.wall_s + time.time() - self.started
         self.state.engine_restarts = int(self._engine_stats()["engine_restarts"])
         buffer_state = self.buffer.state_dict()
-        self.group.save_checkpoint(
-            str(directory), tag, {"run": _state_dict(self.state), "buffer": buffer_state}
-        )
+        self.group.save_checkpoint(str(directory), tag, {"run": self.state.to_dict(), "buffer": buffer_state})
         write_atomic(directory / "latest_run", tag)  # names the newest complete checkpoint
         tags = sorted(p.name for p in directory.glob("step-*") if p.is_dir())
         for old in tags[: -self.cfg.checkpoint.keep]:
@@ -486,12 +467,10 @@ class Run:
             return
         tag = marker.read_text().strip()
         client_state = self.group.load_checkpoint(str(directory), tag)
-        run = client_state["run"]
-        known = RunState.__dataclass_fields__
-        self.state = RunState(**{k: v for k, v in run.items() if k in known and k != "rng"})
+        self.state = RunState.from_dict(client_state["run"])
         self.before = RunState(wall_s=self.state.wall_s, engine_restarts=self.state.engine_restarts)
-        if run.get("rng") is not None:
-            self.rng.setstate(_tuplify(run["rng"]))
+        if self.state.rng is not None:
+            self.rng.setstate(self.state.rng)
         self.buffer.load_state_dict(client_state["buffer"])
         if self.state.step > 0 and self._snapshots_reference():
             reference = self._reference_path()
@@ -592,26 +571,6 @@ class Run:
             self.metrics.close()
 
 
-class NoLearningSignal(Exception):
-    """A step found no group whose samples differ in reward, within buffer.max_refills: trial and error ends."""
-
-
-def _equal_rewards_verdict(rewards: list[float], threshold: float) -> str:
-    """What a round of groups dropped for equal rewards says about the task, from the rewards scored."""
-    solved = sum(r >= threshold for r in rewards)
-    if rewards and solved == len(rewards):
-        return (
-            "every sample of every new prompt was correct (buffer.drop_zero_variance dropped each group): the "
-            "task is saturated"
-        )
-    if rewards and not solved:
-        return (
-            "no sample of any new prompt was correct (buffer.drop_zero_variance dropped each group): the model "
-            "never solves these prompts"
-        )
-    return "each new prompt's samples got equal rewards (buffer.drop_zero_variance dropped each group)"
-
-
 def learner_sampling(cfg: JobConfig):
     """The sampling settings the learner scores with: the engines' (temperature, top-k, top-p), and as the longest
     sample (the `constant` loss normaliser) an environment's episode length when samples are episodes."""
@@ -619,53 +578,6 @@ def learner_sampling(cfg: JobConfig):
     if cfg.environment is not None:
         sampling = sampling.model_copy(update={"max_tokens": cfg.environment.max_tokens})
     return sampling
-
-
-def _refill_cause(before: dict[str, float], after: dict[str, float], failed: int) -> str:
-    """Why refills did not produce a step's groups, from the buffer's counters before and after."""
-    grew = {
-        k: after[f"buffer_{k}"] - before[f"buffer_{k}"]
-        for k in ("dropped_zero_variance", "dropped_stale", "evicted")
-    }
-    causes = []
-    if grew["dropped_zero_variance"]:
-        causes.append(
-            f"{grew['dropped_zero_variance']:.0f} samples dropped because every sample of their prompt got the same "
-            "reward (buffer.drop_zero_variance): the model always or never solves these prompts; turn "
-            "drop_zero_variance off or change the task's difficulty"
-        )
-    if grew["dropped_stale"]:
-        causes.append(
-            f"{grew['dropped_stale']:.0f} samples dropped as staler than buffer.max_staleness (raise it, or lower "
-            "schedule.sync_every)"
-        )
-    if grew["evicted"]:
-        causes.append(f"{grew['evicted']:.0f} samples evicted: buffer.capacity holds less than one step")
-    if failed:
-        causes.append(f"{failed} prompts failed to generate (see the engines' errors above)")
-    return "; ".join(causes) or "no complete group arrived (see the engines' and reward actors' errors above)"
-
-
-def _state_dict(state: RunState) -> dict[str, Any]:
-    return {k: getattr(state, k) for k in state.__dataclass_fields__}
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
-def progress_fields(reward_mean: float, accuracy: float | None) -> dict[str, str]:
-    """The trial-and-error bar's fields: this step's mean reward and the latest held-out accuracy, which holds
-    between evaluations ("-" before the first one)."""
-    return {"reward": f"{reward_mean:.2f}", "acc": "-" if accuracy is None else f"{100 * accuracy:.1f}%"}
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, desc=desc, initial=initial, disable=not enabled or total == 0, dynamic_ncols=True
-    )
 
 
 def run(cfg: JobConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

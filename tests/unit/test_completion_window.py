@@ -11,7 +11,8 @@ import torch
 from aha.actors.config import SamplingConfig
 from aha.learner.batch import Sample, collate, step_totals
 from aha.learner.config import AlgorithmConfig
-from aha.learner.worker import LearnerWorker, completion_window, micro_batch_loss
+from aha.learner.micro_batch import completion_window, micro_batch_loss
+from aha.learner.worker import LearnerWorker
 
 VOCAB = 61
 

@@ -418,7 +418,7 @@ def test_environment_tokens_contribute_exactly_zero_gradient():
     from aha.learner.algorithms import token_logprobs
     from aha.learner.batch import collate, samples_from_trajectories, step_totals
     from aha.learner.config import AlgorithmConfig
-    from aha.learner.worker import micro_batch_loss
+    from aha.learner.micro_batch import micro_batch_loss
 
     traj = episode_trajectory(
         prompt_ids=[1, 2],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aha.actors.rollout import chunk_seed
-from aha.cluster.driver import _equal_rewards_verdict, _refill_cause
+from aha.cluster.refill import equal_rewards_verdict, refill_cause
 
 
 def test_chunk_seed_depends_on_the_prompts_and_the_engine_seed_only():
@@ -20,18 +20,18 @@ def stats(**counts) -> dict[str, float]:
 
 def test_refill_cause_names_what_grew():
     before = stats(dropped_zero_variance=8, evicted=3)
-    assert "buffer.drop_zero_variance" in _refill_cause(before, stats(dropped_zero_variance=72, evicted=3), 0)
-    assert "64 samples" in _refill_cause(before, stats(dropped_zero_variance=72, evicted=3), 0)
-    stale = _refill_cause(before, stats(dropped_zero_variance=8, dropped_stale=16, evicted=3), 0)
+    assert "buffer.drop_zero_variance" in refill_cause(before, stats(dropped_zero_variance=72, evicted=3), 0)
+    assert "64 samples" in refill_cause(before, stats(dropped_zero_variance=72, evicted=3), 0)
+    stale = refill_cause(before, stats(dropped_zero_variance=8, dropped_stale=16, evicted=3), 0)
     assert "buffer.max_staleness" in stale and "drop_zero_variance" not in stale
-    assert "buffer.capacity" in _refill_cause(before, stats(dropped_zero_variance=8, evicted=9), 0)
-    assert "4 prompts failed" in _refill_cause(before, before, 4)
-    assert "no complete group" in _refill_cause(before, before, 0)
+    assert "buffer.capacity" in refill_cause(before, stats(dropped_zero_variance=8, evicted=9), 0)
+    assert "4 prompts failed" in refill_cause(before, before, 4)
+    assert "no complete group" in refill_cause(before, before, 0)
 
 
 def test_a_step_without_groups_says_whether_the_task_is_saturated_or_never_solved():
-    assert "the task is saturated" in _equal_rewards_verdict([1.0, 1.0, 1.5], threshold=1.0)
-    assert "never solves" in _equal_rewards_verdict([0.0, 0.5], threshold=1.0)
-    mixed = _equal_rewards_verdict([1.0, 0.0], threshold=1.0)
+    assert "the task is saturated" in equal_rewards_verdict([1.0, 1.0, 1.5], threshold=1.0)
+    assert "never solves" in equal_rewards_verdict([0.0, 0.5], threshold=1.0)
+    mixed = equal_rewards_verdict([1.0, 0.0], threshold=1.0)
     assert "saturated" not in mixed and "never" not in mixed
-    assert "saturated" not in _equal_rewards_verdict([], threshold=1.0)  # nothing scored in this step
+    assert "saturated" not in equal_rewards_verdict([], threshold=1.0)  # nothing scored in this step

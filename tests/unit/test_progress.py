@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from aha.cluster.driver import progress_fields
+from aha.cluster.progress import progress_fields
 
 
 def test_fields_before_and_after_the_first_evaluation():

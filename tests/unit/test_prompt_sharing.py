@@ -10,8 +10,8 @@ import torch
 
 from aha.learner.batch import Sample, collate, shard, step_totals
 from aha.learner.config import AlgorithmConfig, LearnerConfig
+from aha.learner.micro_batch import completion_window, micro_batch_loss, training_batch
 from aha.learner.prompt_sharing import collate_shared, shares_prompts
-from aha.learner.worker import completion_window, micro_batch_loss, training_batch
 from tests.unit.test_completion_window import VOCAB, tiny, worker
 
 

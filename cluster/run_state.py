@@ -1,0 +1,41 @@
+"""What a resumed run needs besides the learner's weights and the replay buffer: the counters and the data
+cursor, written into every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunState:
+    """Everything besides the learner's weights that a resumed run needs."""
+
+    step: int = 0  # RL steps done
+    imitation_step: int = 0
+    version: int = (
+        0  # training steps applied (imitation + RL, one each whatever its optimizer steps) = policy version
+    )
+    cursor: int = 0  # training prompts consumed from the source
+    failed_prompts: list[str] = field(default_factory=list)
+    rng: Any = None
+    wall_s: float = 0.0  # seconds the run had taken at this checkpoint (summed over resumes)
+    engine_restarts: int = 0  # rollout engines replaced so far (summed over resumes)
+    eval_start: float | None = None  # held-out accuracy before imitation
+    eval_after_imitation: float | None = None
+    steps_short: int = 0  # steps that trained on fewer groups than schedule.prompts_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> RunState:
+        """A checkpoint's record (keys it does not know are skipped; the RNG state comes back as tuples)."""
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        if known.get("rng") is not None:
+            known["rng"] = _tuplify(known["rng"])
+        return cls(**known)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
