@@ -53,21 +53,17 @@ class RawEngine:
     def __init__(self, model_path: str, max_model_len: int, cfg: RolloutConfig, seed: int, dtype: str):
         import torch
 
+        from aha.actors.config import ModelConfig
+        from aha.actors.engine import engine_options
+
         torch.set_num_threads(cfg.threads_per_engine)  # as RolloutWorker: before vLLM freezes it
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.kv_cache_gib))))
+        kv_gib = (cfg.kv_cache_bytes() or 2**30) / 2**30
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(kv_gib))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            enforce_eager=cfg.enforce_eager,
-            max_model_len=max_model_len,
-            seed=seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
-            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
-        )
+        model = ModelConfig(path=model_path, max_model_len=max_model_len)
+        self.llm = LLM(**engine_options(model, cfg, seed, dtype))
         self.threads = torch.get_num_threads()
 
     def generate(self, texts: list[str], sampling: SamplingConfig, n: int) -> dict:
@@ -95,7 +91,9 @@ class RawEngine:
 
         llm, self.llm = self.llm, None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            from aha.actors import vllm_internals
+
+            vllm_internals.shutdown(llm)
             del llm
             gc.collect()
 

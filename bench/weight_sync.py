@@ -104,7 +104,9 @@ def reload_in_engine(engine, *buckets) -> float:
     (no transport, no checksum), plus what `finish_update` does. The engine-side floor of any sync."""
     tensors = [(name, tensor.clone()) for bucket in buckets for name, tensor in bucket.tensors()]
     started = time.perf_counter()
-    engine._driver_worker().reload_weights(weights_iterator=iter(tensors))
+    from aha.actors import vllm_internals
+
+    vllm_internals.reload_weights(vllm_internals.driver_worker(engine.llm), tensors)
     engine.finish_update(engine.version)
     return time.perf_counter() - started
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aha.cluster.config_file import load_config
-from tests.unit.test_readme_demo import demo_figures
+from tests.unit.test_readme_demo import cpu_column, demo_figures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -22,7 +22,12 @@ def test_demo_reproduces_the_readme_figures(ray_cluster, tmp_path):
     from aha.cluster.driver import run
     from aha.cluster.models import make_tiny_model
 
-    stated = demo_figures()
+    column = cpu_column()
+    if column is None:
+        pytest.skip(
+            "README.md has no demo figures for this kind of CPU (float rounding differs between them)"
+        )
+    stated = demo_figures(column=column)
     model = make_tiny_model(tmp_path / "tiny-addition", seed=stated.seed)  # as scripts/demo.sh writes it
     cfg = load_config(
         DEMO, [f"model.path={model}", f"logging.run_dir={tmp_path}/{{name}}", "logging.progress=false"]
@@ -48,5 +53,7 @@ def test_demo_reproduces_the_readme_figures(ray_cluster, tmp_path):
     assert (
         stated.final >= stated.after_imitation + 0.1
     )  # the README's claim itself: trial and error adds clearly
-    # and this run's own: whichever way its last bits went, trial and error added far more than the 3-point noise
-    assert measured["after trial and error"] >= measured["after imitation"] + 0.3, measured
+    # and this run's own: whichever way its last bits went, trial and error added at least half of what the
+    # README's run on this kind of CPU did, far more than the 3-point noise
+    gain = stated.final - stated.after_imitation
+    assert measured["after trial and error"] >= measured["after imitation"] + gain / 2, (column, measured)
