@@ -290,10 +290,24 @@ def trl_job(cfg, eval_at: list[int], threads: int, work: Path) -> dict:
     }
 
 
+PEER_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
+"""What the peer's process takes from ours: the shell basics, never aha's process settings (allocator, vLLM,
+DeepSpeed, thread counts), which would move its figures."""
+
+
+def peer_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment TRL runs in, as a user of TRL would have it: the shell basics and offline flags (no Hub
+    here); trl_grpo.py sets its own thread count from the job."""
+    environ = os.environ if environ is None else environ
+    env = {k: environ[k] for k in PEER_ENV_KEYS if k in environ}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
 def run_trl(python: Path, job: dict, work: Path) -> dict:
     path = work / "trl-job.json"
     path.write_text(json.dumps(job))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = peer_env()
     proc = subprocess.run(
         [str(python), str(ROOT / "bench" / "trl_grpo.py"), str(path)],
         env=env,
@@ -314,6 +328,8 @@ def run_trl(python: Path, job: dict, work: Path) -> dict:
         "wall_s": round(record["wall_s"] - record["eval_s"], 1),
         "threads": record["threads"],
         "versions": record["versions"],
+        "env": env,  # the peer's whole process environment
+        "settings": job["settings"],
     }
 
 
@@ -399,7 +415,7 @@ def _mean_se(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    from aha.actors.runtime import apply_base_env
+    from aha.actors.runtime import apply_base_env, base_env
 
     apply_base_env()
     import ray
@@ -462,6 +478,7 @@ def main() -> None:
         "bench": "vs_trl",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "results": results,
+        "aha_env": base_env(),  # aha's process settings; the TRL side's environment is in its results
         "unmatched": UNMATCHED,
         "target": "ratio_aha_over_trl <= 0.5 with TRL given aha's thread count, equal accuracy per step",
         "notes": "medians over steps after the first, evaluation excluded"

@@ -58,3 +58,19 @@ def test_trl_gets_the_threads_aha_keeps_busy_at_once(monkeypatch):
     assert bench.busy_threads(threads, "async") == 3  # side by side: their sum
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
     assert bench.busy_threads(threads, "async") == 2  # never more than the machine's cores
+
+
+def test_the_peer_runs_without_ahas_process_settings(monkeypatch):
+    """TRL gets the shell basics and offline flags only: none of aha's base environment (allocator, vLLM,
+    DeepSpeed settings) reaches it, even when this process has applied it."""
+    from aha.actors.runtime import apply_base_env, base_env
+
+    bench = load_bench()
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    apply_base_env()
+    env = bench.peer_env()
+    leaked = set(base_env()) & set(env)
+    assert not leaked, leaked
+    assert "THP_MEM_ALLOC_ENABLE" not in env and "OMP_NUM_THREADS" not in env
+    assert env["PATH"] and env["HF_HUB_OFFLINE"] == "1"
