@@ -4,7 +4,8 @@ sections; checks across sections live there. Imports neither torch, Ray nor vLLM
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -37,6 +38,21 @@ class ModelConfig(Section):
     """Wrap each prompt in the tokenizer's chat template before generation."""
     max_model_len: int = Field(512, ge=16, le=1 << 21, strict=True)
     """Longest prompt + completion, in tokens (engines and learner)."""
+
+    @model_validator(mode="after")
+    def _source_is_the_snapshot(self) -> ModelConfig:
+        """`source` records where a resolved `path` came from (a run's config.yaml); it never chooses a model,
+        so it must describe `path`: the Hub snapshot folder of that commit."""
+        if self.source is None:
+            return self
+        repo, _, commit = self.source.rpartition("@")
+        if not repo or Path(self.path).name != commit or Path(self.path).parent.name != "snapshots":
+            raise ValueError(
+                f"model.source {shorten(self.source)} is set by aha when it resolves a Hub id, to the id@commit of "
+                f"the snapshot folder in model.path; {shorten(self.path)} is not that folder: remove model.source "
+                "and give the Hub id (or the folder) as model.path"
+            )
+        return self
 
 
 class SamplingConfig(Section):
@@ -132,6 +148,9 @@ class RewardFunctionConfig(Section):
     """Name of this part in metrics (default: the function's name)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments passed on every call."""
+    batched: bool | None = None
+    """Called once per batch, TRL-style `f(prompts, completions, **columns)` returning a list; None = a function
+    with a parameter named `completions` or `prompts` is batched, any other is called per sample (docs/rewards.md)."""
 
     @field_validator("function")
     @classmethod
@@ -153,9 +172,19 @@ class RewardConfig(Section):
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     """Reward functions; the total reward is their weighted sum."""
     timeout_s: Seconds = 30.0
-    """Limit for scoring one sample; past it the sample gets `error_reward`."""
-    error_reward: float = 0.0
-    """Reward given to a sample whose scoring failed (raised, hung, returned NaN or a non-number)."""
+    """Limit for scoring one sample, its per-sample functions together; a batched call gets this per sample."""
+    on_error: Literal["mask", "reward"] = "mask"
+    """A sample whose scoring failed (raised, hung, bad value, worker or environment died): mask leaves it out of
+    its group's baseline and the loss; reward trains it as an outcome with `error_reward` (docs/rewards.md)."""
+    error_reward: float | None = None
+    """Reward of a failed sample under `on_error: reward` (None there = 0.0); refused with `on_error: mask`."""
+
+    @property
+    def failed_reward(self) -> float | None:
+        """The reward a failed sample gets: None (unscored) under `on_error: mask`, else `error_reward`."""
+        if self.on_error == "mask":
+            return None
+        return 0.0 if self.error_reward is None else self.error_reward
 
     @model_validator(mode="after")
     def _unique_names(self) -> RewardConfig:
@@ -164,6 +193,16 @@ class RewardConfig(Section):
         if doubles:
             raise ValueError(
                 f"reward.functions: two functions are named {doubles[0]!r} in the metrics: set `name:` on one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _error_reward_acts(self) -> RewardConfig:
+        if self.error_reward is not None and self.on_error == "mask":
+            raise ValueError(
+                "reward.error_reward is set but reward.on_error is mask (the default), which leaves failed samples "
+                "out of training instead of giving them a reward: set reward.on_error: reward to train failures "
+                "with error_reward, or remove error_reward"
             )
         return self
 
@@ -184,7 +223,7 @@ class EnvironmentConfig(Section):
     max_tokens: int = Field(256, ge=1, le=1 << 21, strict=True)
     """Longest episode after the prompt, all turns together; reaching it ends it (finish reason "length")."""
     timeout_s: Seconds = 30.0
-    """Limit for one environment call (start or step); past it the episode gets `reward.error_reward`."""
+    """Limit for one environment call (start or step); past it the episode fails (see `reward.on_error`)."""
     cpus_per_actor: float = Field(0.0, ge=0, le=4096)
     """Logical CPUs reserved per environment actor (`rollout-<i>-env`, one next to each engine)."""
 

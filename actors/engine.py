@@ -172,7 +172,7 @@ class RolloutWorker:
     # -- generation -----------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> dict[str, list[int]]:
         # token ids, not text: the engine samples from exactly the sequence the learner later scores
-        return {"prompt_token_ids": encode_prompt(self.tokenizer, prompt.text, self.model_cfg.chat_template)}
+        return {"prompt_token_ids": encode_prompt(self.tokenizer, prompt, self.model_cfg.chat_template)}
 
     def generate(
         self, prompts: list[Prompt], sampling: SamplingConfig, n: int, seed: int | None = None
@@ -228,6 +228,7 @@ class RolloutWorker:
                     prompt_id=prompt.id,
                     sample_index=index,
                     prompt=prompt.text,
+                    prompt_messages=prompt.messages if prompt.chat else None,
                     completion=text,
                     prompt_ids=list(out.prompt_token_ids),
                     completion_ids=ids,
@@ -287,6 +288,7 @@ class RolloutWorker:
                 prompt_id=p.id,
                 sample_index=j,
                 prompt=p.text,
+                prompt_messages=p.messages if p.chat else None,
                 completion="".join(ep.text),
                 prompt_ids=ep.prompt_ids,
                 completion_ids=ep.ids,

@@ -15,8 +15,8 @@ follow the prompt. The turn loop is batched: one generate call per turn over eve
 
 Environments run in their own Ray actor next to each engine (`EnvironmentHost`, named `rollout-<i>-env`), so
 one that hangs or kills its process cannot take the engine along: each call has `environment.timeout_s`; an
-episode whose call raises, hangs or returns something malformed ends with an error (the reward pool gives it
-`reward.error_reward` and counts it as `environment/<kind>`). A host process that dies ends the episodes of
+episode whose call raises, hangs or returns something malformed ends with an error (the reward pool fails it as
+`reward.on_error` says, and counts it as `environment/<kind>`). A host process that dies ends the episodes of
 that call with an error and is replaced at the next call.
 """
 

@@ -16,6 +16,12 @@ class Prompt:
     id: str
     text: str
     fields: dict[str, Any] = field(default_factory=dict)
+    # A chat prompt: [{role, content}, ...] rendered by the model's chat template (system turn included); `text`
+    # is then its last user turn, what logs and reward functions show.
+    messages: list[dict[str, str]] | None = None
+    # The data gave the prompt as messages (not only a system prompt added to text): batched reward functions
+    # then get prompts and completions as messages, as TRL does for a conversational dataset.
+    chat: bool = False
 
 
 @dataclass
@@ -42,6 +48,9 @@ class Trajectory:
     version: int  # policy version of the weights that generated it
     engine: str  # name of the rollout actor, e.g. "rollout-0"
     fields: dict[str, Any] = field(default_factory=dict)  # the prompt's fields, for the reward functions
+    prompt_messages: list[dict[str, str]] | None = (
+        None  # a chat dataset's prompt turns (Prompt.chat), else None
+    )
     generate_s: float = 0.0  # wall time of the engine call that produced it
     # Multi-turn episodes only (actors/environment.py).
     completion_mask: list[int] | None = None

@@ -1,60 +1,45 @@
 """Reward scoring: the functions of a job's `reward:` config applied to trajectories, and the pool of Ray
 actors (`reward-<i>`) that does it at scale.
 
-A reward function is a plain callable `(prompt, completion, **fields) -> float | dict[str, float]`, sync or
-async. `fields` are the trajectory's fields plus `finish_reason` and `completion_tokens`, then the config's
-`kwargs`. A dict return is several named parts; the sample's reward is the weighted sum over functions, plus,
-for a multi-turn episode, its environment's reward (part `environment`). An episode whose environment failed
-gets `error_reward`, counted as `environment/<kind>`.
+A reward function is a plain callable, sync or async, called per sample
+`(prompt, completion, **fields) -> float | dict[str, float] | None` or, TRL-style, once per batch
+`(prompts=[...], completions=[...], **columns) -> list[float | None]` (actors/reward_calls.py). A dict return is
+several named parts. The sample's reward is the weighted sum over the functions that scored it, plus, for a
+multi-turn episode, its environment's reward (part `environment`); None means "not scorable by this function",
+and a sample that no function scored has no reward (`reward` None, counted as unscorable).
 
-Fault isolation is per sample: a function that raises, hangs past `timeout_s`, or returns NaN, inf or a
-non-number gives that sample `error_reward` and a `reward_error`; the batch goes on. A function that kills its
-process (os._exit, a segfault) takes the actor down: the pool replaces it and retries (see `RewardPool`).
+Fault isolation is per sample: a function that raises, hangs past its time limit, or returns NaN, inf or a
+non-number fails that sample (a batched call that raises, hangs or returns a wrong list fails the samples of its
+call) and sets `reward_error`; the batch goes on. A failed sample gets `cfg.failed_reward`: None (left out of
+training) under `on_error: mask`, `error_reward` under `on_error: reward`. So does an episode whose environment
+failed (counted as `environment/<kind>`). A function that kills its process (os._exit, a segfault) takes the
+actor down: the pool replaces it and retries (see `RewardPool`).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aha.actors.config import RewardConfig
 from aha.actors.records import Trajectory
 from aha.actors.remote import CallError, await_calls, start_named_actor
+from aha.actors.reward_calls import (
+    BadValue,
+    RewardFunction,
+    batch_arguments,
+    batch_values,
+    is_batched,
+    parts_of,
+)
 from aha.actors.user_code import CallTimeout, TimedCaller, call_awaiting, describe, load_function
 
-# ---------------------------------------------------------------------------------------------------------------
-# one function's value
-
-
-@dataclass(frozen=True)
-class RewardFunction:
-    name: str
-    fn: Callable[..., Any]
-    weight: float
-    kwargs: dict[str, Any]
-
-
-class _BadValue(Exception):
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
-
-
-def _as_number(value: Any) -> float:
-    """The value as a finite float, else `_BadValue`."""
-    if not isinstance(value, numbers.Real):
-        raise _BadValue("not_a_number", f"returned {type(value).__name__}, not a number")
-    value = float(value)
-    if not math.isfinite(value):
-        raise _BadValue("not_finite", f"returned {value}")
-    return value
-
+__all__ = ["RewardFunction", "RewardPool", "RewardScorer", "ScoredBatch"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # the scorer
@@ -62,13 +47,20 @@ def _as_number(value: Any) -> float:
 
 @dataclass
 class _Progress:
-    """One sample's scoring so far: parts and weighted total of the functions that returned, their failures as
-    (function, kind, text), and the function running now."""
+    """One sample's scoring so far: parts and weighted total of the functions that scored it (and whether any
+    did), their failures as (function, kind, text), and the function running now."""
 
     parts: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
+    scored: bool = False
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     running: str = ""
+
+    def add(self, f: RewardFunction, parts: dict[str, float] | None) -> None:
+        if parts is not None:  # None: the function did not score this sample
+            self.parts.update(parts)
+            self.total += f.weight * sum(parts.values())
+            self.scored = True
 
 
 @dataclass
@@ -81,31 +73,40 @@ class ScoredBatch:
     messages: dict[str, str] = field(default_factory=dict)  # the first error text of each key in `errors`
     hung_threads: int = 0  # abandoned calls of this scorer still running
     duration_s: float = 0.0
+    unscorable: int = 0  # samples that every function passed on (returned None), without an error
 
 
 class RewardScorer:
     """Applies the configured reward functions to trajectories. A plain class: the pool wraps it in Ray.
 
-    Samples are scored one after another; `cfg.timeout_s` bounds one sample, all its functions together.
+    Batched functions run first, each in one call over the batch's samples, with `cfg.timeout_s` per sample of
+    the call as its limit. Then the per-sample functions score the samples one after another; `cfg.timeout_s`
+    bounds one sample, all its per-sample functions together.
     """
 
     def __init__(self, cfg: RewardConfig, base_dir: str | None = None):
         # no functions: the environment's reward is the whole reward (the job config checks that one exists)
         self.cfg = cfg
-        self.functions = [
-            RewardFunction(f.display_name, load_function(f.function, base_dir), f.weight, dict(f.kwargs))
-            for f in cfg.functions
-        ]
+        self.functions = []
+        for f in cfg.functions:
+            fn = load_function(f.function, base_dir)
+            self.functions.append(
+                RewardFunction(f.display_name, fn, f.weight, dict(f.kwargs), is_batched(fn, f.batched))
+            )
         names = [f.name for f in self.functions]
         if len(set(names)) != len(names):
             raise ValueError(f"reward function names must be unique (set `name:`), got {names}")
         self.errors: Counter[str] = Counter()
         self._messages: dict[str, str] = {}  # first text of each error key, for the batch being scored
         self.samples = 0
+        self.unscorable = 0
         self._call = TimedCaller()
 
-    def ping(self) -> str:
-        return "ok"
+    def ping(self) -> int:
+        """Ready check. Returns how many time limits (`timeout_s` per sample each) a batch may use up: one for
+        the per-sample functions, one per batched function; the pool sets its batch deadline by it."""
+        batched = sum(f.batched for f in self.functions)
+        return batched + (len(self.functions) > batched)
 
     @property
     def hung_threads(self) -> int:
@@ -113,7 +114,8 @@ class RewardScorer:
 
     def score(self, trajectories: list[Trajectory]) -> list[Trajectory]:
         """Fill `reward`, `reward_parts` and `reward_error` of each trajectory (in place) and return them. The
-        functions run on the caller's runner thread, the whole batch in one handoff (`TimedCaller.run_each`)."""
+        functions run on the caller's runner thread: a batched one in one call, the per-sample ones for the whole
+        batch in one handoff (`TimedCaller.run_each`)."""
         scored = []
         for traj in trajectories:
             if traj.env_error is not None:  # the episode broke off: no reward is meaningful
@@ -123,7 +125,19 @@ class RewardScorer:
                 raise ValueError("reward.functions is empty and the sample is not an environment's episode")
             else:
                 scored.append(traj)
-        progress = [_Progress() for _ in scored]  # filled on the runner thread, read here
+        progress = [
+            _Progress({"environment": t.env_reward}, t.env_reward, True)  # a multi-turn episode: its reward
+            if t.env_reward is not None
+            else _Progress()
+            for t in scored
+        ]
+        for f in self.functions:
+            if f.batched and scored:
+                self._score_batched(f, scored, progress)
+        if not any(not f.batched for f in self.functions):
+            for traj, p in zip(scored, progress):
+                self._finish(traj, p)
+            return trajectories
         outcomes = self._call.run_each(self._evaluate, list(zip(scored, progress)), self.cfg.timeout_s)
         for traj, p, outcome in zip(scored, progress, outcomes):
             if isinstance(outcome, _Progress):
@@ -135,12 +149,33 @@ class RewardScorer:
                 if isinstance(outcome, CallTimeout)
                 else (p.running, "exception", describe(outcome))
             )
-            self._finish(traj, _Progress(dict(p.parts), p.total, [*p.failures, failed]))
+            self._finish(traj, _Progress(dict(p.parts), p.total, p.scored, [*p.failures, failed]))
         return trajectories
 
+    def _score_batched(self, f: RewardFunction, batch: list[Trajectory], progress: list[_Progress]) -> None:
+        """One call of a batched function over `batch`, within `timeout_s` per sample; a call that raises, hangs
+        or returns other than one entry per sample fails every sample of it."""
+        limit = self.cfg.timeout_s * len(batch)
+        try:
+            out = self._call(f.fn, (), batch_arguments(f, batch), limit)
+            values = batch_values(f, out, len(batch))
+        except CallTimeout:
+            values = [BadValue("timeout", f"timeout after {limit:g} s (a batch of {len(batch)})")] * len(
+                batch
+            )
+        except BadValue as e:
+            values = [e] * len(batch)
+        except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
+            values = [BadValue("exception", describe(e))] * len(batch)
+        for p, value in zip(progress, values):
+            if isinstance(value, BadValue):
+                p.failures.append((f.name, value.kind, str(value)))
+            else:
+                p.add(f, value)
+
     def _evaluate(self, item: tuple[Trajectory, _Progress]) -> _Progress:
-        """Every function on one sample, on the runner thread, within `timeout_s` for all of them together;
-        records into `progress` as it goes, so what finished before a hang is kept."""
+        """Every per-sample function on one sample, on the runner thread, within `timeout_s` for all of them
+        together; records into `progress` as it goes, so what finished before a hang is kept."""
         traj, progress = item
         deadline = time.monotonic() + self.cfg.timeout_s
         base = {
@@ -148,53 +183,63 @@ class RewardScorer:
             "finish_reason": traj.finish_reason,
             "completion_tokens": len(traj.completion_ids),
         }
-        if traj.env_reward is not None:  # a multi-turn episode: its environment's reward, plus the functions'
-            progress.total, progress.parts = traj.env_reward, {"environment": traj.env_reward}
         for f in self.functions:
+            if f.batched:
+                continue
             progress.running = f.name
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
                     raise CallTimeout
                 out = call_awaiting(f.fn, (traj.prompt, traj.completion), {**base, **f.kwargs}, remaining)
-                values = (
-                    {f"{f.name}/{k}": _as_number(v) for k, v in out.items()}
-                    if isinstance(out, dict)
-                    else {f.name: _as_number(out)}
-                )
+                progress.add(f, parts_of(f.name, out))
             except CallTimeout:
                 progress.failures.append((f.name, "timeout", f"timeout after {self.cfg.timeout_s:g} s"))
                 break  # the sample's time is spent: the later functions are not run
-            except _BadValue as e:
+            except BadValue as e:
                 progress.failures.append((f.name, e.kind, str(e)))
-                continue
             except BaseException as e:  # noqa: BLE001 - SystemExit from a user function is just an error here
                 progress.failures.append((f.name, "exception", describe(e)))
-                continue
-            progress.parts.update(values)
-            progress.total += f.weight * sum(values.values())
         return progress
 
     def _finish(self, traj: Trajectory, outcome: _Progress) -> None:
-        """Count the sample and its failures (on the caller's thread only) and fill its reward fields."""
+        """Count the sample and its failures (on the caller's thread only) and fill its reward fields: a failed
+        sample gets `cfg.failed_reward`, one no function scored None."""
         self.samples += 1
         errors = [self._error(function, kind, text) for function, kind, text in outcome.failures]
         traj.reward_parts = outcome.parts
-        traj.reward = self.cfg.error_reward if errors else outcome.total
         traj.reward_error = "; ".join(errors) if errors else None
+        if errors:
+            traj.reward = self.cfg.failed_reward
+        elif outcome.scored:
+            traj.reward = outcome.total
+        else:
+            traj.reward = None
+            self.unscorable += 1
 
     def score_batch(self, batch_id: int, trajectories: list[Trajectory]) -> ScoredBatch:
         start = time.monotonic()
-        before = Counter(self.errors)
+        before, unscorable = Counter(self.errors), self.unscorable
         self._messages = {}
         self.score(trajectories)
         errors = dict(self.errors - before)
         return ScoredBatch(
-            batch_id, trajectories, errors, self._messages, self.hung_threads, time.monotonic() - start
+            batch_id,
+            trajectories,
+            errors,
+            self._messages,
+            self.hung_threads,
+            time.monotonic() - start,
+            self.unscorable - unscorable,
         )
 
     def metrics(self) -> dict[str, Any]:
-        return {"samples": self.samples, "errors": dict(self.errors), "hung_threads": self.hung_threads}
+        return {
+            "samples": self.samples,
+            "unscorable": self.unscorable,
+            "errors": dict(self.errors),
+            "hung_threads": self.hung_threads,
+        }
 
     def _error(self, function: str, kind: str, text: str) -> str:
         """Count one failed call under `<function>/<kind>`; returns the sample's error text."""
@@ -211,6 +256,7 @@ class RewardScorer:
 _POOL_COUNTERS = (
     "samples",
     "samples_failed",
+    "samples_unscorable",
     "worker_crashes",
     "worker_restarts",
     "batches_retried",
@@ -246,8 +292,8 @@ class RewardPool:
     Nothing is lost: every submitted trajectory comes back exactly once, scored or with `reward_error`.
     A worker that dies (os._exit, segfault) or overruns its batch deadline is killed and replaced under the
     same name; its batch is retried once, then each of its samples alone, and a sample that still kills a
-    worker gets `error_reward` with reason "worker crashed". A worker with too many hung calls is replaced
-    after its batch.
+    worker fails with reason "worker crashed" (`cfg.failed_reward`). A worker with too many hung calls is
+    replaced after its batch.
     """
 
     def __init__(
@@ -280,6 +326,7 @@ class RewardPool:
         self._metrics: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self.first_errors: dict[str, str] = {}  # first text of each error key, also printed once
+        self._limits = 1  # time limits a batch may use up per sample (RewardScorer.ping)
         self._workers = [_Worker(i, self._start_actor(i)) for i in range(cfg.num_workers)]
         try:
             self._wait_ready(self._workers)
@@ -380,14 +427,15 @@ class RewardPool:
         """Every worker answers a ping, or this raises naming the ones that failed or did not answer."""
         refs = {w.actor.ping.remote(): w.index for w in workers}
         try:
-            await_calls(refs, self.startup_timeout_s, "ping", name=lambda i: f"reward-{i}")
+            limits = await_calls(refs, self.startup_timeout_s, "ping", name=lambda i: f"reward-{i}")
         except CallError as e:
             names = ", ".join(f"reward-{i}" for i in e.failed)
             raise RuntimeError(f"{names} failed to start: {e}") from e
+        self._limits = max([self._limits, *limits])
 
     def _batch_timeout(self, batch: _Batch) -> float:
-        # The scorer bounds each sample itself; this is the backstop for a worker that stops answering.
-        return len(batch.trajectories) * self.cfg.timeout_s + 30.0
+        # The scorer bounds each call itself; this is the backstop for a worker that stops answering.
+        return len(batch.trajectories) * self.cfg.timeout_s * self._limits + 30.0
 
     def _dispatch(self) -> None:
         for w in self._workers:
@@ -425,6 +473,13 @@ class RewardPool:
         w.batch, w.ref = None, None
         self._metrics["samples"] += len(result.trajectories)
         self._metrics["samples_failed"] += sum(t.reward_error is not None for t in result.trajectories)
+        if result.unscorable and not self._metrics["samples_unscorable"]:
+            print(
+                "aha: every reward function returned None for a sample: it has no reward and is left out of "
+                "training (counted as samples_unscorable; later ones are only counted)",
+                flush=True,
+            )
+        self._metrics["samples_unscorable"] += result.unscorable
         self._errors.update(result.errors)
         for key, message in result.messages.items():
             self._note_first(key, message)
@@ -450,7 +505,7 @@ class RewardPool:
             self._metrics["batches_split"] += 1
         else:
             for t in batch.trajectories:
-                t.reward, t.reward_parts, t.reward_error = self.cfg.error_reward, {}, reason
+                t.reward, t.reward_parts, t.reward_error = self.cfg.failed_reward, {}, reason
             self._metrics["samples"] += len(batch.trajectories)
             self._metrics["samples_failed"] += len(batch.trajectories)
             key = f"worker/{reason.split(':')[0].replace(' ', '_')}"

@@ -4,6 +4,7 @@ learner/config.py, cluster/config.py) and import downward only. Imports neither 
 
 from __future__ import annotations
 
+import string
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -50,3 +51,31 @@ def check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
 
 CustomResources = Annotated[dict[str, float], AfterValidator(check_custom_resources)]
 """Ray custom resources of one actor (pins it to node types): checked by `check_custom_resources`."""
+
+
+def template_fields(template: str) -> list[str]:
+    """The {name} placeholders of a str.format template, else ValueError (bad syntax, a format spec, a
+    conversion, an index or attribute: only plain names are filled in)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    names = []
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {shorten('{' + field + '}', 40)} is not a plain {{name}}")
+        names.append(field)
+    return names
+
+
+def check_template(template: str, allowed: tuple[str, ...]) -> str:
+    """A str.format template whose only placeholders are `allowed` ({name}), else ValueError."""
+    for field in template_fields(template):
+        if field not in allowed:
+            known = ", ".join(f"{{{a}}}" for a in allowed)
+            raise ValueError(
+                f"unknown placeholder {shorten('{' + field + '}', 40)}: only {known} is replaced"
+            )
+    return template

@@ -63,7 +63,7 @@ def run_mode(mode: str, model: Path, root: Path, args) -> dict[str, float]:
             f"model.path={model}",
             f"logging.run_dir={root}/{{name}}",
             "logging.progress=false",
-            "logging.tensorboard=false",
+            "logging.report_to=[]",
             f"cluster.namespace=aha-bench-pipeline-{mode}-{os.getpid()}",
             "imitation.steps=0",
             f"schedule.mode={mode}",

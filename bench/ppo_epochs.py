@@ -63,7 +63,7 @@ def run_arm(name: str, model: Path, root: Path, args) -> dict:
             f"model.path={model}",
             f"logging.run_dir={root}/{{name}}",
             "logging.progress=false",
-            "logging.tensorboard=false",
+            "logging.report_to=[]",
             f"cluster.namespace=aha-bench-ppo-{name}-{os.getpid()}",
             f"schedule.steps={args.steps}",
             f"schedule.eval_every={args.eval_every}",

@@ -69,7 +69,7 @@ def samples_per_s(function: str, workers: int, data: list[Trajectory], batch_siz
     return {
         "samples_per_s": round(len(data) / elapsed, 1),
         "samples": len(data),
-        "mean_reward": round(sum(t.reward for t in scored) / len(scored), 3),
+        "mean_reward": round(sum(t.reward or 0.0 for t in scored) / len(scored), 3),  # None: failed
         "errors": errors,
     }
 

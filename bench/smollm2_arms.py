@@ -40,7 +40,7 @@ STEP_KEYS = ("generate_score_s", "train/step_s", "sync_s", "step_s")
 def arm_config(cfg: JobConfig, arm: str, out: Path) -> JobConfig:
     """The job config of one arm: its own run dir and Ray namespace; schedule.steps is driven from here."""
     data = cfg.model_dump()
-    data["logging"].update(run_dir=str(out / "runs" / arm), progress=False, tensorboard=False)
+    data["logging"].update(run_dir=str(out / "runs" / arm), progress=False, report_to=[])
     data["cluster"]["namespace"] = f"{cfg.cluster.namespace}-{arm}"
     data["schedule"].update(steps=0, eval_every=0)
     data["checkpoint"].update(export_hf=False)

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-check-files",
         action="store_true",
-        help="skip the model, data and reward-file checks (a config meant for another machine)",
+        help="skip the model, data, reward-file and tracker-package checks (a config meant for another machine)",
     )
 
     p = sub.add_parser("run", help="run a job on this machine's Ray (or cluster.address)")

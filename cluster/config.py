@@ -13,14 +13,21 @@ bf16; otherwise CPU, gloo and fp32.
 from __future__ import annotations
 
 import re
-import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from aha.actors.config import EnvironmentConfig, ModelConfig, RewardConfig, RolloutConfig
-from aha.actors.schema import MAX_ITEMS, Seconds, Section, Seed, shorten
+from aha.actors.schema import MAX_ITEMS, Seconds, Section, Seed, check_template, shorten
+from aha.cluster.data_config import (  # noqa: F401  (re-exported: the job's sections in one place)
+    AdditionData,
+    DataConfig,
+    HFData,
+    ImitationConfig,
+    JsonlData,
+    ReasoningGymData,
+)
 from aha.learner.config import GROUP_ADVANTAGES, AlgorithmConfig, BufferConfig, LearnerConfig
 
 
@@ -43,21 +50,6 @@ def run_dir_problem(run_dir: str) -> str | None:
     if resolved == cwd or resolved in cwd.parents:
         return f"{resolved} is the working directory or one of its parents: use a folder of its own"
     return None
-
-
-def check_template(template: str, allowed: tuple[str, ...]) -> str:
-    """A str.format template whose only placeholders are `allowed` ({name}), else ValueError."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
-    for _, field, spec, conversion in parts:
-        if field is not None and (field not in allowed or spec or conversion):
-            known = ", ".join(f"{{{a}}}" for a in allowed)
-            raise ValueError(
-                f"unknown placeholder {shorten('{' + field + '}', 40)}: only {known} is replaced"
-            )
-    return template
 
 
 def regex_problem(pattern: str) -> str | None:
@@ -107,89 +99,6 @@ def regex_problem(pattern: str) -> str | None:
             "rewrite it without a repeat inside a repeat"
         )
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data and imitation
-
-
-class AdditionData(Section):
-    """Built-in generator: `a+b=` with the sum written reversed and zero-padded, checked exactly."""
-
-    type: Literal["addition"] = "addition"
-    """Selects this kind of prompt source."""
-    digits: int = Field(3, ge=1, le=9, strict=True)
-    """Digits per operand."""
-    seed: Seed = 0
-    """Seed of the generator: the same seed gives the same prompts, in the same order."""
-    eval_size: int = Field(200, ge=0, le=MAX_ITEMS, strict=True)
-    """Held-out prompts, disjoint from training ones; fewer than half the distinct problems of `digits`."""
-
-    @model_validator(mode="after")
-    def _room_for_training(self) -> AdditionData:
-        low = 10 ** (self.digits - 1) if self.digits > 1 else 0
-        problems = (10**self.digits - low) ** 2
-        if self.eval_size * 2 > problems:
-            raise ValueError(
-                f"data.eval_size {self.eval_size} is more than half of the {problems} distinct {self.digits}-digit "
-                "problems: held-out prompts would leave (almost) none for training; lower it or raise data.digits"
-            )
-        return self
-
-
-class ReasoningGymData(Section):
-    """Procedural tasks from reasoning-gym, scored with the task's own `score_answer`."""
-
-    type: Literal["reasoning_gym"] = "reasoning_gym"
-    """Selects this kind of prompt source."""
-    task: str = "basic_arithmetic"
-    """reasoning-gym dataset name, e.g. basic_arithmetic, chain_sum, countdown, gsm_symbolic."""
-    size: int = Field(10_000, ge=1, le=MAX_ITEMS, strict=True)
-    """Training prompts generated."""
-    eval_size: int = Field(100, ge=0, le=MAX_ITEMS, strict=True)
-    """Held-out prompts generated with a different seed."""
-    seed: Seed = 0
-    """Seed of the training prompts (the held-out split uses a different one)."""
-    task_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments for the reasoning-gym dataset constructor."""
-    prompt_template: str = Field("{question}\nGive only the final answer.\nAnswer:", max_length=100_000)
-    """Format string with {question}."""
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _question_only(cls, template: str) -> str:
-        return check_template(template, ("question",))
-
-
-class JsonlData(Section):
-    """Prompts from a JSONL file: one object per line with `prompt` (and `id`, and any reward fields)."""
-
-    type: Literal["jsonl"] = "jsonl"
-    """Selects this kind of prompt source."""
-    path: str = Field(min_length=1, max_length=4096)
-    """Training prompts. Other keys of each line (answer, tests, ...) are passed to the reward functions."""
-    eval_path: str | None = Field(None, min_length=1, max_length=4096)
-    """Held-out prompts in the same format."""
-    seed: Seed = 0
-    """Seed of the shuffle of the training prompts."""
-
-
-DataConfig = Annotated[AdditionData | ReasoningGymData | JsonlData, Field(discriminator="type")]
-
-
-class ImitationConfig(Section):
-    """Supervised fine-tuning on demonstrations before trial and error (same learner, NLL loss)."""
-
-    steps: int = Field(0, ge=0, le=MAX_ITEMS, strict=True)
-    """Optimizer steps of imitation (0 = skip)."""
-    batch_size: int = Field(32, ge=1, le=1 << 20, strict=True)
-    """Demonstrations per step."""
-    demonstrations: int = Field(1000, ge=1, le=MAX_ITEMS, strict=True)
-    """Demonstrations drawn from the data source (generators) or read from `path`."""
-    path: str | None = Field(None, min_length=1, max_length=4096)
-    """JSONL of {prompt, completion}; default: demonstrations from the task generator."""
-    lr: float | None = Field(None, gt=0, le=1.0)
-    """Learning rate of imitation (default: learner.optimizer.lr); one optimizer step per batch."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,6 +159,10 @@ class CheckpointConfig(Section):
     """Also write the final weights as a Hugging Face folder, run_dir/final_model (docs/operations.md)."""
 
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+"""A tracker of `logging.report_to` (cluster/trackers.py holds each one's code)."""
+
+
 class LoggingConfig(Section):
     run_dir: str = Field("runs/{name}", min_length=1, max_length=4096)
     """Run directory; {name}, the job name, is its only placeholder (docs/operations.md#the-run-directory)."""
@@ -259,12 +172,40 @@ class LoggingConfig(Section):
     def _name_only(cls, run_dir: str) -> str:
         return check_template(run_dir, ("name",))
 
-    tensorboard: bool = True
-    """Write TensorBoard scalars to run_dir/tensorboard."""
+    report_to: list[TrackerName] = Field(default_factory=lambda: ["tensorboard"], max_length=4)
+    """Trackers that get what metrics.jsonl gets, the resolved config with the git commit, and the sample
+    completions: tensorboard (run_dir/tensorboard), wandb, mlflow, trackio (pip extras of the same names); []: the
+    run directory's files only. Their own environment variables apply (docs/operations.md#trackers)."""
+    project: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)
+    """The trackers' project (wandb project, MLflow experiment, trackio project); None: WANDB_PROJECT or
+    MLFLOW_EXPERIMENT_NAME where set, else "aha". Runs are named after the job."""
+    samples_every: int = Field(10, ge=0, le=MAX_ITEMS, strict=True)
+    """Every this many trial-and-error steps, `samples_per_log` of the step's completions (prompt, completion,
+    reward per function, advantage) go to run_dir/samples.jsonl and the trackers, and each evaluation adds as
+    many of its greedy completions; 0: none."""
+    samples_per_log: int = Field(4, ge=1, le=1000, strict=True)
+    """Completions per sample log (fewer when the step or the evaluation has fewer)."""
     progress: bool = True
     """Progress bar on the driver."""
     ray_metrics: bool = True
     """Export metrics through Ray's metrics API (Prometheus, the dashboard)."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_once(cls, names: list[str]) -> list[str]:
+        if len(set(names)) < len(names):
+            raise ValueError("a tracker is named twice")
+        return names
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "tensorboard" in raw:
+            raise ValueError(
+                "logging.tensorboard is now logging.report_to, a list of trackers: write report_to: [tensorboard] "
+                "for true, report_to: [] for false"
+            )
+        return raw
 
 
 _RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
@@ -400,7 +341,7 @@ class JobConfig(Section):
     model: ModelConfig
     """The policy: a Hugging Face model folder, served by the engines and trained by the learner."""
     data: DataConfig = Field(default_factory=AdditionData)
-    """Prompt source (type: addition | reasoning_gym | jsonl) with its held-out split."""
+    """Prompt source (type: addition | reasoning_gym | jsonl | hf) with its held-out split."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     """vLLM engines: count, resources, samples per prompt, sampling."""
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -420,7 +361,7 @@ class JobConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoint cadence and export."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    """Run directory, TensorBoard, Ray metrics, progress bar."""
+    """Run directory, trackers (TensorBoard, wandb, MLflow, trackio), sample completions, Ray metrics."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Which Ray to use, namespace, runtime environment, placement."""
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
@@ -459,6 +400,11 @@ class JobConfig(Section):
             raise ValueError(
                 "learner.gpus_per_rank is a fraction with several ranks: two ranks could share one GPU, which "
                 "NCCL refuses (use 1 GPU per rank, or one rank)"
+            )
+        if getattr(self.data, "system_prompt", None) and not self.model.chat_template:
+            raise ValueError(
+                "data.system_prompt needs model.chat_template: true: a system message exists only in a chat "
+                "template (or put the instructions into the prompt itself)"
             )
         rewarded = self.reward.functions or self.environment is not None
         if self.schedule.steps > 0 and not rewarded and self.algorithm.loss != "sft":

@@ -21,14 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from aha.actors.prompts import encode_completion, encode_prompt
 from aha.actors.records import Prompt, Trajectory
 from aha.actors.runtime import apply_base_env
 from aha.cluster.config import JobConfig
 from aha.cluster.config_file import dump_config
-from aha.cluster.data import PromptSource, make_source, read_demonstrations
+from aha.cluster.data import PromptSource, drop_long_prompts, make_source, read_demonstrations
 from aha.cluster.files import write_atomic
 from aha.cluster.hub import resolve_model
 from aha.cluster.metrics import MetricsLogger, write_report
@@ -38,6 +36,8 @@ from aha.cluster.progress import progress_bar, progress_fields
 from aha.cluster.refill import NoLearningSignal, equal_rewards_verdict, refill_cause
 from aha.cluster.run_state import RunState
 from aha.cluster.runtime import init_ray
+from aha.cluster.samples import eval_samples, step_samples
+from aha.cluster.trackers import run_config
 
 if TYPE_CHECKING:
     from aha.actors.rollout import Completed
@@ -72,13 +72,14 @@ class Run:
             raise FileNotFoundError(
                 f"model.path {cfg.model.path!r} has no config.json (make one with `aha make-tiny-model {cfg.model.path}`)"
             )
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.dropped_prompts = drop_long_prompts(self.source, cfg, self.tokenizer)  # before any actor starts
         init_ray(cfg.cluster)
         check_cluster_resources(cfg)  # seconds, naming the actors: before any starts or a file is touched
         prepare_run_dir(self.run_dir, resume, overwrite)  # deletes only a folder aha created (or --overwrite)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.namespace = cfg.cluster.namespace
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name)
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name, run_config(cfg))  # and the trackers
         self.group = LearnerGroup(
             cfg.model,
             cfg.learner,
@@ -124,7 +125,7 @@ class Run:
             self._restore()
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt.text, self.cfg.model.chat_template)
+        return encode_prompt(self.tokenizer, prompt, self.cfg.model.chat_template)
 
     # -- phases ----------------------------------------------------------------------------------------------------
     def imitation(self) -> None:
@@ -134,10 +135,13 @@ class Run:
         icfg = self.cfg.imitation
         if self.state.imitation_step >= icfg.steps:
             return
+        system_prompt = getattr(self.cfg.data, "system_prompt", None)
         pairs = (
-            read_demonstrations(icfg.path) if icfg.path else self.source.demonstrations(icfg.demonstrations)
+            read_demonstrations(icfg.path, system_prompt)
+            if icfg.path
+            else self.source.demonstrations(icfg.demonstrations)
         )
-        encoded = [(self._encode(Prompt("demo", p)), encode_completion(self.tokenizer, c)) for p, c in pairs]
+        encoded = [(self._encode(p), encode_completion(self.tokenizer, c)) for p, c in pairs]
         order_rng = random.Random(f"imitation-{self.cfg.schedule.seed}")
         order = list(range(len(encoded)))
         progress = progress_bar(
@@ -178,9 +182,9 @@ class Run:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy completions of the held-out prompts, scored. A sample whose reward function failed, or a prompt
-        no engine could generate, is counted apart (`eval/reward_errors`, `eval/failed_prompts`), not as wrong:
-        `eval/accuracy` is over the samples that were scored."""
+        """Greedy completions of the held-out prompts, scored. A sample whose reward function failed or that no
+        function could score, or a prompt no engine could generate, is counted apart (`eval/reward_errors`,
+        `eval/reward_unscorable`, `eval/failed_prompts`), not as wrong: `eval/accuracy` is over the scored."""
         n = self.cfg.schedule.eval_prompts
         prompts = self.source.eval_prompts(n) if n else []
         if not prompts:
@@ -194,12 +198,15 @@ class Run:
                 done.trajectories += chunk.trajectories
                 done.failed.update(chunk.failed)
         scored = self.rewards.score(done.trajectories)
-        judged = [t for t in scored if t.reward_error is None]
-        errors = len(scored) - len(judged)
-        if errors or done.failed:
+        self.metrics.log_samples(eval_samples(scored, self.state.version, self.cfg.logging))
+        judged = [t for t in scored if t.reward_error is None and t.reward is not None]
+        errors = sum(t.reward_error is not None for t in scored)
+        unscorable = len(scored) - len(judged) - errors  # every reward function returned None
+        if errors or unscorable or done.failed:
             print(
                 f"aha: evaluation at step {self.state.step}: {errors} of {len(prompts)} held-out samples could "
-                f"not be scored (reward errors) and {len(done.failed)} prompts failed to generate; "
+                f"not be scored (reward errors), {unscorable} got None from every reward function and "
+                f"{len(done.failed)} prompts failed to generate; "
                 f"eval/accuracy is over the {len(judged)} scored",
                 flush=True,
             )
@@ -210,6 +217,7 @@ class Run:
             "eval/reward_mean": sum(t.reward for t in judged) / max(len(judged), 1),
             "eval/completion_len": sum(len(t.completion_ids) for t in scored) / max(len(scored), 1),
             "eval/reward_errors": float(errors),
+            "eval/reward_unscorable": float(unscorable),
             "eval/failed_prompts": float(len(done.failed)),
             **{f"eval/{k}": v for k, v in environment_metrics(scored).items()},
         }
@@ -296,7 +304,7 @@ class Run:
         per_step = self.cfg.schedule.prompts_per_step
         stats_before = self.buffer.stats()
         failed_before = len(self.state.failed_prompts)
-        rewards: list[float] = []  # of every sample scored here
+        rewards: list[float | None] = []  # of every sample scored here (None: no reward)
         rounds = 0
         while (ready := self.buffer.num_ready(self.state.version)) < num_groups:
             if not self.pool.pending():  # first submission, or a refill after drops
@@ -319,7 +327,7 @@ class Run:
         return groups, {"generate_score_s": elapsed, "short_groups": float(num_groups - len(groups))}
 
     def _short_of_groups(
-        self, shortfall: str, ready: int, before: dict[str, float], failed: int, rewards: list[float]
+        self, shortfall: str, ready: int, before: dict[str, float], failed: int, rewards: list[float | None]
     ) -> None:
         """A step past its refills: with some groups it trains on them (one line says so); with none it raises
         `NoLearningSignal` when dynamic sampling dropped every group, else a RuntimeError naming the cause."""
@@ -373,8 +381,7 @@ class Run:
         progress.close()
 
     def _train_one_step(self, progress) -> None:
-        from aha.learner.algorithms import AdvantageInputs, compute_advantages
-        from aha.learner.batch import samples_from_trajectories
+        from aha.learner.batch import step_batch
 
         cfg = self.cfg
         sched = cfg.schedule
@@ -384,11 +391,9 @@ class Run:
             self._prefetch(steps_ahead=1)  # the next step generates while this one trains
         trajectories = [t for g in groups for t in g]
         self._log_prompts([g[0].prompt_id for g in groups])
-        rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
-        group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
-        advantages = compute_advantages(AdvantageInputs(rewards, group_ids), cfg.algorithm)
-        # truncated samples count in their group's baseline above; with mask_truncated they get no loss
-        samples = samples_from_trajectories(trajectories, advantages.tolist(), cfg.algorithm.mask_truncated)
+        # advantages over each group's scored samples; unscored ones (and, with mask_truncated, truncated) get no loss
+        batch = step_batch(groups, cfg.algorithm)
+        samples = batch.samples
         self._begun_sync = None
         if samples:
             train_metrics = self.group.train_step(
@@ -404,12 +409,9 @@ class Run:
         metrics = {
             **gen_metrics,
             **{f"train/{k}": v for k, v in train_metrics.items()},
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "accuracy": float((rewards >= sched.eval_threshold).float().mean()),
+            **batch.metrics(sched.eval_threshold),  # reward_mean, accuracy, reward_unscored, ...
             "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
             "overlong_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
-            "overlong_masked": float(len(trajectories) - len(samples)),
             "staleness_max": float(max(staleness)),
             "staleness_mean": sum(staleness) / len(staleness),
             "reward_errors": float(sum(t.reward_error is not None for t in trajectories)),
@@ -433,8 +435,9 @@ class Run:
         metrics["rollout_tokens"] = float(self.tokens_generated - tokens_before)
         metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / metrics["step_s"]
         self.metrics.log(self.state.version, metrics)
+        self.metrics.log_samples(step_samples(self.state.step, self.state.version, trajectories, batch, cfg))
         progress.update(1)
-        progress.set_postfix(progress_fields(metrics["reward_mean"], self.last_accuracy))
+        progress.set_postfix(progress_fields(metrics.get("reward_mean", float("nan")), self.last_accuracy))
         if self._checkpoints_after(self.state.step):
             self.checkpoint()
 
@@ -541,6 +544,7 @@ class Run:
             "version": self.state.version,
             "prompts_consumed": self.state.cursor,
             "failed_prompts": len(self.state.failed_prompts),
+            "prompts_too_long": self.dropped_prompts,
             "engine_restarts": int(engines["engine_restarts"]),
             "engines_live": int(engines["engines_live"]),
             "eval_accuracy_start": self.state.eval_start,
@@ -553,11 +557,12 @@ class Run:
             "final_adapter": adapter,
             "steps_short": self.state.steps_short,
             "stopped_early": self.stopped_early,
+            "tracker_errors": self.metrics.trackers.errors,  # calls that failed or were dropped, per tracker
         }
         write_report(self.run_dir, summary)
         return summary
 
-    def shutdown(self) -> None:
+    def shutdown(self, failed: bool = False) -> None:
         for part in ("pool", "group", "rewards"):
             obj = getattr(self, part, None)
             if obj is not None:
@@ -568,7 +573,7 @@ class Run:
         if getattr(self, "sync", None) is not None:
             self.sync.close()
         if getattr(self, "metrics", None) is not None:
-            self.metrics.close()
+            self.metrics.close(failed)  # the trackers' runs end marked failed, or finished
 
 
 def learner_sampling(cfg: JobConfig):
@@ -584,10 +589,11 @@ def run(cfg: JobConfig, resume: bool = False, overwrite: bool = False) -> dict[s
     """`aha run`: start Ray (local unless cluster.address), the actors, and run imitation then trial and error."""
     apply_base_env()
     job = Run(resolve_model(cfg))  # a Hub id becomes its local snapshot: the actors read only that folder
+    summary = None
     try:
         job.start(resume, overwrite)
         summary = job.execute()
     finally:
-        job.shutdown()
+        job.shutdown(failed=summary is None)
     print(json.dumps(summary, indent=2))
     return summary

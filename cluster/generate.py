@@ -6,7 +6,8 @@ them with the reward actors, filter, and write a dataset that `aha run` can imit
 Files, for `generate.output: data/x.jsonl`:
 
     data/x.jsonl          the kept samples (the SFT dataset)
-    data/x.all.jsonl      every sample, with `kept` true or false
+    data/x.all.jsonl      every sample with a reward, with `kept` true or false (samples without one, whose
+                          scoring failed under reward.on_error: mask or that no function scored, are only counted)
     data/x.parquet, data/x.all.parquet      the same rows as Parquet, written when the run finishes
     data/x.state.json     what is committed: the prompt cursor and each JSONL file's committed size in bytes
     data/x.summary.json   prompts, samples, kept fraction, pass@k, behaviour metrics
@@ -57,7 +58,7 @@ FIELDS = (
     "sample_index",  # 0..k-1 within the prompt
     "prompt",
     "completion",
-    "reward",  # weighted sum over the reward functions (error_reward if scoring failed)
+    "reward",  # weighted sum over the reward functions that scored it (error_reward: failed, on_error: reward)
     "reward_parts",  # {function name (or name/key): value}
     "reward_error",  # why scoring failed, else null
     "passed",  # reward >= generate.pass_threshold
@@ -87,7 +88,8 @@ def sample_row(
     traj: Trajectory, prompt_index: int, model: str, sampling: dict[str, Any], pass_threshold: float
 ) -> dict[str, Any]:
     """One dataset row of a scored trajectory (`kept` is decided later, by `select`)."""
-    reward = float(traj.reward)  # the reward pool scores every sample (error_reward when scoring failed)
+    assert traj.reward is not None, "a sample without a reward is not data"
+    reward = float(traj.reward)
     return {
         "id": f"{traj.prompt_id}/{traj.sample_index}",
         "prompt_id": traj.prompt_id,
@@ -106,6 +108,23 @@ def sample_row(
         "model": model,
         "sampling": sampling,
     }
+
+
+def sample_rows(
+    scored: list[Trajectory],
+    prompt_index: dict[str, int],
+    model: str,
+    sampling: dict[str, Any],
+    pass_threshold: float,
+) -> list[dict[str, Any]]:
+    """The rows of one round's scored trajectories, in prompt and sample order. A trajectory without a reward
+    (its scoring failed under reward.on_error: mask, or no function scored it) is not data: it has no row."""
+    rows = [
+        sample_row(t, prompt_index[t.prompt_id], model, sampling, pass_threshold)
+        for t in scored
+        if t.reward is not None
+    ]
+    return sorted(rows, key=lambda r: (r["prompt_index"], r["sample_index"]))
 
 
 def parquet_schema():
@@ -208,6 +227,7 @@ class GenerateState:
     cursor: int = 0
     samples: int = 0
     kept: int = 0
+    unscored: int = 0  # samples left out because they have no reward
     bytes: dict[str, int] = field(default_factory=lambda: {"kept": 0, "all": 0})
     failed_prompts: dict[str, str] = field(default_factory=dict)  # id -> reason the engines gave up on it
 
@@ -219,7 +239,7 @@ def dataset_settings(cfg: JobConfig) -> dict[str, Any]:
         "data": cfg.data.model_dump(mode="json"),
         "sampling": sampling_settings(cfg.rollout),
         "chat_template": cfg.model.chat_template,
-        "reward": cfg.reward.model_dump(mode="json", include={"functions", "error_reward"}),
+        "reward": cfg.reward.model_dump(mode="json", include={"functions", "on_error", "error_reward"}),
         "pass_threshold": cfg.generate.pass_threshold,
         "filter": cfg.generate.filter.model_dump(mode="json"),
         "dedup": cfg.generate.dedup,
@@ -345,11 +365,13 @@ def _generate_round(pool, rewards, prompts: list[Prompt]) -> tuple[list[Trajecto
 def _rounds(cfg: JobConfig, pool, rewards, files: DatasetFiles, state: GenerateState, seen) -> None:
     """Generate, score, select and commit rounds of `batch_prompts` until `generate.prompts` are done."""
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
-    from aha.cluster.data import make_source
+    from aha.cluster.data import drop_long_prompts, make_source
 
     gen = cfg.generate
     source = make_source(cfg.data)
+    drop_long_prompts(source, cfg, AutoTokenizer.from_pretrained(cfg.model.path))
     sampling = sampling_settings(cfg.rollout)
     progress = tqdm(
         total=gen.prompts,
@@ -364,10 +386,8 @@ def _rounds(cfg: JobConfig, pool, rewards, files: DatasetFiles, state: GenerateS
         prompts = source.train_prompts(state.cursor, count)
         scored, failed = _generate_round(pool, rewards, prompts)
         index = {p.id: state.cursor + i for i, p in enumerate(prompts)}
-        rows = [
-            sample_row(t, index[t.prompt_id], cfg.model.path, sampling, gen.pass_threshold) for t in scored
-        ]
-        rows.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
+        rows = sample_rows(scored, index, cfg.model.path, sampling, gen.pass_threshold)
+        state.unscored += len(scored) - len(rows)
         for row, keep in zip(rows, select(rows, gen.filter, gen.dedup, seen)):
             row["kept"] = keep
         state.failed_prompts.update(failed)
@@ -429,6 +449,7 @@ def generate(cfg: JobConfig, resume: bool = False) -> dict[str, Any]:
         "prompts": counts.pop("prompts"),
         "failed_prompts": len(state.failed_prompts),
         **counts,
+        "unscored": state.unscored,
         "pass_threshold": gen.pass_threshold,
         "wall_s": round(time.time() - started, 1),
         "files": {

@@ -1,5 +1,7 @@
-"""Metrics: one `log(step, values)` call writes a JSONL line, TensorBoard scalars and Ray metrics (Prometheus,
-the Ray dashboard). `write_report` turns the JSONL into plots and a summary at the end of a run."""
+"""Metrics: one `log(step, values)` call writes a JSONL line, the trackers' scalars (TensorBoard, wandb, MLflow,
+trackio: cluster/trackers.py) and Ray metrics (Prometheus, the Ray dashboard); `log_samples` writes sample
+completions to samples.jsonl and the trackers' tables. `write_report` turns the JSONL into plots and a summary at
+the end of a run."""
 
 from __future__ import annotations
 
@@ -11,22 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from aha.cluster.config import LoggingConfig
+from aha.cluster.trackers import Opening, Trackers
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, job: str):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, job: str, config: dict[str, Any] | None = None):
+        """`config`: what the trackers record as the run's config (the resolved job config, the code's commit)."""
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self.file = self.path.open("a")
         self.job = job
-        self.tb = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.ray_metrics = cfg.ray_metrics
         self._gauges: dict[str, Any] = {}
         self.started = time.time()
+        self.trackers = Trackers(cfg.report_to, Opening(run_dir, job, cfg.project, config or {}))
+        self.file = self.path.open("a")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         clean = {
@@ -35,12 +35,19 @@ class MetricsLogger:
         record = {"step": step, "time_s": round(time.time() - self.started, 3), **clean}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in clean.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+        self.trackers.log_scalars(step, clean)
         if self.ray_metrics:
             self._export(clean)
+
+    def log_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Sample completions of one step (cluster/samples.py): a line each in samples.jsonl, a table in each
+        tracker (under `samples` or `eval/samples`). No rows, nothing written."""
+        if not rows:
+            return
+        with (self.run_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        key = "eval/samples" if rows[0]["phase"] == "eval" else "samples"
+        self.trackers.log_samples(rows[0]["step"], key, rows)
 
     def _export(self, values: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
@@ -52,10 +59,10 @@ class MetricsLogger:
                 self._gauges[name] = Gauge(name, description=f"aha metric {k}", tag_keys=("aha_job",))
             self._gauges[name].set(v, tags={"aha_job": self.job})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run ends on an error (the trackers that record it mark their run failed)."""
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close(failed)
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

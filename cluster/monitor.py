@@ -56,7 +56,7 @@ def _slug(phrase: str) -> str:
 
 def behaviour_metrics(
     completions: Sequence[str],
-    rewards: Sequence[float],
+    rewards: Sequence[float | None],
     cfg: MonitorConfig,
     token_counts: Sequence[int] | None = None,
 ) -> dict[str, float]:
@@ -91,11 +91,12 @@ def behaviour_metrics(
     return out
 
 
-def _split(rewards: Sequence[float], flags: Sequence[bool], name: str) -> dict[str, float]:
-    """Mean reward of the samples with and without a feature; a side with no samples is left out."""
+def _split(rewards: Sequence[float | None], flags: Sequence[bool], name: str) -> dict[str, float]:
+    """Mean reward of the samples with and without a feature (those without a reward, None, left out); a side
+    with no samples is left out."""
     out = {}
     for label, want in (("with", True), ("without", False)):
-        chosen = [r for r, f in zip(rewards, flags) if f == want]
+        chosen = [r for r, f in zip(rewards, flags) if f == want and r is not None]
         if chosen:
             out[f"reward_{label}_{name}"] = _mean(chosen)
     return out

@@ -2,7 +2,7 @@
 
 - `reference_problems`: what the config names exists and fits: reward functions import and accept their
   kwargs, the model folder has config.json (or the Hub id resolves: cluster/hub.py), data and demonstration
-  files are readable JSONL. No Ray.
+  files are readable JSONL, the trackers of `logging.report_to` are installed. No Ray.
   `aha validate`, `aha run` and `aha generate` run it (`aha validate --no-check-files` skips the file checks,
   for a config meant for another machine).
 - `run_dir_refusal` / `prepare_run_dir`: `aha run` never deletes a folder it did not create, nor a run that
@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aha.actors.reward_calls import BATCH_ARGUMENTS
 from aha.actors.schema import shorten
-from aha.cluster.config import AdditionData, JobConfig, JsonlData, ReasoningGymData, regex_problem
+from aha.cluster.config import AdditionData, HFData, JobConfig, JsonlData, ReasoningGymData, regex_problem
 from aha.cluster.config_file import ConfigError
+from aha.cluster.data import load_hf_split, make_source
 from aha.cluster.hub import hub_id, hub_problem
+from aha.cluster.trackers import tracker_problems
 
 # ---------------------------------------------------------------------------------------------------------------
 # files
@@ -113,7 +116,7 @@ def _jsonl_problem(path: str, needs: tuple[str, ...]) -> tuple[dict[str, Any] | 
 # ---------------------------------------------------------------------------------------------------------------
 # reward functions
 
-# Fields every reward call gets besides the prompt's own (actors/reward.py: `RewardScorer._score_one`).
+# Fields every per-sample reward call gets besides the prompt's own (actors/reward.py: `RewardScorer._evaluate`).
 CALL_FIELDS = {"finish_reason", "completion_tokens"}
 
 
@@ -127,11 +130,24 @@ def prompt_fields(cfg: JobConfig, files: bool) -> set[str] | None:
         row, _ = first_record(cfg.data.path)
         if row is not None:
             return set(row) - {"prompt", "id"}
+    if isinstance(cfg.data, HFData):
+        cols = cfg.data.columns
+        if cols.fields is not None:
+            return set(cols.fields)
+        if files:
+            try:
+                names = set(load_hf_split(cfg.data, cfg.data.split).column_names)
+            except ValueError:
+                return None  # reference_problems names it
+            return names - {cols.prompt, cols.completion, cols.id}
     return None
 
 
-def kwargs_problem(fn: Any, kwargs: dict[str, Any], fields: set[str] | None) -> str | None:
-    """Why `fn(prompt, completion, **fields, **kwargs)` would fail or ignore a kwarg, or None.
+def kwargs_problem(
+    fn: Any, kwargs: dict[str, Any], fields: set[str] | None, batched: bool = False
+) -> str | None:
+    """Why `fn(prompt, completion, **fields, **kwargs)` (`batched`: `fn(prompts=, completions=, **columns,
+    **kwargs)`, actors/reward_calls.py) would fail or ignore a kwarg, or None.
 
     A kwarg must name a keyword parameter of the function. A function whose catch-all is `**_` ignores other
     keywords (the built-ins take `**_` for the prompt fields they do not use), so a kwarg that lands there does
@@ -143,11 +159,17 @@ def kwargs_problem(fn: Any, kwargs: dict[str, Any], fields: set[str] | None) -> 
     params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
-    if len(positional) < 2 and not var_pos:
-        return "must take (prompt, completion, /, **fields)"
-    if any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in positional[2:]):
-        return "takes more than two required positional-only parameters (prompt, completion)"
-    keywords = {p.name: p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if batched:
+        if any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in positional):
+            return "is batched, so it is called with keywords only (prompts=, completions=, ...), not positionally"
+        skip, call_fields = 0, set(BATCH_ARGUMENTS)
+    else:
+        if len(positional) < 2 and not var_pos:
+            return "must take (prompt, completion, /, **fields), or be batched (set batched: true)"
+        if any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in positional[2:]):
+            return "takes more than two required positional-only parameters (prompt, completion)"
+        skip, call_fields = 2, CALL_FIELDS
+    keywords = {p.name: p for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     catch_all = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
     for key in kwargs:
         if key in keywords:
@@ -159,7 +181,7 @@ def kwargs_problem(fn: Any, kwargs: dict[str, Any], fields: set[str] | None) -> 
                 f"kwargs.{_key(key)}: not a parameter of the function ({_names(keywords)}); "
                 "it would be ignored"
             )
-    given = set(kwargs) | CALL_FIELDS | (fields or set())
+    given = set(kwargs) | call_fields | (fields or set())
     missing = [n for n, p in keywords.items() if p.default is p.empty and n not in given]
     if missing and fields is not None:
         return (
@@ -167,7 +189,7 @@ def kwargs_problem(fn: Any, kwargs: dict[str, Any], fields: set[str] | None) -> 
             f"({', '.join(sorted(fields)) or 'none'})"
         )
     if catch_all is None and fields is not None:
-        extra = sorted((fields | CALL_FIELDS) - set(keywords) - set(kwargs))
+        extra = sorted((fields | call_fields) - set(keywords) - set(kwargs))
         if extra:
             return f"would be called with fields it does not take ({', '.join(extra)}): add **_ to its parameters"
     return None
@@ -189,6 +211,7 @@ REGEX_KWARGS = {
 
 
 def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
+    from aha.actors.reward_calls import is_batched
     from aha.actors.user_code import load_function
 
     fields = prompt_fields(cfg, files)
@@ -206,7 +229,7 @@ def reward_problems(cfg: JobConfig, files: bool) -> list[str]:
                 f"{key}.function {shorten(f.function)}: {type(e).__name__}: {shorten(str(e), 300)[1:-1]}"
             )
             continue
-        problem = kwargs_problem(fn, f.kwargs, fields)
+        problem = kwargs_problem(fn, f.kwargs, fields, is_batched(fn, f.batched))
         if problem:
             problems.append(f"{key} ({f.display_name}): {problem}")
         regex_key = REGEX_KWARGS.get(f.function)
@@ -261,10 +284,11 @@ def environment_problems(cfg: JobConfig, files: bool) -> list[str]:
 
 def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
     """Every problem with what the config names, each starting with the field. `files=False` skips the model and
-    data files (and reward .py files), for a config that will run on another machine."""
+    data files (and reward .py files) and the trackers' packages, for a config that will run on another machine."""
     problems = reward_problems(cfg, files) + environment_problems(cfg, files)
     if not files:
         return problems
+    problems += tracker_problems(cfg.logging.report_to)
     if problem := model_problem(cfg.model.path):
         problems.append(f"model.path {shorten(cfg.model.path)}: {problem}")
     elif problem := kv_cache_problem(cfg):
@@ -283,6 +307,11 @@ def reference_problems(cfg: JobConfig, files: bool = True) -> list[str]:
         _, problem = _jsonl_problem(cfg.imitation.path, ("prompt", "completion"))
         if problem:
             problems.append(f"imitation.path {shorten(cfg.imitation.path)}: {problem}")
+    if isinstance(cfg.data, HFData):
+        try:  # reads the dataset as the run will (cached by `datasets` for the run)
+            make_source(cfg.data)
+        except ValueError as e:
+            problems.append(str(e))
     if isinstance(cfg.data, ReasoningGymData):
         if problem := _gym_task_problem(cfg.data.task):
             problems.append(f"data.task {shorten(cfg.data.task)}: {problem}")

@@ -7,8 +7,17 @@ class NoLearningSignal(Exception):
     """A step found no group whose samples differ in reward, within buffer.max_refills: trial and error ends."""
 
 
-def equal_rewards_verdict(rewards: list[float], threshold: float) -> str:
-    """What a round of groups dropped for equal rewards says about the task, from the rewards scored."""
+def equal_rewards_verdict(rewards: list[float | None], threshold: float) -> str:
+    """What a round of groups dropped for equal rewards says about the task, from the rewards scored (None: a
+    sample without a reward, which leaves its group short of scored samples)."""
+    unscored = sum(r is None for r in rewards)
+    if unscored * 2 > len(rewards):
+        return (
+            f"{unscored} of the {len(rewards)} samples have no reward (their scoring failed, see the reward errors "
+            "above, or every reward function returned None), so their groups had fewer than 2 scored samples "
+            "(buffer.drop_zero_variance dropped each group)"
+        )
+    rewards = [r for r in rewards if r is not None]
     solved = sum(r >= threshold for r in rewards)
     if rewards and solved == len(rewards):
         return (

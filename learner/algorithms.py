@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from aha.learner.config import AlgorithmConfig
+from aha.learner.config import GROUP_ADVANTAGES, AlgorithmConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # registries
@@ -57,8 +57,25 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
 
 
 def compute_advantages(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
-    """The estimator named by `cfg.advantage`. Returns (N,) float32."""
-    return ADVANTAGE_ESTIMATORS[cfg.advantage](inputs, cfg)
+    """The estimator named by `cfg.advantage`, over the samples that `trained_samples` keeps (their groups'
+    baselines and the batch's std are theirs alone); every other sample gets 0. Returns (N,) float32."""
+    keep = trained_samples(inputs, cfg)  # (N,)
+    advantages = torch.zeros(inputs.rewards.shape, dtype=torch.float32)  # (N,)
+    if keep.any():
+        kept = AdvantageInputs(inputs.rewards[keep], inputs.group_ids[keep])
+        advantages[keep] = ADVANTAGE_ESTIMATORS[cfg.advantage](kept, cfg)
+    return advantages
+
+
+def trained_samples(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> Tensor:
+    """Which samples get a gradient, (N,) bool: the scored ones (a NaN reward is a sample no reward function
+    could score, or whose scoring failed), and under an estimator that compares a group, only those of groups
+    with at least 2 scored samples (one alone has no baseline). As TRL does for rows no function scores."""
+    scored = ~inputs.rewards.isnan()  # (N,)
+    if cfg.advantage not in GROUP_ADVANTAGES or cfg.loss == "sft":
+        return scored
+    index = torch.unique(inputs.group_ids, return_inverse=True)[1]  # (N,) in [0, G)
+    return scored & (_per_group(scored.double(), index, "sum") >= 2)
 
 
 def compute_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
@@ -75,7 +92,8 @@ class AdvantageInputs:
     """One reward per sample and the group (prompt) it belongs to.
 
     Group ids are arbitrary integers (not necessarily contiguous); groups may differ in size, a group of one
-    included. Both tensors share the shape (N,).
+    included. Both tensors share the shape (N,). A NaN reward marks a sample without one: `compute_advantages`
+    leaves it out; the estimators themselves see finite rewards only.
     """
 
     rewards: Tensor  # (N,) float

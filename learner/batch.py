@@ -1,20 +1,24 @@
 """From scored trajectories to padded tensors: the train batch, its sharding over ranks, and its collation.
 
 A `Sample` is one sequence (prompt + completion) with the behaviour logprob of each completion token and its
-advantage. `split_mini_batches` deals a step's samples into mini-batches (one optimizer step each); `shard`
-deals a mini-batch to ranks and micro-batches so that every rank runs the same number of micro-batches (ZeRO's
-collectives need that); `collate` pads one micro-batch into a `MicroBatch` whose (B, T)
-tensors are aligned to next-token targets: position t predicts token t+1.
+advantage; `step_batch` makes a training step's samples from its groups of scored trajectories.
+`split_mini_batches` deals a step's samples into mini-batches (one optimizer step each); `shard` deals a
+mini-batch to ranks and micro-batches so that every rank runs the same number of micro-batches (ZeRO's
+collectives need that); `collate` pads one micro-batch into a `MicroBatch` whose (B, T) tensors are aligned to
+next-token targets: position t predicts token t+1.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
 from aha.actors.records import Trajectory
+from aha.learner.algorithms import AdvantageInputs, compute_advantages, trained_samples
+from aha.learner.config import AlgorithmConfig
 
 
 @dataclass
@@ -88,6 +92,57 @@ def samples_from_trajectories(
         for t, a in zip(trajectories, advantages, strict=True)
         if not (mask_truncated and t.finish_reason == "length")
     ]
+
+
+@dataclass
+class StepBatch:
+    """A training step's samples, made from its groups, and what was left out of them."""
+
+    samples: list[Sample]
+    rewards: torch.Tensor  # (N,) float32, every trajectory's reward; NaN for one without a reward
+    trained: torch.Tensor  # (N,) bool, the trajectories that are in the advantages' baselines
+    group_ids: torch.Tensor  # (N,) long
+    overlong_masked: int  # trained trajectories left out by `mask_truncated`
+
+    def metrics(self, threshold: float) -> dict[str, float]:
+        """reward_mean, reward_std and accuracy (reward >= threshold) over the samples with a reward (left out
+        when none has one); reward_unscored: samples without one (out of the baselines and the loss);
+        groups_unscored: groups with an unscored sample that train nothing (too few scored, or none);
+        overlong_masked."""
+        scored = self.rewards[~self.rewards.isnan()]  # (S,)
+        groups = torch.unique(self.group_ids)
+        idle = [g for g in groups if not self.trained[self.group_ids == g].any()]
+        out = {
+            "reward_unscored": float(len(self.rewards) - len(scored)),
+            "groups_unscored": float(
+                sum(bool(self.rewards[self.group_ids == g].isnan().any()) for g in idle)
+            ),
+            "overlong_masked": float(self.overlong_masked),
+        }
+        if len(scored):
+            out["reward_mean"] = float(scored.mean())
+            out["reward_std"] = float(scored.std()) if len(scored) > 1 else 0.0
+            out["accuracy"] = float((scored >= threshold).float().mean())
+        return out
+
+
+def step_batch(groups: list[list[Trajectory]], cfg: AlgorithmConfig) -> StepBatch:
+    """The samples a step trains on: advantages over each group's scored samples (`compute_advantages`); a
+    sample without a reward, or of a group left with too few scored ones, gets no sample and so no gradient;
+    with `cfg.mask_truncated` neither does a truncated one, which still counts in its group's baseline."""
+    trajectories = [t for g in groups for t in g]
+    rewards = torch.tensor(
+        [math.nan if t.reward is None else t.reward for t in trajectories], dtype=torch.float32
+    )  # (N,)
+    group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)  # (N,)
+    inputs = AdvantageInputs(rewards, group_ids)
+    advantages = compute_advantages(inputs, cfg).tolist()
+    trained = trained_samples(inputs, cfg)  # (N,)
+    kept = [i for i, k in enumerate(trained.tolist()) if k]
+    samples = samples_from_trajectories(
+        [trajectories[i] for i in kept], [advantages[i] for i in kept], cfg.mask_truncated
+    )
+    return StepBatch(samples, rewards, trained, group_ids, len(kept) - len(samples))
 
 
 def demonstration_samples(pairs: list[tuple[list[int], list[int]]]) -> list[Sample]:

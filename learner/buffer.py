@@ -4,7 +4,8 @@ Rules, in the order `take` applies them:
   1. staleness: a group containing a sample generated more than `max_staleness` versions before the learner's
      current version is dropped (counted in `dropped_stale`);
   2. dynamic sampling (optional): a complete group whose rewards are all equal carries no group-relative signal
-     and is dropped (counted in `dropped_zero_variance`); the driver refills by generating more prompts;
+     and is dropped (counted in `dropped_zero_variance`); the driver refills by generating more prompts. Only
+     samples with a reward count: a group left with fewer than 2 distinct rewards is dropped too;
   3. the oldest complete groups are handed out first (FIFO).
 Capacity (in samples): when an `add` overflows it, the oldest groups are evicted, complete ones first
 (counted in `evicted`). The whole state round-trips through `state_dict` for checkpoints.
@@ -59,8 +60,8 @@ class ReplayBuffer:
         for key, group in list(self.groups.items()):
             if len(group) < self.group_size:
                 continue
-            rewards = {t.reward for t in group}
-            if self.cfg.drop_zero_variance and len(rewards) == 1:
+            rewards = {t.reward for t in group if t.reward is not None}  # None: the sample has no reward
+            if self.cfg.drop_zero_variance and len(rewards) <= 1:
                 self.counters["dropped_zero_variance"] += len(self.groups.pop(key))
                 continue
             ready.append(key)

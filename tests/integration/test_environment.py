@@ -76,7 +76,7 @@ def test_a_failing_environment_ends_its_episodes_with_an_error_not_the_engine(po
     assert hung[0].finish_reason == "error" and hung[0].env_error.startswith("timeout: ")
     crashed = play("exit").trajectories  # the environment's process dies
     assert crashed[0].finish_reason == "error" and crashed[0].env_error.startswith("crashed: ")
-    scored = RewardScorer(RewardConfig(error_reward=-1.0)).score(raised + hung + crashed)
+    scored = RewardScorer(RewardConfig(on_error="reward", error_reward=-1.0)).score(raised + hung + crashed)
     assert all(t.reward == -1.0 and t.reward_error.startswith("environment") for t in scored)
     # the engine lived through it, and its next episodes run against a fresh environment actor
     assert ray.get(pool.engines[0].health.remote(), timeout=30)["name"] == "rollout-0"

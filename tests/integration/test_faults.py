@@ -39,7 +39,7 @@ def overrides(tiny_model, root: Path, name: str, *extra: str) -> list[str]:
         f"logging.run_dir={root}/{{name}}",
         f"cluster.namespace=aha-faults-{name}",
         "logging.progress=false",
-        "logging.tensorboard=false",
+        "logging.report_to=[]",
         "imitation.steps=0",
         "schedule.mode=sync",  # exact resumes: in async mode a resumed run samples its first batch on newer weights
         f"schedule.steps={STEPS}",

@@ -24,7 +24,7 @@ def overrides(tiny_model, run_root) -> list[str]:
         f"model.path={tiny_model}",
         f"logging.run_dir={run_root}/{{name}}",
         "logging.progress=false",
-        "logging.tensorboard=false",
+        "logging.report_to=[]",
         "imitation.steps=0",
         "schedule.mode=sync",  # the demo runs async; async resumes are tested in test_environment.py
         f"schedule.steps={STEPS}",

@@ -25,6 +25,10 @@ def killer(prompt, completion, **fields):
     if completion == "die":
         os._exit(1)  # takes the whole actor process down, as a segfault would
     return 0.0
+
+def trl_accuracy(completions, answer, **kwargs):
+    # TRL-style: the batch's completions and the dataset's answer column, None where it does not apply
+    return [None if gold == "skip" else float(c == gold) for c, gold in zip(completions, answer)]
 """
 
 
@@ -77,6 +81,7 @@ def test_pool_recovers_from_a_function_that_kills_its_worker(ray_cluster, user_f
     cfg = RewardConfig(
         num_workers=2,
         functions=[{"function": "aha.actors.rewards.match:exact_match"}, {"function": f"{user_file}:killer"}],
+        on_error="reward",
         error_reward=-1.0,
     )
     pool = RewardPool(cfg, namespace="aha-tests", batch_size=8)
@@ -102,6 +107,21 @@ def test_pool_recovers_from_a_function_that_kills_its_worker(ray_cluster, user_f
         pool.shutdown()
 
 
+def test_pool_scores_with_a_trl_style_batched_function(ray_cluster, user_file):
+    cfg = RewardConfig(num_workers=2, functions=[{"function": f"{user_file}:trl_accuracy"}])
+    pool = RewardPool(cfg, namespace="aha-tests", batch_size=4)
+    try:
+        trajs = [traj(i, str(i % 2), "skip" if i % 5 == 0 else "1") for i in range(12)]
+        scored = pool.score(trajs, timeout=60)
+        expected = [None if i % 5 == 0 else float(i % 2 == 1) for i in range(12)]
+        assert [t.reward for t in scored] == expected
+        assert all(t.reward_error is None for t in scored)
+        m = pool.metrics()
+        assert m["samples"] == 12 and m["samples_unscorable"] == 3 and m["samples_failed"] == 0
+    finally:
+        pool.shutdown()
+
+
 def test_pool_reports_a_function_that_cannot_load(ray_cluster):
     cfg = RewardConfig(functions=[{"function": "does/not/exist.py:f"}])
     with pytest.raises(RuntimeError, match="reward-0 failed to start"):
@@ -109,11 +129,14 @@ def test_pool_reports_a_function_that_cannot_load(ray_cluster):
 
 
 def test_pool_replaces_a_worker_full_of_hung_calls(ray_cluster, user_file):
-    cfg = RewardConfig(functions=[{"function": f"{user_file}:hang"}], timeout_s=0.2, error_reward=-1.0)
+    cfg = RewardConfig(functions=[{"function": f"{user_file}:hang"}], timeout_s=0.2)
     pool = RewardPool(cfg, namespace="aha-tests", max_hung_threads=2)
     try:
         out = pool.score([traj(i, "x", "x") for i in range(3)], timeout=60)
         assert [t.reward_error for t in out] == ["hang: timeout after 0.2 s"] * 3
+        assert all(
+            t.reward is None for t in out
+        )  # on_error: mask (the default): no reward, left out of training
         m = pool.metrics()
         assert m["restarts_hung"] == 1 and m["errors"] == {"hang/timeout": 3}
     finally:

@@ -173,3 +173,36 @@ def test_a_hub_id_runs_from_its_cached_snapshot_and_a_rerun_keeps_the_run(
     with pytest.raises(ConfigError, match="--resume .* --overwrite"):
         run_job(tmp_path, "org/tiny", "sync", extra)
     assert (run_dir / "final_model" / "config.json").is_file()
+
+
+def test_a_chat_dataset_in_parquet_runs_with_a_system_prompt_and_mapped_columns(
+    ray_cluster, tiny_model, tmp_path
+):
+    """`data.type: hf` end to end: chat messages (their final assistant turn is the demonstration imitation trains
+    on), a system prompt through the model's chat template, the reward's `answer` mapped from another column, a
+    held-out split carved out by seed, and the prompt too long for the context left out and counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i in range(40):
+        a, b = 100 + 7 * i, 200 + 3 * i
+        total = str(a + b).zfill(4)[::-1]
+        turns = [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": total}]
+        rows.append({"messages": turns, "sum": total})
+    rows.append(
+        {"messages": [{"role": "user", "content": "9" * 500}], "sum": "0"}
+    )  # no room for a completion
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    data = (
+        f"data={{type: hf, path: '{tmp_path / 'chat.parquet'}', eval_size: 8, seed: 1, system_prompt: 'Add.', "
+        "columns: {prompt: messages, fields: {answer: sum}}}"
+    )
+    extra = [*SMALL, data, "model.chat_template=true", "imitation.steps=2", "imitation.demonstrations=16"]
+    summary, records = run_job(
+        tmp_path, tiny_model, "sync", [*extra, "schedule.steps=2", "schedule.eval_prompts=8"]
+    )
+    assert summary["steps"] == 2 and summary["imitation_steps"] == 2
+    assert sum(summary["prompts_too_long"].values()) == 1  # in whichever split the seed put it
+    assert summary["eval_accuracy_final"] is not None and summary["eval_reward_errors_final"] == 0
+    assert all(r["reward_errors"] == 0 for r in records if "reward_errors" in r)

@@ -23,6 +23,7 @@ from aha.learner.algorithms import (
     sampling_logits,
     token_entropy,
     token_logprobs,
+    trained_samples,
     zero_advantage_is_inert,
 )
 from aha.learner.config import ADVANTAGE_NAMES, LOSS_NAMES, AlgorithmConfig
@@ -87,9 +88,70 @@ def test_rloo_by_hand():
 
 
 def test_reinforce_pp_baseline_by_hand():
-    centered = torch.tensor([0.5, -0.5, 0.0, 1.0, -1.0, 0.0])
-    std = centered.std().item()  # unbiased, over the whole batch
-    close(adv("reinforce_pp_baseline", REWARDS, GROUPS, std_eps=1e-6), centered / (std + 1e-6))
+    centered = torch.tensor([0.5, -0.5, 0.0, 1.0, -1.0])
+    std = centered.std().item()  # unbiased, over the batch (the singleton group has no baseline: left out)
+    expected = torch.cat([centered / (std + 1e-6), torch.zeros(1)])
+    close(adv("reinforce_pp_baseline", REWARDS, GROUPS, std_eps=1e-6), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantages: samples without a reward (NaN) are out of the baselines
+
+
+NAN = math.nan
+# group 0: one unscored of four; group 1: one scored left (no baseline); group 2: none scored
+UNSCORED = [1.0, 0.0, NAN, 1.0, NAN, 1.0, NAN, NAN, NAN]
+UNSCORED_GROUPS = [0, 0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def test_grpo_leaves_unscored_samples_out_of_mean_and_std():
+    # group 0 scored (1, 0, 1): mean 2/3, deviations (1/3, -2/3, 1/3), unbiased var (1/9 + 4/9 + 1/9) / 2 = 1/3
+    std = math.sqrt(1 / 3)
+    a = adv("grpo", UNSCORED, UNSCORED_GROUPS, std_eps=1e-6)
+    close(a, [(1 / 3) / std, (-2 / 3) / std, 0.0, (1 / 3) / std, 0.0, 0.0, 0.0, 0.0, 0.0])
+    keep = trained_samples(
+        AdvantageInputs(torch.tensor(UNSCORED), torch.tensor(UNSCORED_GROUPS)), AlgorithmConfig()
+    )
+    assert keep.tolist() == [True, True, False, True, False, False, False, False, False]
+
+
+def test_rloo_and_reinforce_pp_over_scored_samples_only():
+    # rloo, group 0: r_i - mean of the other scored: 1 - 0.5, 0 - 1, 1 - 0.5
+    close(adv("rloo", UNSCORED, UNSCORED_GROUPS), [0.5, -1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
+    # reinforce++: the batch std is that of group 0's three centred rewards, the only trained ones
+    centered = torch.tensor([1 / 3, -2 / 3, 1 / 3])
+    a = adv("reinforce_pp_baseline", UNSCORED, UNSCORED_GROUPS, std_eps=1e-6)
+    close(a[[0, 1, 3]], centered / (centered.std() + 1e-6))
+    assert a[[2, 4, 5, 6, 7, 8]].tolist() == [0.0] * 6
+
+
+def test_filter_trains_every_scored_sample_even_alone_in_its_group():
+    cfg = AlgorithmConfig(advantage="filter", filter_threshold=1.0)
+    inputs = AdvantageInputs(torch.tensor(UNSCORED), torch.tensor(UNSCORED_GROUPS))
+    assert compute_advantages(inputs, cfg).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert trained_samples(inputs, cfg).tolist() == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    # imitation (sft) compares nothing either: only the unscored are out
+    sft = AlgorithmConfig(loss="sft")
+    assert trained_samples(inputs, sft).tolist() == [not math.isnan(r) for r in UNSCORED]
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_unscored_samples_do_not_change_the_scored_ones(name):
+    """Adding unscored samples to a batch leaves every scored sample's advantage as it was."""
+    rewards, groups = [1.0, 0.0, 0.5, 2.0, 0.0], [7, 7, 7, -2, -2]
+    with_unscored = adv(name, [NAN, *rewards[:3], NAN, *rewards[3:], NAN], [7, 7, 7, 7, -2, -2, -2, 9])
+    close(with_unscored[[1, 2, 3, 5, 6]], adv(name, rewards, groups))
+    assert with_unscored[[0, 4, 7]].tolist() == [0.0] * 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -75,3 +75,40 @@ def test_mask_truncated_leaves_out_samples_cut_by_max_tokens():
     kept = samples_from_trajectories(trajectories, [0.5, -1.0, 0.25], mask_truncated=True)
     assert [s.advantage for s in kept] == [0.5, 0.25]  # advantages were computed with the truncated one
     assert len(samples_from_trajectories(trajectories, [0.5, -1.0, 0.25])) == 3
+
+
+def test_step_batch_trains_scored_samples_of_groups_with_a_baseline():
+    """A step's samples: advantages over each group's scored samples (GRPO by hand), no sample for one without a
+    reward or of a group left with one scored sample, and the counts the driver logs."""
+    from aha.actors.records import Trajectory
+    from aha.learner.batch import step_batch
+    from aha.learner.config import AlgorithmConfig
+
+    def traj(group: str, i: int, reward: float | None, finish: str = "stop") -> Trajectory:
+        return Trajectory(
+            group, i, "q", "a", [5], [7, 8], [-1.0, -2.0], finish, 0, "rollout-0", reward=reward
+        )
+
+    groups = [
+        [traj("a", 0, 1.0), traj("a", 1, None), traj("a", 2, 0.0, "length")],  # one unscored: 2 left
+        [traj("b", 0, 1.0), traj("b", 1, None), traj("b", 2, None)],  # one scored: no baseline
+        [traj("c", 0, 0.5), traj("c", 1, 0.5), traj("c", 2, 0.5)],  # all scored, all equal
+    ]
+    batch = step_batch(groups, AlgorithmConfig(std_eps=1e-6))
+    # group a: (1, 0) -> mean 0.5, unbiased std sqrt(0.5): advantages +-0.5 / (sqrt(0.5) + eps)
+    a = 0.5 / (0.5**0.5 + 1e-6)
+    assert [s.advantage for s in batch.samples] == pytest.approx([a, -a, 0, 0, 0])
+    m = batch.metrics(threshold=1.0)
+    assert m["reward_unscored"] == 3 and m["groups_unscored"] == 1 and m["overlong_masked"] == 0
+    assert m["reward_mean"] == pytest.approx(3.5 / 6) and m["accuracy"] == pytest.approx(2 / 6)
+    # with mask_truncated the truncated sample counts in group a's baseline but gets no sample
+    masked = step_batch(groups, AlgorithmConfig(std_eps=1e-6, mask_truncated=True))
+    assert [s.advantage for s in masked.samples] == pytest.approx([a, 0, 0, 0])
+    assert masked.metrics(1.0)["overlong_masked"] == 1
+    # nothing scored: no samples, and no reward statistics to report
+    empty = step_batch([[traj("d", 0, None), traj("d", 1, None)]], AlgorithmConfig())
+    assert empty.samples == [] and empty.metrics(1.0) == {
+        "reward_unscored": 2.0,
+        "groups_unscored": 1.0,
+        "overlong_masked": 0.0,
+    }

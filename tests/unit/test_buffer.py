@@ -68,3 +68,13 @@ def test_state_round_trip_is_exact():
     restored.load_state_dict(buf.state_dict())
     assert restored.state_dict() == buf.state_dict()
     assert restored.groups["b"][0] == buf.groups["b"][0]
+
+
+def test_dynamic_sampling_counts_only_samples_with_a_reward():
+    """A group whose scored samples agree, or that has fewer than two scored, has no signal: dropped."""
+    cfg = BufferConfig(capacity=100, max_staleness=5, drop_zero_variance=True)
+    buf = ReplayBuffer(cfg, group_size=3)
+    buf.add(group("equal", 3, rewards=(1.0, None, 1.0)) + group("lone", 3, rewards=(1.0, None, None)))
+    buf.add(group("differ", 3, rewards=(1.0, None, 0.0)))
+    assert [g[0].prompt_id for g in buf.take(5, 0)] == ["differ"]
+    assert buf.counters["dropped_zero_variance"] == 6

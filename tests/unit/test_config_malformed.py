@@ -79,6 +79,22 @@ OVERRIDE_CASES = [
     ("max-tokens-zero", ["rollout.sampling.max_tokens=0"], "rollout.sampling.max_tokens"),
     ("error-reward-nan", ["reward.error_reward=.nan"], "reward.error_reward"),
     ("error-reward-inf", ["reward.error_reward=-.inf"], "reward.error_reward"),
+    (
+        "error-reward-with-mask",
+        ["reward.error_reward=-1"],
+        "reward.error_reward is set but reward.on_error is mask",
+    ),
+    ("on-error-unknown", ["reward.on_error=zero"], "reward.on_error"),
+    (
+        "batched-without-kwargs",
+        ["reward.functions=[{function: '{tmp}/trl.py:no_kwargs'}]"],
+        "reward.functions.0 (no_kwargs): would be called with fields it does not take",
+    ),
+    (
+        "batched-not-bool",
+        ["reward.functions=[{function: 'aha.actors.rewards.match:exact_match', batched: 3}]"],
+        "reward.functions.0.batched",
+    ),
     ("reward-timeout-inf", ["reward.timeout_s=.inf"], "reward.timeout_s"),
     ("reward-timeout-negative", ["reward.timeout_s=-1"], "reward.timeout_s"),
     ("reward-cpus-zero", ["reward.cpus_per_worker=0"], "reward.cpus_per_worker"),
@@ -385,6 +401,10 @@ def tree(tmp_path):
     (tmp_path / "strict.py").write_text(
         "def fn(prompt, completion, /, *, answer, a, b, finish_reason, completion_tokens):\n    return 0.0\n"
     )
+    (tmp_path / "trl.py").write_text(  # TRL-style batched functions, one without the **kwargs TRL asks for
+        "def ok(completions, answer, **kwargs):\n    return [0.0] * len(completions)\n\n"
+        "def no_kwargs(prompts, completions, answer):\n    return [0.0] * len(completions)\n"
+    )
     return tmp_path
 
 
@@ -410,6 +430,16 @@ def test_the_table_has_at_least_100_cases():
 
 def test_the_base_config_is_valid(tree, capsys):
     code, err = _validate(capsys, _base_file(tree), [])
+    assert code == 0, err
+
+
+def test_a_trl_style_reward_file_is_valid(tree, capsys):
+    override = _fill(
+        "reward.functions=[{function: '{tmp}/trl.py:ok'}, {function: '{tmp}/trl.py:ok', name: b}]", tree
+    )
+    code, err = _validate(
+        capsys, _base_file(tree), [override, "reward.on_error=reward", "reward.error_reward=-1"]
+    )
     assert code == 0, err
 
 

@@ -247,3 +247,24 @@ def test_ordinary_patterns(pattern):
 
 def test_invalid_pattern():
     assert "not a valid regular expression" in regex_problem("([")
+
+
+# -- batched (TRL-style) reward signatures ----------------------------------------------------------------------
+
+
+def trl_style(completions, answer, **kwargs):
+    return [0.0] * len(completions)
+
+
+def trl_without_kwargs(prompts, completions):
+    return [0.0] * len(completions)
+
+
+def test_batched_signatures():
+    assert kwargs_problem(trl_style, {"scale": 2}, FIELDS, batched=True) is None
+    assert "needs answer" in kwargs_problem(trl_style, {}, {"a"}, batched=True)
+    no_kwargs = kwargs_problem(trl_without_kwargs, {}, FIELDS, batched=True)
+    assert "does not take (a, answer, b, completion_ids, completion_tokens, finish_reason)" in no_kwargs
+    assert "keywords only" in kwargs_problem(three_positional, {}, FIELDS, batched=True)
+    # the per-sample check of a function that has neither shape says how to declare a batched one
+    assert "batched: true" in kwargs_problem(lambda **kw: 0.0, {}, FIELDS)

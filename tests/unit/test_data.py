@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from aha.cluster.config import AdditionData, JsonlData, ReasoningGymData
-from aha.cluster.data import AdditionSource, JsonlSource, make_source
+from aha.cluster.data import AdditionSource, make_source
 
 
 def test_addition_is_deterministic_disjoint_and_correct():
@@ -19,7 +19,7 @@ def test_addition_is_deterministic_disjoint_and_correct():
     p = src.train_prompt(3)
     a, b = p.fields["a"], p.fields["b"]
     assert p.text == f"{a}+{b}=" and p.fields["answer"][::-1] == str(a + b).zfill(4)
-    assert src.demonstrations(2)[0] == (src.train_prompt(0).text, src.train_prompt(0).fields["answer"])
+    assert src.demonstrations(2)[0] == (src.train_prompt(0), src.train_prompt(0).fields["answer"])
 
 
 def test_jsonl_epochs_reshuffle_and_ids_stay_unique(tmp_path):
@@ -27,7 +27,7 @@ def test_jsonl_epochs_reshuffle_and_ids_stay_unique(tmp_path):
     path.write_text(
         "".join(json.dumps({"id": f"q{i}", "prompt": f"Q{i}", "answer": str(i)}) + "\n" for i in range(5))
     )
-    src = JsonlSource(JsonlData(path=str(path), seed=0))
+    src = make_source(JsonlData(path=str(path), seed=0))
     first, second = src.train_prompts(0, 5), src.train_prompts(5, 5)
     assert sorted(p.text for p in first) == sorted(p.text for p in second) == [f"Q{i}" for i in range(5)]
     assert len({p.id for p in first + second}) == 10

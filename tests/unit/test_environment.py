@@ -317,7 +317,8 @@ def episode_trajectory(**kw) -> Trajectory:
 def test_scorer_adds_the_environment_reward_and_counts_environment_errors():
     from aha.actors.reward import RewardScorer
 
-    scorer = RewardScorer(RewardConfig(error_reward=-1.0))  # no functions: the environment's reward alone
+    # no functions: the environment's reward alone; a failed episode trains with error_reward
+    scorer = RewardScorer(RewardConfig(on_error="reward", error_reward=-1.0))
     ok, broken = episode_trajectory(), episode_trajectory(env_error="timeout: after 10 s", env_reward=0.0)
     scorer.score([ok, broken])
     assert ok.reward == 1.0 and ok.reward_parts == {"environment": 1.0} and ok.reward_error is None

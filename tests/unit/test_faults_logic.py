@@ -35,3 +35,8 @@ def test_a_step_without_groups_says_whether_the_task_is_saturated_or_never_solve
     mixed = equal_rewards_verdict([1.0, 0.0], threshold=1.0)
     assert "saturated" not in mixed and "never" not in mixed
     assert "saturated" not in equal_rewards_verdict([], threshold=1.0)  # nothing scored in this step
+    # mostly unscored samples: the verdict is about the missing rewards, not the task
+    assert "3 of the 4 samples have no reward" in equal_rewards_verdict(
+        [None, None, 1.0, None], threshold=1.0
+    )
+    assert "the task is saturated" in equal_rewards_verdict([1.0, None, 1.0], threshold=1.0)

@@ -151,3 +151,19 @@ def test_parquet_holds_the_jsonl_rows(tmp_path):
         assert dict(got.pop("reward_parts")) == want["reward_parts"]
         assert got == {k: v for k, v in want.items() if k != "reward_parts"}
     assert pq.read_table(write_parquet([], tmp_path / "empty.parquet")).num_rows == 0
+
+
+def test_samples_without_a_reward_are_not_data():
+    """`aha generate` writes a row only for a sample with a reward; the others are counted by the caller."""
+    from aha.actors.records import Trajectory
+    from aha.cluster.generate import sample_rows
+
+    def traj(i: int, reward: float | None, error: str | None = None) -> Trajectory:
+        t = Trajectory("p0", i, "q", f"c{i}", [1], [2], [-0.5], "stop", 0, "rollout-0", reward=reward)
+        t.reward_error = error
+        return t
+
+    scored = [traj(2, 1.0), traj(0, None, "code_tests: timeout after 30 s"), traj(1, None), traj(3, 0.0)]
+    rows = sample_rows(scored, {"p0": 5}, "models/x", {}, pass_threshold=1.0)
+    assert [(r["sample_index"], r["reward"], r["passed"]) for r in rows] == [(2, 1.0, True), (3, 0.0, False)]
+    assert all(r["prompt_index"] == 5 and r["reward_error"] is None for r in rows)

@@ -140,3 +140,21 @@ def test_submit_leaves_a_hub_id_to_the_clusters_driver(hf_home, tmp_path):
         ConfigError, match="model.path: org/missing does not exist in .*Hugging Face Hub id: not in"
     ):
         job_request(str(work / "job.yaml"), ["model.path=org/missing"], str(work))
+
+
+def test_model_source_must_describe_the_snapshot_in_path():
+    """model.source is aha's record of a resolved Hub id (config.yaml of a run): accepted with its snapshot folder,
+    refused anywhere else, where it would do nothing."""
+    from pydantic import ValidationError
+
+    from aha.actors.config import ModelConfig
+
+    folder = "/cache/hub/models--org--name/snapshots/0123abcd"
+    assert ModelConfig(path=folder, source="org/name@0123abcd").source == "org/name@0123abcd"
+    for path, source in (
+        ("models/tiny", "org/name@0123abcd"),
+        (folder, "org/name@feedbeef"),
+        (folder, "org/name"),
+    ):
+        with pytest.raises(ValidationError, match="model.source .* is set by aha"):
+            ModelConfig(path=path, source=source)

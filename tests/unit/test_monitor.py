@@ -54,6 +54,10 @@ def test_empty_splits_are_left_out_not_nan():
     assert behaviour_metrics([], [], cfg) == {}
     with pytest.raises(ValueError, match="same length"):
         behaviour_metrics(["a"], [], cfg)
+    # a sample without a reward counts in the behaviour, not in the reward splits
+    m = behaviour_metrics(["wait", "Wait!", "no"], [None, 0.5, None], cfg)
+    assert m["phrase_rate"] == pytest.approx(2 / 3) and m["reward_with_phrase"] == 0.5
+    assert "reward_without_phrase" not in m
 
 
 def test_answer_pattern_is_configurable():

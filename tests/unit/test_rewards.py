@@ -40,9 +40,13 @@ def traj(completion: str, index: int = 0, **fields) -> Trajectory:
     )
 
 
-def scorer(*functions: dict, timeout_s: float = 5.0, error_reward: float = -1.0) -> RewardScorer:
+def scorer(*functions: dict, timeout_s: float = 5.0, on_error: str = "reward") -> RewardScorer:
+    """A scorer of `functions`; failures get -1 (on_error: reward), or no reward with on_error="mask"."""
+    error_reward = -1.0 if on_error == "reward" else None
     return RewardScorer(
-        RewardConfig(functions=list(functions), timeout_s=timeout_s, error_reward=error_reward)
+        RewardConfig(
+            functions=list(functions), timeout_s=timeout_s, on_error=on_error, error_reward=error_reward
+        )
     )
 
 
