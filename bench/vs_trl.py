@@ -17,7 +17,9 @@ Per side: median `step_s` (evaluation excluded) with `generate_score_s` (aha: wh
 rollouts and rewards, in async mode only what did not overlap training), `train_s` (aha: the learner's own
 optimizer step; TRL: the rest of its step) and aha's `sync_s` (weight broadcast); `cores_used` = CPU time of
 every process of the side (aha: driver, Ray and every actor) / wall time over the training phase; held-out
-accuracy at each `eval_at` step. `ratio_aha_over_trl` = aha step_s / TRL step_s (goal <= 0.5).
+accuracy at each `eval_at` step and the training seconds it took to get there (`elapsed_s`).
+`ratio_aha_over_trl` = aha step_s / TRL step_s (goal <= 0.5); over several seeds, `time_to_accuracy` compares the
+training seconds each side needs to first reach a held-out accuracy (median over seeds).
 
     .venv/bin/python bench/vs_trl.py                      # both workloads
     .venv/bin/python bench/vs_trl.py --workloads demo
@@ -197,6 +199,7 @@ def run_aha(cfg, eval_at: list[int]) -> dict:
             },
         ),
         "eval": {k: evals[k] for k in sorted(evals, key=int) if int(k) in eval_at},
+        "elapsed_s": elapsed_at([r["step_s"] - r.get("eval_s", 0.0) for r in steps], eval_at),
         "cores_used": round((cpu1 - cpu0) / (wall1 - wall0), 2),
         "wall_s": round(wall1 - wall0, 1),
         "schedule": cfg.schedule.mode,
@@ -212,6 +215,43 @@ def busy_threads(threads: dict[str, int], mode: str) -> int:
     take turns (each may use every core while the other waits), in async mode they run side by side."""
     wanted = threads["engine"] + threads["learner"] if mode == "async" else max(threads.values())
     return min(wanted, os.cpu_count() or 1)
+
+
+def elapsed_at(step_s: list[float], eval_at) -> dict[str, float]:
+    """Training seconds (evaluations excluded) when each evaluated step was done: step k's evaluation sees the
+    weights after k steps, reached after the first k step times."""
+    total, out = 0.0, {}
+    for k in range(max(eval_at, default=0) + 1):
+        if k in eval_at:
+            out[str(k)] = round(total, 3)
+        if k < len(step_s):
+            total += step_s[k]
+    return out
+
+
+TIME_TO_ACCURACY = (0.4, 0.5, 0.6, 0.7)
+"""Held-out accuracies whose time to reach the summary compares (the demo's RL starts at ~25-35%)."""
+
+
+def time_to_accuracy(runs: list[dict], thresholds=TIME_TO_ACCURACY) -> dict[str, dict]:
+    """Per threshold: each side's median over seeds of the training seconds until its first evaluation at or
+    above it (seeds that never reach it are counted, not timed), and the ratio aha / TRL of those medians."""
+    out = {}
+    for threshold in thresholds:
+        row: dict = {}
+        for side in ("aha", "trl"):
+            times = []
+            for r in runs:
+                ev, el = r.get(side, {}).get("eval", {}), r.get(side, {}).get("elapsed_s", {})
+                reached = [el[k] for k in sorted(ev, key=int) if ev[k] >= threshold and k in el]
+                if reached:
+                    times.append(reached[0])
+            row[f"{side}_s"] = round(statistics.median(times), 2) if times else None
+            row[f"{side}_seeds_reached"] = len(times)
+        if row["aha_s"] and row["trl_s"]:
+            row["ratio_aha_over_trl"] = round(row["aha_s"] / row["trl_s"], 3)
+        out[f"{threshold:.2f}"] = row
+    return out
 
 
 def _medians(steps: list[dict], keys: dict) -> dict:
@@ -324,6 +364,7 @@ def run_trl(python: Path, job: dict, work: Path) -> dict:
             {k: (lambda r, k=k: r[k]) for k in ("step_s", "generate_score_s", "train_s")},
         ),
         "eval": record["eval"],
+        "elapsed_s": elapsed_at([r["step_s"] for r in record["steps"]], [int(k) for k in record["eval"]]),
         "cores_used": round(record["cpu_s"] / record["wall_s"], 2),
         "wall_s": round(record["wall_s"] - record["eval_s"], 1),
         "threads": record["threads"],
@@ -402,6 +443,8 @@ def summary(runs: list[dict]) -> dict:
     ratios = [r["ratio_aha_over_trl"] for r in runs if "ratio_aha_over_trl" in r]
     if ratios:
         out["ratio_aha_over_trl"] = round(statistics.median(ratios), 3)
+    if any("elapsed_s" in r.get("trl", {}) for r in runs):
+        out["time_to_accuracy"] = time_to_accuracy(runs)
     return out
 
 

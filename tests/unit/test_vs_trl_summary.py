@@ -74,3 +74,37 @@ def test_the_peer_runs_without_ahas_process_settings(monkeypatch):
     assert not leaked, leaked
     assert "THP_MEM_ALLOC_ENABLE" not in env and "OMP_NUM_THREADS" not in env
     assert env["PATH"] and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_time_to_accuracy_against_hand_computed_values():
+    bench = load_bench()
+    # step k's evaluation sees the weights after k steps: the sum of the first k step times
+    assert bench.elapsed_at([1.0, 2.0, 3.0, 4.0], [0, 2, 4]) == {"0": 0.0, "2": 3.0, "4": 10.0}
+
+    def side(evals, elapsed):
+        return {"eval": evals, "elapsed_s": elapsed}
+
+    runs = [  # aha steps at 1 s, TRL at 2 s; seed 1's aha reaches 0.5 only at step 4, its TRL never does
+        {
+            "aha": side({"0": 0.3, "2": 0.5, "4": 0.6}, {"0": 0, "2": 2, "4": 4}),
+            "trl": side({"0": 0.3, "2": 0.5, "4": 0.5}, {"0": 0, "2": 4, "4": 8}),
+        },
+        {
+            "aha": side({"0": 0.3, "2": 0.4, "4": 0.5}, {"0": 0, "2": 2, "4": 4}),
+            "trl": side({"0": 0.3, "2": 0.4, "4": 0.4}, {"0": 0, "2": 4, "4": 8}),
+        },
+    ]
+    table = bench.time_to_accuracy(runs, thresholds=(0.4, 0.5, 0.6))
+    assert table["0.40"] == {
+        "aha_s": 2,
+        "aha_seeds_reached": 2,
+        "trl_s": 4,
+        "trl_seeds_reached": 2,
+        "ratio_aha_over_trl": 0.5,
+    }
+    assert (
+        table["0.50"]["aha_s"] == 3
+        and table["0.50"]["trl_s"] == 4
+        and table["0.50"]["trl_seeds_reached"] == 1
+    )
+    assert table["0.60"]["trl_s"] is None and "ratio_aha_over_trl" not in table["0.60"]
