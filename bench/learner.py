@@ -62,9 +62,9 @@ class TorchReference:
         """One optimizer step in micro-batches of `micro`; mirrors LearnerWorker.train_step (metric sums too)."""
         import torch
 
-        from aha.learner.algorithms import token_logprobs
         from aha.learner.batch import collate
         from aha.learner.micro_batch import completion_window, micro_batch_loss
+        from aha.learner.token_stats import token_stats
 
         started = time.perf_counter()
         algo = self.algo
@@ -77,8 +77,8 @@ class TorchReference:
             keep = mb.targets.shape[1] + 1  # the completion positions only, as the learner does
             out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=keep)
             logits = out.logits[:, :-1]
-            logprobs = token_logprobs(logits, mb.targets)
-            loss, out = micro_batch_loss(logprobs, logits, mb, totals, algo)
+            logprobs, entropy = token_stats(logits, mb.targets, entropy_grad=algo.entropy_coef > 0)
+            loss, out = micro_batch_loss(logprobs, entropy, mb, totals, algo)
             mask = out.mask
             loss.backward()
             sums["loss"] += loss.item()

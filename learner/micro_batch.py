@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from aha.learner.algorithms import LossInputs, aggregate, compute_loss, token_entropy
+from aha.learner.algorithms import LossInputs, aggregate, compute_loss
 from aha.learner.batch import MicroBatch, Sample, StepTotals, collate
 from aha.learner.config import AlgorithmConfig
 from aha.learner.prompt_sharing import collate_shared
@@ -47,7 +47,7 @@ class MicroBatchLoss:
 
 def micro_batch_loss(
     logprobs: torch.Tensor,
-    logits: torch.Tensor,
+    entropy: torch.Tensor,
     mb: MicroBatch,
     totals: StepTotals,
     algo: AlgorithmConfig,
@@ -55,13 +55,11 @@ def micro_batch_loss(
     old_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MicroBatchLoss]:
     """This micro-batch's share of the update's loss (normalised by the whole mini-batch's counts), from the
-    policy's logprobs (B, T) and logits (B, T, V). old_logprobs (B, T) are the proximal policy's, computed before
+    policy's logprobs (B, T) and entropy (B, T) (`token_stats`; with a gradient only for an entropy bonus). old_logprobs (B, T) are the proximal policy's, computed before
     the step's first update; None means this is the only update, so the proximal policy is the current one.
     Shared by the DeepSpeed rank and the plain-torch benchmark."""
     device = logprobs.device
     mask = mb.loss_mask.to(device)
-    # the entropy is a metric unless it is also a bonus; only then does it need a graph
-    entropy = token_entropy(logits if algo.entropy_coef > 0 else logits.detach())
     inputs = LossInputs(
         logprobs=logprobs,
         old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs.to(device),

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,11 +31,7 @@ from aha.actors.weights import (
     transport_device,
     write_shm,
 )
-from aha.learner.algorithms import (
-    approx_kl,
-    sampling_logits,
-    token_logprobs,
-)
+from aha.learner.algorithms import approx_kl, sampling_logits
 from aha.learner.batch import MicroBatch, Sample, StepTotals, collate
 from aha.learner.config import AlgorithmConfig, LearnerConfig
 from aha.learner.files import model_folder
@@ -47,6 +44,7 @@ from aha.learner.micro_batch import (
 )
 from aha.learner.ops import build_deepspeed_ops
 from aha.learner.prompt_sharing import shared_prompt_logits
+from aha.learner.token_stats import token_stats
 
 Processing = Literal["sampled", "tempered", "raw"]
 """How the learner turns logits into logprobs (`LearnerWorker._forward`)."""
@@ -251,11 +249,12 @@ class LearnerWorker:
     def _forward(
         self, mb: MicroBatch, processing: Processing, model=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprobs (B, T) of the targets and the logits (B, T, V) they come from, T = mb.targets' width. Plain
-        layout: the model's last T + 1 positions are projected to logits (the prompt positions a
-        `completion_window` cut off never reach the lm_head); shared-prompt layout: `shared_prompt_logits`.
-        processing: "sampled", of the distribution the engines sample from (temperature, top-k, top-p:
-        `sampling_logits`); "tempered", temperature only (the KL reference); "raw", the model's own softmax."""
+        """Logprobs (B, T) of the targets and the entropy (B, T) of the distribution they come from, T =
+        mb.targets' width, in float32 chunks of positions (`token_stats`). Plain layout: the model's last T + 1
+        positions are projected to logits (the prompt positions a `completion_window` cut off never reach the
+        lm_head); shared-prompt layout: `shared_prompt_logits`. processing: "sampled", of the distribution the
+        engines sample from (temperature, top-k, top-p: `sampling_logits`); "tempered", temperature only (the KL
+        reference); "raw", the model's own softmax. The entropy has a gradient only for an entropy bonus."""
         model = self.engine if model is None else model
         if mb.prompt_ids is not None:  # each distinct prompt once, completions against its cache
             logits = shared_prompt_logits(model, mb, self.device)
@@ -266,11 +265,12 @@ class LearnerWorker:
             out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
             logits = out.logits[:, :-1]  # (B, T, V): the last position predicts past the sequence
         s = self.sampling
-        if processing == "sampled":
-            logits = sampling_logits(logits, s.temperature, s.top_k, s.top_p)
-        elif processing == "tempered":
-            logits = sampling_logits(logits, s.temperature)
-        return token_logprobs(logits, mb.targets.to(self.device)), logits
+        process = {
+            "sampled": partial(sampling_logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+            "tempered": partial(sampling_logits, temperature=s.temperature),
+            "raw": lambda x: x,
+        }[processing]
+        return token_stats(logits, mb.targets.to(self.device), process, entropy_grad=self.algo.entropy_coef > 0)
 
     @torch.no_grad()
     def _logprobs(self, mb: MicroBatch, processing: Processing, model=None) -> torch.Tensor:
@@ -318,10 +318,10 @@ class LearnerWorker:
                 update_loss = 0.0
                 for i, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-                    logprobs, logits = self._forward(mb, policy)
+                    logprobs, entropy = self._forward(mb, policy)
                     proximal = old[u][i] if several else None
                     loss, out = micro_batch_loss(
-                        logprobs, logits, mb, totals[u], algo, ref_logprobs=refs[u][i], old_logprobs=proximal
+                        logprobs, entropy, mb, totals[u], algo, ref_logprobs=refs[u][i], old_logprobs=proximal
                     )
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     update_loss += loss.item()

@@ -52,9 +52,10 @@ def samples(seed: int = 0) -> list[Sample]:
     return out
 
 
-def worker(model) -> LearnerWorker:
+def worker(model, algo: AlgorithmConfig | None = None) -> LearnerWorker:
     w = LearnerWorker.__new__(LearnerWorker)  # only what _forward reads
     w.engine, w.device, w.sampling = model, torch.device("cpu"), SamplingConfig(temperature=0.7, top_k=20)
+    w.algo = algo or AlgorithmConfig()
     return w
 
 
@@ -74,18 +75,18 @@ def test_all_padding_batch_keeps_one_position():
 
 
 def test_window_gives_the_same_logprobs_loss_and_gradient(model):
-    w = worker(model)
+    algo = AlgorithmConfig(loss="ppo", off_policy="tis", entropy_coef=0.01)
+    w = worker(model, algo)
     mb = collate(samples(), pad_id=0)
     cut = completion_window(mb)
-    algo = AlgorithmConfig(loss="ppo", off_policy="tis", entropy_coef=0.01)
     totals = step_totals(samples(), max_tokens=8)
 
     results = []
     for batch in (mb, cut):
         model.zero_grad()
-        logprobs, logits = w._forward(batch, "sampled")
-        assert logits.shape[:2] == batch.targets.shape
-        loss, _ = micro_batch_loss(logprobs, logits, batch, totals, algo)
+        logprobs, entropy = w._forward(batch, "sampled")
+        assert logprobs.shape == entropy.shape == batch.targets.shape
+        loss, _ = micro_batch_loss(logprobs, entropy, batch, totals, algo)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((logprobs.detach(), batch.loss_mask, loss.item(), grads))

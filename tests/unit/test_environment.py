@@ -416,10 +416,10 @@ def test_validate_rejects_a_bad_environment_at_the_cli(tmp_path):
 
 
 def test_environment_tokens_contribute_exactly_zero_gradient():
-    from aha.learner.algorithms import token_logprobs
     from aha.learner.batch import collate, samples_from_trajectories, step_totals
     from aha.learner.config import AlgorithmConfig
     from aha.learner.micro_batch import micro_batch_loss
+    from aha.learner.token_stats import token_stats
 
     traj = episode_trajectory(
         prompt_ids=[1, 2],
@@ -434,9 +434,9 @@ def test_environment_tokens_contribute_exactly_zero_gradient():
     assert totals.total_tokens == 3  # model tokens only: the token-mean normaliser
     for algo in (AlgorithmConfig(loss="pg"), AlgorithmConfig(loss="ppo", kl_coef=0.1, entropy_coef=0.01)):
         logits = torch.randn(1, 6, 11, requires_grad=True)
-        logprobs = token_logprobs(logits, mb.targets)
+        logprobs, entropy = token_stats(logits, mb.targets, entropy_grad=algo.entropy_coef > 0)
         ref = logprobs.detach() - 0.3
-        loss, _ = micro_batch_loss(logprobs, logits, mb, totals, algo, ref_logprobs=ref)
+        loss, _ = micro_batch_loss(logprobs, entropy, mb, totals, algo, ref_logprobs=ref)
         loss.backward()
         grad = logits.grad[0].abs().sum(-1)  # (T,)
         assert grad[[0, 2, 3]].eq(0).all()  # prompt and the two environment tokens: exactly zero

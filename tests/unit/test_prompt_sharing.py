@@ -49,9 +49,9 @@ def per_token(logprobs: torch.Tensor, mb) -> dict[tuple[int, int], float]:
 
 def run(model, mb, samples, algo):
     model.zero_grad()
-    logprobs, logits = worker(model)._forward(mb, "sampled")
-    assert logits.shape[:2] == mb.targets.shape
-    loss, _ = micro_batch_loss(logprobs, logits, mb, step_totals(samples, max_tokens=8), algo)
+    logprobs, entropy = worker(model, algo)._forward(mb, "sampled")
+    assert logprobs.shape == entropy.shape == mb.targets.shape
+    loss, _ = micro_batch_loss(logprobs, entropy, mb, step_totals(samples, max_tokens=8), algo)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     return per_token(logprobs.detach(), mb), loss.item(), grads
