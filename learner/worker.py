@@ -270,7 +270,9 @@ class LearnerWorker:
             "tempered": partial(sampling_logits, temperature=s.temperature),
             "raw": lambda x: x,
         }[processing]
-        return token_stats(logits, mb.targets.to(self.device), process, entropy_grad=self.algo.entropy_coef > 0)
+        return token_stats(
+            logits, mb.targets.to(self.device), process, entropy_grad=self.algo.entropy_coef > 0
+        )
 
     @torch.no_grad()
     def _logprobs(self, mb: MicroBatch, processing: Processing, model=None) -> torch.Tensor:
