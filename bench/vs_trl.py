@@ -229,13 +229,18 @@ def elapsed_at(step_s: list[float], eval_at) -> dict[str, float]:
     return out
 
 
-TIME_TO_ACCURACY = (0.4, 0.5, 0.6, 0.7)
-"""Held-out accuracies whose time to reach the summary compares (the demo's RL starts at ~25-35%)."""
+GAINS = (0.05, 0.10, 0.15, 0.20)
+"""Held-out accuracy gains over the start whose time to reach the summary compares."""
 
 
-def time_to_accuracy(runs: list[dict], thresholds=TIME_TO_ACCURACY) -> dict[str, dict]:
+def time_to_accuracy(runs: list[dict], thresholds=None) -> dict[str, dict]:
     """Per threshold: each side's median over seeds of the training seconds until its first evaluation at or
-    above it (seeds that never reach it are counted, not timed), and the ratio aha / TRL of those medians."""
+    above it (seeds that never reach it are counted, not timed), and the ratio aha / TRL of those medians. The
+    thresholds default to the mean accuracy at step 0 plus each of GAINS (the start differs by CPU family)."""
+    if thresholds is None:
+        starts = [r["aha"]["eval"]["0"] for r in runs if "0" in r.get("aha", {}).get("eval", {})]
+        start = statistics.mean(starts) if starts else 0.0
+        thresholds = [round(start + gain, 3) for gain in GAINS]
     out = {}
     for threshold in thresholds:
         row: dict = {}
@@ -250,7 +255,7 @@ def time_to_accuracy(runs: list[dict], thresholds=TIME_TO_ACCURACY) -> dict[str,
             row[f"{side}_seeds_reached"] = len(times)
         if row["aha_s"] and row["trl_s"]:
             row["ratio_aha_over_trl"] = round(row["aha_s"] / row["trl_s"], 3)
-        out[f"{threshold:.2f}"] = row
+        out[f"{threshold:.3f}"] = row
     return out
 
 

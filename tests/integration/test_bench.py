@@ -78,3 +78,9 @@ def test_vs_trl_bench():
     assert demo["trl"]["threads"] == min(sum(aha["threads"].values()), os.cpu_count())
     assert set(demo["trl"]["eval"]) == {"0", "3"}  # the same steps on both sides
     assert demo["trl"]["steps"]["step_s"] > 0 and demo["ratio_aha_over_trl"] > 0
+
+
+def test_logits_memory_bench():
+    result = run_bench("logits_memory.py")
+    assert result["bench"] == "logits_memory" and result["same_logprobs"]
+    assert set(result["results"]) == {"one_shot", "chunked"}

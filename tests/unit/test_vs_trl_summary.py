@@ -95,7 +95,13 @@ def test_time_to_accuracy_against_hand_computed_values():
         },
     ]
     table = bench.time_to_accuracy(runs, thresholds=(0.4, 0.5, 0.6))
-    assert table["0.40"] == {
+    assert list(bench.time_to_accuracy(runs)) == [
+        "0.350",
+        "0.400",
+        "0.450",
+        "0.500",
+    ]  # the start, 0.3, + GAINS
+    assert table["0.400"] == {
         "aha_s": 2,
         "aha_seeds_reached": 2,
         "trl_s": 4,
@@ -103,8 +109,8 @@ def test_time_to_accuracy_against_hand_computed_values():
         "ratio_aha_over_trl": 0.5,
     }
     assert (
-        table["0.50"]["aha_s"] == 3
-        and table["0.50"]["trl_s"] == 4
-        and table["0.50"]["trl_seeds_reached"] == 1
+        table["0.500"]["aha_s"] == 3
+        and table["0.500"]["trl_s"] == 4
+        and table["0.500"]["trl_seeds_reached"] == 1
     )
-    assert table["0.60"]["trl_s"] is None and "ratio_aha_over_trl" not in table["0.60"]
+    assert table["0.600"]["trl_s"] is None and "ratio_aha_over_trl" not in table["0.600"]
