@@ -257,9 +257,8 @@ class RolloutWorker:
             for out in outs:
                 sample = out.outputs[0]
                 ids = list(sample.token_ids)
-                turns.append(
-                    Generated(ids, [st[t].logprob for st, t in zip(sample.logprobs, ids)], sample.text)
-                )
+                logprobs = [st[t].logprob for st, t in zip(sample.logprobs, ids)]
+                turns.append(Generated(ids, logprobs, sample.text, sample.finish_reason or "length"))
             return turns
 
         def encode(text: str) -> list[int]:
@@ -300,6 +299,7 @@ class RolloutWorker:
                 generate_s=elapsed,
                 completion_mask=ep.mask,
                 turns=ep.turns,
+                turn_finish_reasons=ep.turn_finish,
                 env_reward=ep.reward,
                 env_error=ep.error,
                 env_info=ep.info,

@@ -199,6 +199,8 @@ class Episode:
     text: list[str] = field(default_factory=list)
     reward: float = 0.0
     turns: int = 0
+    # each model turn's finish: stop | length (cut at its max_tokens)
+    turn_finish: list[str] = field(default_factory=list)
     finish: str | None = None  # stop (the environment said done) | turns | length | error
     error: str | None = None  # "<kind>: <message>", kind one of Reply.kind's
     info: dict[str, float] = field(default_factory=dict)
@@ -214,6 +216,7 @@ class Generated:
     ids: list[int]
     logprobs: list[float]
     text: str
+    finish_reason: str = "stop"  # stop (EOS or a stop string) | length (cut at its max_tokens)
 
 
 def run_episodes(
@@ -251,6 +254,7 @@ def run_episodes(
             ep.logprobs += out.logprobs
             ep.text.append(out.text)
             ep.turns += 1
+            ep.turn_finish.append(out.finish_reason)
         replies = step([(e.key, e.text[-1]) for e in live])
         ended_here = []
         for ep, reply in zip(live, replies, strict=True):

@@ -55,6 +55,7 @@ class Trajectory:
     # Multi-turn episodes only (actors/environment.py).
     completion_mask: list[int] | None = None
     turns: int = 0  # model turns taken
+    turn_finish_reasons: list[str] | None = None  # each model turn's, "stop" or "length" (cut at max_tokens)
     env_reward: float | None = None  # the environment's rewards summed over the episode
     env_error: str | None = None  # why the environment failed (the episode ended there)
     env_info: dict[str, float] = field(default_factory=dict)  # numbers the environment reported (won, ...)
@@ -78,6 +79,12 @@ class Trajectory:
     @property
     def key(self) -> tuple[str, int]:
         return (self.prompt_id, self.sample_index)
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off by a token limit: the sample (finish reason `length`), or any turn of an episode, whose
+        environment then answered an unfinished turn."""
+        return self.finish_reason == "length" or "length" in (self.turn_finish_reasons or ())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -411,6 +411,18 @@ class JobConfig(Section):
             raise ValueError(
                 "reward.functions is empty and no environment is set: trial and error needs a reward"
             )
+        lora = self.learner.lora
+        if (
+            lora is not None
+            and lora.dropout > 0
+            and self.imitation.steps == 0
+            and self.algorithm.loss != "sft"
+        ):
+            raise ValueError(
+                "learner.lora.dropout does nothing without imitation: trial and error trains without dropout, so "
+                "that its passes compute one function (docs/concepts.md#the-algorithm-family). Remove it, "
+                "or set imitation.steps"
+            )
         step_samples = self.schedule.prompts_per_step * self.rollout.samples_per_prompt
         if self.algorithm.mini_batches > step_samples:
             raise ValueError(
@@ -503,3 +515,12 @@ class JobConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.logging.run_dir.format(name=self.name))
+
+
+def learner_sampling(cfg: JobConfig):
+    """The sampling settings the learner scores with: the engines' (temperature, top-k, top-p), and as the longest
+    sample (the `constant` loss normaliser) an environment's episode length when samples are episodes."""
+    sampling = cfg.rollout.sampling
+    if cfg.environment is not None:
+        sampling = sampling.model_copy(update={"max_tokens": cfg.environment.max_tokens})
+    return sampling

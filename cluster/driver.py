@@ -19,12 +19,13 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aha.actors.prompts import encode_completion, encode_prompt
 from aha.actors.records import Prompt, Trajectory
 from aha.actors.runtime import apply_base_env
-from aha.cluster.config import JobConfig
+from aha.cluster import restarts
+from aha.cluster.config import JobConfig, learner_sampling
 from aha.cluster.config_file import dump_config
 from aha.cluster.data import PromptSource, drop_long_prompts, make_source, read_demonstrations
 from aha.cluster.files import write_atomic
@@ -34,8 +35,7 @@ from aha.cluster.monitor import environment_metrics, trajectory_metrics
 from aha.cluster.preflight import check_cluster_resources, prepare_run_dir
 from aha.cluster.progress import progress_bar, progress_fields
 from aha.cluster.refill import NoLearningSignal, equal_rewards_verdict, refill_cause
-from aha.cluster.run_state import RunState
-from aha.cluster.runtime import init_ray
+from aha.cluster.run_state import RunState, checkpoint_tag, log_prompts
 from aha.cluster.samples import eval_samples, step_samples
 from aha.cluster.trackers import run_config
 
@@ -74,7 +74,7 @@ class Run:
             )
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.dropped_prompts = drop_long_prompts(self.source, cfg, self.tokenizer)  # before any actor starts
-        init_ray(cfg.cluster)
+        restarts.drive(self.run_dir, cfg.cluster, resume, overwrite)  # claims the folder, then joins Ray
         check_cluster_resources(cfg)  # seconds, naming the actors: before any starts or a file is touched
         prepare_run_dir(self.run_dir, resume, overwrite)  # deletes only a folder aha created (or --overwrite)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -390,7 +390,7 @@ class Run:
         if sched.mode == "async":
             self._prefetch(steps_ahead=1)  # the next step generates while this one trains
         trajectories = [t for g in groups for t in g]
-        self._log_prompts([g[0].prompt_id for g in groups])
+        log_prompts(self.run_dir, self.state.step + 1, [g[0].prompt_id for g in groups])
         # advantages over each group's scored samples; unscored ones (and, with mask_truncated, truncated) get no loss
         batch = step_batch(groups, cfg.algorithm)
         samples = batch.samples
@@ -411,7 +411,7 @@ class Run:
             **{f"train/{k}": v for k, v in train_metrics.items()},
             **batch.metrics(sched.eval_threshold),  # reward_mean, accuracy, reward_unscored, ...
             "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
-            "overlong_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+            "overlong_frac": sum(t.truncated for t in trajectories) / len(trajectories),
             "staleness_max": float(max(staleness)),
             "staleness_mean": sum(staleness) / len(staleness),
             "reward_errors": float(sum(t.reward_error is not None for t in trajectories)),
@@ -441,15 +441,10 @@ class Run:
         if self._checkpoints_after(self.state.step):
             self.checkpoint()
 
-    def _log_prompts(self, prompt_ids: list[str]) -> None:
-        """prompts.jsonl: which prompts each step trained on (an audit trail for resumes)."""
-        with (self.run_dir / "prompts.jsonl").open("a") as f:
-            f.write(json.dumps({"step": self.state.step + 1, "prompts": prompt_ids}) + "\n")
-
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
         directory = self.run_dir / "checkpoints"
-        tag = f"step-{self.state.step:06d}-v{self.state.version}"
+        tag = checkpoint_tag(self.state.step, self.state.version)
         self._store_in_flight()  # async: prompts in flight are finished and stored, so none is lost on resume
         self.state.rng = self.rng.getstate()
         self.state.wall_s = self.before.wall_s + time.time() - self.started
@@ -574,21 +569,19 @@ class Run:
             self.sync.close()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close(failed)  # the trackers' runs end marked failed, or finished
+        restarts.release_run_dir(self.run_dir)
 
 
-def learner_sampling(cfg: JobConfig):
-    """The sampling settings the learner scores with: the engines' (temperature, top-k, top-p), and as the longest
-    sample (the `constant` loss normaliser) an environment's episode length when samples are episodes."""
-    sampling = cfg.rollout.sampling
-    if cfg.environment is not None:
-        sampling = sampling.model_copy(update={"max_tokens": cfg.environment.max_tokens})
-    return sampling
-
-
-def run(cfg: JobConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """`aha run`: start Ray (local unless cluster.address), the actors, and run imitation then trial and error."""
+def run(cfg: JobConfig, resume: bool | Literal["auto"] = False, overwrite: bool = False) -> dict[str, Any]:
+    """`aha run`: start Ray (local unless cluster.address), the actors, and run imitation then trial and error.
+    `resume="auto"`: resume this job's checkpoint, start it, or return its finished run's summary (restarts.py)."""
     apply_base_env()
-    job = Run(resolve_model(cfg))  # a Hub id becomes its local snapshot: the actors read only that folder
+    cfg = resolve_model(cfg)  # a Hub id becomes its local snapshot: the actors read only that folder
+    if resume == "auto":
+        if (verdict := restarts.auto_resume(cfg, overwrite)) == "finished":
+            return restarts.report_finished(cfg)
+        resume = verdict == "resume"
+    job = Run(cfg)
     summary = None
     try:
         job.start(resume, overwrite)

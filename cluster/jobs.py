@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aha.cluster.config import JobConfig, JsonlData
 from aha.cluster.config_file import ConfigError, load_config
@@ -75,10 +75,11 @@ def _excluded(path: str, patterns: list[str]) -> str | None:
 
 
 def job_request(
-    config: str, overrides: list[str], working_dir: str = ".", resume: bool = False
+    config: str, overrides: list[str], working_dir: str = ".", resume: bool | Literal["auto"] = False
 ) -> JobRequest:
     """Validate the config and build the Ray Jobs request: raises ConfigError naming what would break remotely.
-    `resume` runs `aha run --resume` (continue from the checkpoint in logging.run_dir)."""
+    `resume` runs `aha run --resume` (continue from the checkpoint in logging.run_dir); "auto": `--resume auto`
+    (continue this job's checkpoint, or start it: cluster/restarts.py)."""
     cfg = load_config(config, overrides)
     root = Path(working_dir).resolve()
     if not root.is_dir():
@@ -133,7 +134,8 @@ def job_request(
     # `cluster.address=auto`: join the cluster the job runs on (Ray Jobs sets RAY_ADDRESS), never a local Ray,
     # and never pass cluster.num_cpus, which Ray refuses when connecting to an existing cluster.
     argv = ["aha", "run", str(config_rel), *overrides, "cluster.address=auto"]
-    entrypoint = shlex.join([*argv, "--resume"] if resume else argv)
+    resume_args = {False: [], True: ["--resume"], "auto": ["--resume", "auto"]}[resume]
+    entrypoint = shlex.join([*argv, *resume_args])
     return JobRequest(
         submission_id=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
         entrypoint=entrypoint,
@@ -292,13 +294,37 @@ def submit(
     address: str,
     working_dir: str = ".",
     wait: bool = False,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
+    retries: int = 0,
 ) -> int:
     """`aha submit`: upload the working dir and start `aha run`; with `wait`, stream the logs until the job ends
-    and return 0 only if it SUCCEEDED."""
-    req = job_request(config, overrides, working_dir, resume=resume)
-    for note in req.notes:
-        print(f"aha: note: {note}", file=sys.stderr)
+    and return 0 only if it SUCCEEDED. With `retries` (which waits): a job that FAILED is submitted again with
+    `--resume auto`, up to `retries` times (`retry_after` says when)."""
+    for attempt in range(retries + 1):
+        req = job_request(config, overrides, working_dir, resume=resume if attempt == 0 else "auto")
+        for note in req.notes if attempt == 0 else []:
+            print(f"aha: note: {note}", file=sys.stderr)
+        job_id = _submit(req, address)
+        if not (wait or retries):
+            return 0
+        status, exit_code = _wait(job_id, address)
+        tries = f" (attempt {attempt + 1} of {retries + 1})" if retries else ""
+        print(f"{job_id}: {status}{tries}" + (f", exit code {exit_code}" if status == "FAILED" else ""))
+        if attempt == retries or not retry_after(status, exit_code):
+            break
+        print(f"aha: submitting {req.metadata['aha_job']} again with --resume auto", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def retry_after(status: str, exit_code: int | None) -> bool:
+    """Whether `aha submit --retries` submits a job again after it ended with `status`: only after FAILED, and
+    not when `aha run` refused the job (exit 2: its config or run dir, which a retry would refuse again). A job
+    someone stopped stays stopped."""
+    return status == "FAILED" and exit_code != 2
+
+
+def _submit(req: JobRequest, address: str) -> str:
+    """Upload the working dir and submit `req`; prints how to follow the job. Returns its id."""
     client = _client(address)
     saved = os.environ.get(IGNORE_GITIGNORE)
     if req.ignore_gitignore:  # read by Ray's client when it packs the working dir
@@ -322,16 +348,18 @@ def submit(
     print(f"  status:     aha status {job_id} --address {address}")
     print(f"  logs:       aha logs {job_id} --address {address}")
     print(f"  stop:       aha stop {job_id} --address {address}")
-    if not wait:
-        return 0
+    return job_id
+
+
+def _wait(job_id: str, address: str) -> tuple[str, int | None]:
+    """Stream the job's logs until it ends; its final status and its driver's exit code (None if unknown)."""
     try:
-        _follow(client, job_id)
+        _follow(_client(address), job_id)
         status = wait_for(job_id, address)
     except KeyboardInterrupt:
         print(f"\naha: stopped waiting; {job_id} keeps running (aha stop {job_id} --address {address})")
         raise
-    print(f"{job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    return status, getattr(_client(address).get_job_info(job_id), "driver_exit_code", None)
 
 
 def _follow(client, job_id: str) -> None:

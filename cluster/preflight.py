@@ -371,6 +371,8 @@ def check_references(cfg: JobConfig, files: bool = True) -> None:
 
 RUN_MARKER = ".aha-run"
 """Written into every run directory `aha run` creates; only such folders are ever deleted by it."""
+DRIVER_RECORD = ".aha-driver.json"
+"""Who drives the run directory (cluster/restarts.py); written before the folder is prepared, and kept."""
 
 
 def kept_results(path: Path) -> list[str]:
@@ -396,7 +398,7 @@ def run_dir_refusal(path: Path, resume: bool, overwrite: bool) -> str | None:
             f"logging.run_dir {path} holds a run with {' and '.join(kept)}: pass --resume to continue it, or "
             "--overwrite to delete it and start over (or keep it: change name= or logging.run_dir)"
         )
-    if (path / RUN_MARKER).is_file() or not any(path.iterdir()):
+    if (path / RUN_MARKER).is_file() or all(p.name == DRIVER_RECORD for p in path.iterdir()):
         return None
     return (
         f"logging.run_dir {path} exists, is not empty and was not created by `aha run` (no {RUN_MARKER} in it): "
@@ -412,6 +414,8 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool = False) -> None:
         raise ConfigError(refusal)
     if path.exists() and not resume and any(path.iterdir()):
         for child in path.iterdir():  # the folder itself stays: it may be a mount point
+            if child.name == DRIVER_RECORD:  # this driver's own record
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:

@@ -1,10 +1,24 @@
 """What a resumed run needs besides the learner's weights and the replay buffer: the counters and the data
-cursor, written into every checkpoint."""
+cursor, written into every checkpoint; the checkpoints' names; prompts.jsonl, the trail of what each step trained
+on."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+
+def checkpoint_tag(step: int, version: int) -> str:
+    """The folder name of the checkpoint after `step` RL steps at policy `version` (checkpoints/latest_run)."""
+    return f"step-{step:06d}-v{version}"
+
+
+def log_prompts(run_dir: Path, step: int, prompt_ids: list[str]) -> None:
+    """prompts.jsonl: which prompts each step trained on (an audit trail for resumes)."""
+    with (run_dir / "prompts.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "prompts": prompt_ids}) + "\n")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from aha.learner.config import GROUP_ADVANTAGES, AlgorithmConfig
+from aha.learner.kl import KL_ESTIMATORS
 
 # ---------------------------------------------------------------------------------------------------------------
 # registries
@@ -226,13 +227,14 @@ class LossOutputs:
     metrics: name -> (B, T) detached, multiplied by the mask. The batch value of a metric is
     sum(metric) / sum(mask), summed over every micro-batch and rank, so it reduces exactly. Metrics:
       ratio          pi_theta / pi_old, the PPO ratio (pg, ppo, cispo); the sequence ratio s_i (gspo)
-      is_weight      w, the off-policy weight that multiplies the policy term (pg, ppo, gspo, cispo)
+      is_weight      w, the off-policy weight that multiplies the policy term (pg, ppo, gspo, cispo; 0 where
+                     `decoupled` dropped a token)
       clip_frac      1 where the ratio clip chose the clipped term (ppo, gspo) or clipped the weight (cispo)
       dual_clip_frac 1 where the dual clip bounded the loss of a negative advantage (ppo; 0 when off)
       kl             the KL estimate to the reference (whenever ref_logprobs is given, even with kl_coef 0),
                      times the ratio with `kl_ratio_weighted`
       entropy        the policy entropy (whenever entropy is given)
-      clamped        1 where a log-ratio hit LOG_RATIO_BOUND or the KL estimate KL_BOUND (RL losses; sft with
+      clamped        1 where a log-ratio hit LOG_RATIO_BOUND or the k3 estimate KL_BOUND (RL losses; sft with
                      ref_logprobs: the KL's only)
     """
 
@@ -245,7 +247,7 @@ LOG_RATIO_BOUND = 20.0
 does: a token that one side's top-k / top-p removed has a log-probability near `MASKED_LOGIT`, and exp() of the
 raw difference would be inf (then inf * 0 = NaN in the gradient)."""
 KL_BOUND = 10.0
-"""The per-token KL estimate is clamped to +-this (veRL's bound on k3): one token cannot outweigh a batch."""
+"""The per-token k3 estimate is clamped to +-this (veRL's bound): its exp() would let one token outweigh a batch."""
 
 
 def _log_ratio(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
@@ -260,31 +262,33 @@ def _beyond_bound(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
 
 
 def off_policy_weight(inputs: LossInputs, cfg: AlgorithmConfig) -> Tensor:
-    """The detached weight w that multiplies the policy term, per `cfg.off_policy`. (B, T)
+    """The detached weight w that multiplies the policy term, per `cfg.off_policy`, with v = pi_old / pi_behaviour
+    = exp(old - behaviour). (B, T)
 
-    none:              w = 1.
-    tis, decoupled:    w = min(pi_old / pi_behaviour, cfg.tis_cap) = min(exp(old - behaviour), tis_cap).
+    none:       w = 1.
+    tis:        w = min(v, cfg.tis_cap): truncated, a token above the cap still counts, with weight tis_cap.
+    decoupled:  w = v where v <= cfg.tis_cap, else 0: a token above the cap is dropped from the policy term.
 
     The rollout engine and the learner compute different probabilities for the same weights (kernels, precision)
     and, in async mode, for different weights; w corrects the sample toward the learner's proximal policy.
     Truncated importance sampling: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy
     RL Training" (https://fengyao.notion.site/off-policy-rl). Decoupled PPO: Hilton et al. 2021,
-    arXiv:2110.00641, and AReaL (Fu et al. 2025, arXiv:2505.24298), which drops tokens above the cap where we
-    truncate them like TIS.
+    arXiv:2110.00641, with AReaL's cap (Fu et al. 2025, arXiv:2505.24298: tokens whose behaviour weight exceeds
+    it are filtered out of the loss; they keep their place in its denominator, as here).
     """
     if cfg.off_policy == "none":
         return torch.ones_like(inputs.logprobs)
-    log_w = _log_ratio(inputs.old_logprobs, inputs.behaviour_logprobs, inputs.mask).detach()
-    return log_w.exp().clamp(max=cfg.tis_cap)
+    v = _log_ratio(inputs.old_logprobs, inputs.behaviour_logprobs, inputs.mask).detach().exp()  # (B, T)
+    if cfg.off_policy == "decoupled":
+        return torch.where(v <= cfg.tis_cap, v, torch.zeros_like(v))
+    return v.clamp(max=cfg.tis_cap)
 
 
 def approx_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tensor) -> Tensor:
     """Per-token estimate of KL(pi_theta || pi_ref) from the sampled token's logprobs, 0 on padding. (B, T)
 
-    With d = log pi_ref - log pi_theta (http://joschu.net/blog/kl-approx.html, Schulman 2020):
-      k1 = -d                      unbiased, can be negative per token
-      k3 = exp(d) - d - 1          unbiased, always >= 0, lower variance (the GRPO paper's choice)
-    d is clamped to +-LOG_RATIO_BOUND and the estimate to +-KL_BOUND (as veRL's k3).
+    `estimator` names one of `KL_ESTIMATORS` (learner/kl.py: k1, k2, k3, and what each one's gradient is).
+    d = log pi_ref - log pi_theta is clamped to +-LOG_RATIO_BOUND, and k3 to +-KL_BOUND (as veRL's).
     """
     return _kl_estimate(logprobs, ref_logprobs, estimator, mask)[0]
 
@@ -293,16 +297,17 @@ def _kl_estimate(
     logprobs: Tensor, ref_logprobs: Tensor, estimator: str, mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`approx_kl`, and where it hit a bound (its log-ratio or its estimate). (B, T) each, the second bool"""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r} ({', '.join(KL_ESTIMATORS)})")
     ref = ref_logprobs.detach()
     d = _log_ratio(ref, logprobs, mask)  # (B, T)
-    if estimator == "k1":
-        kl = -d
-    elif estimator == "k3":
-        kl = d.exp() - d - 1
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
-    clamped = _beyond_bound(ref, logprobs, mask) | ((kl.detach().abs() > KL_BOUND) & (mask > 0))
-    return kl.clamp(-KL_BOUND, KL_BOUND), clamped
+    kind = KL_ESTIMATORS[estimator]
+    kl = kind.estimate(d)
+    clamped = _beyond_bound(ref, logprobs, mask)
+    if kind.bounded:
+        clamped = clamped | ((kl.detach().abs() > KL_BOUND) & (mask > 0))
+        kl = kl.clamp(-KL_BOUND, KL_BOUND)
+    return kl, clamped
 
 
 def _kl_and_entropy(inputs: LossInputs, cfg: AlgorithmConfig) -> dict[str, Tensor]:
@@ -310,8 +315,10 @@ def _kl_and_entropy(inputs: LossInputs, cfg: AlgorithmConfig) -> dict[str, Tenso
     out = {}
     if inputs.ref_logprobs is not None:
         kl, clamped = _kl_estimate(inputs.logprobs, inputs.ref_logprobs, cfg.kl_estimator, inputs.mask)
-        if cfg.kl_ratio_weighted:  # times pi_theta / pi_old, with its gradient: DeepSeek-V3.2's Eq. 7
-            kl = kl * _ratio(inputs)
+        # times pi_theta / pi_old, for tokens sampled from old: DeepSeek-V3.2's Eq. 7 (learner/kl.py)
+        if cfg.kl_ratio_weighted:
+            ratio = _ratio(inputs)  # (B, T)
+            kl = kl * (ratio if KL_ESTIMATORS[cfg.kl_estimator].unbiased == "value" else ratio.detach())
         out["kl"], out["clamped"] = kl, clamped
     if inputs.entropy is not None:
         out["entropy"] = inputs.entropy
@@ -368,9 +375,9 @@ def pg_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
       decoupled:  loss = -A * w * pi_theta / pi_old    grad = -A * w * (pi_theta / pi_old) * grad log pi_theta
 
     `decoupled` is Hilton et al.'s decoupled objective without its clip: the full weight pi_theta / pi_behaviour
-    is split at the proximal policy, and only the proximal/behaviour factor w is truncated. The two forms have the
+    is split at the proximal policy, and only the proximal/behaviour factor w is capped. The two forms have the
     same gradient while theta = old (the first gradient on a batch); they differ once theta has moved, where
-    `decoupled` keeps correcting for the move and `tis` does not.
+    `decoupled` keeps correcting for the move and `tis` does not (and, as for every loss, in w above the cap).
     """
     w = off_policy_weight(inputs, cfg)  # (B, T)
     ratio = _ratio(inputs)  # (B, T)
@@ -388,9 +395,9 @@ def ppo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> LossOutputs:
       dual clip (c = cfg.dual_clip, for A < 0 only): loss = w * min(max(...), -c * A)
               (Ye et al. 2020, arXiv:1912.09729: a token of negative advantage with a huge ratio is bounded)
 
-    w is the off-policy weight. For PPO, `tis` and `decoupled` are the same objective: TIS applied to PPO with a
-    recomputed old policy (Yao et al. 2025) is exactly decoupled PPO (Hilton et al. 2021) with a truncated
-    behaviour weight. They differ for `pg` only.
+    w is the off-policy weight: with `tis`, TIS applied to PPO with a recomputed old policy (Yao et al. 2025),
+    which is decoupled PPO (Hilton et al. 2021) with a truncated behaviour weight; with `decoupled`, the same
+    objective with AReaL's filter instead (tokens above the cap dropped).
     """
     adv = inputs.advantages  # (B, T)
     w = off_policy_weight(inputs, cfg)  # (B, T)

@@ -79,8 +79,8 @@ def samples_from_trajectories(
     trajectories: list[Trajectory], advantages: list[float], mask_truncated: bool = False
 ) -> list[Sample]:
     """The samples the learner trains on, one per trajectory, with its advantage (computed over the whole group
-    beforehand). mask_truncated: trajectories cut off by max_tokens (finish reason "length") get no loss, so they
-    are left out (DAPO's overlong filtering)."""
+    beforehand). mask_truncated: trajectories cut off by max_tokens (`Trajectory.truncated`: finish reason
+    "length", or an episode with a turn cut) get no loss, so they are left out (DAPO's overlong filtering)."""
     return [
         Sample(
             t.prompt_ids + t.completion_ids,
@@ -90,7 +90,7 @@ def samples_from_trajectories(
             None if t.completion_mask is None else list(t.completion_mask),
         )
         for t, a in zip(trajectories, advantages, strict=True)
-        if not (mask_truncated and t.finish_reason == "length")
+        if not (mask_truncated and t.truncated)
     ]
 
 

@@ -4,7 +4,7 @@ across sections live there. Imports neither torch, Ray nor vLLM."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -34,7 +34,7 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0)
     """Scale: the adapter adds alpha / rank * B A to its weight."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the adapter's input while training (0 = none: training logprobs equal the engines')."""
+    """Dropout on the adapter's input in imitation; trial and error trains without dropout (docs/concepts.md)."""
     target_modules: Literal["all-linear"] | list[str] = Field("all-linear", min_length=1)
     """all-linear (every linear layer but the output head) or module name suffixes, e.g. [q_proj, v_proj]."""
 
@@ -96,6 +96,19 @@ ADVANTAGE_NAMES = ("filter", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 """Estimators that compare the samples of one prompt: one sample per prompt gives advantage 0."""
 LOSS_NAMES = ("pg", "ppo", "gspo", "cispo", "sft")
+RL_KNOBS = (
+    "advantage",
+    "filter_threshold",
+    "std_eps",
+    "clip_eps",
+    "clip_eps_high",
+    "dual_clip",
+    "kl_coef",
+    "entropy_coef",
+    "off_policy",
+    "tis_cap",
+)
+"""AlgorithmConfig fields the sft loss does not read."""
 
 
 class AlgorithmConfig(Section):
@@ -110,7 +123,8 @@ class AlgorithmConfig(Section):
     mini_batches: int = Field(1, ge=1, le=MAX_ITEMS, strict=True)
     """Mini-batches per pass, one optimizer step each; at most the samples of one step."""
     clip_eps: float = Field(0.2, gt=0)
-    """Ratio clip of ppo and gspo: [1 - clip_eps, 1 + clip_eps_high]; cispo clips its weight alike."""
+    """Ratio clip of ppo and gspo: [1 - clip_eps, 1 + clip_eps_high]; cispo clips its weight alike. Binds only
+    with epochs x mini_batches > 1 (docs/concepts.md#the-algorithm-family)."""
     clip_eps_high: float | None = Field(None, gt=0)
     """Upper clip (default: clip_eps)."""
     dual_clip: float | None = Field(None, gt=1)
@@ -120,20 +134,24 @@ class AlgorithmConfig(Section):
     kl_reference: Literal["rl_start", "model"] = "rl_start"
     """The KL penalty's reference: rl_start, the weights trial and error starts from (after imitation); model,
     model.path (docs/concepts.md#the-algorithm-family)."""
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    """KL estimator per token: k1 = log ratio, k3 = exp(-x) + x - 1 (unbiased, non-negative)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator per token, x = log pi_theta - log pi_ref: k1 = x (with kl_ratio_weighted only), k2 = x^2 / 2,
+    k3 = exp(-x) + x - 1; what each one's gradient is: docs/concepts.md#the-algorithm-family."""
     kl_ratio_weighted: bool = False
-    """Weight each token's KL estimate by pi_theta / pi_old, unbiased once the policy moved (docs/concepts.md)."""
+    """Weight each token's KL estimate by pi_theta / pi_old: the KL's exact gradient for every estimator, also once
+    the policy moved within a step (docs/concepts.md)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of the entropy bonus."""
     off_policy: Literal["none", "tis", "decoupled"] = "tis"
-    """Off-policy correction: none, tis or decoupled (docs/concepts.md#versions-and-staleness)."""
+    """Off-policy correction: none, tis (truncated weight) or decoupled (tokens above the cap dropped; pg keeps
+    pi_theta / pi_old) (docs/concepts.md#versions-and-staleness)."""
     tis_cap: float = Field(2.0, ge=1)
-    """Truncation of the importance weight for `tis` and `decoupled`."""
+    """Cap of the importance weight pi_old / pi_engine: `tis` truncates to it, `decoupled` drops tokens above it."""
     loss_agg: Literal["token_mean", "seq_mean", "constant"] = "token_mean"
-    """token_mean over the batch's tokens, seq_mean of per-sequence means, or constant (Dr. GRPO)."""
+    """token_mean over the batch's tokens, seq_mean of per-sequence means, or constant (Dr. GRPO); gspo takes
+    seq_mean, its paper's, and only that."""
     mask_truncated: bool = False
-    """Give no loss to samples cut off by `sampling.max_tokens` (DAPO's overlong filtering)."""
+    """Give no loss to samples cut off by a token limit, an episode's turns included (DAPO's overlong filtering)."""
     std_eps: float = Field(1e-6, gt=0)
     """Added to the group std in GRPO's normalisation."""
 
@@ -142,15 +160,85 @@ class AlgorithmConfig(Section):
         """Optimizer steps in one training step."""
         return self.epochs * self.mini_batches
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gspo_by_sequence(cls, raw: Any) -> Any:
+        """gspo without a loss_agg takes seq_mean: its paper's objective is one term per sequence."""
+        if isinstance(raw, dict) and raw.get("loss") == "gspo" and "loss_agg" not in raw:
+            raw = {**raw, "loss_agg": "seq_mean"}
+        return raw
+
     @model_validator(mode="after")
     def _known_names(self) -> AlgorithmConfig:
         if self.advantage not in ADVANTAGE_NAMES:
             raise ValueError(f"advantage {self.advantage!r} is not one of {', '.join(ADVANTAGE_NAMES)}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSS_NAMES)}")
-        if self.dual_clip is not None and self.loss != "ppo":
-            raise ValueError(f"dual_clip applies to the ppo loss only (loss is {self.loss!r}): remove it")
         return self
+
+    @model_validator(mode="after")
+    def _every_knob_acts(self) -> AlgorithmConfig:
+        """A knob moved off its default where nothing reads it is refused, naming why. (Off its default, not
+        set explicitly: a run's config.yaml, which sets every field, must validate again on resume.)"""
+        for name, why in self._idle_knobs().items():
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"algorithm.{name} does nothing {why}: remove it")
+        if self.loss == "gspo" and self.loss_agg != "seq_mean":
+            raise ValueError(
+                f"algorithm.loss gspo with loss_agg {self.loss_agg}: GSPO's objective is one clipped term per "
+                "sequence (Zheng et al. 2025), and token_mean or constant would weigh a sequence by its length. "
+                "Use loss_agg: seq_mean (gspo's default), or ppo for a token-level clip"
+            )
+        if self.kl_coef > 0 and self.kl_estimator == "k1" and not self.kl_ratio_weighted:
+            raise ValueError(
+                "algorithm.kl_estimator k1 without kl_ratio_weighted has zero expected gradient: the gradient of "
+                "k1 is grad log pi_theta, whose mean over tokens sampled from the policy is 0, so the penalty "
+                "would pull nowhere (docs/concepts.md#the-algorithm-family). Set kl_ratio_weighted: true, or use "
+                "k2 or k3"
+            )
+        return self
+
+    def _idle_knobs(self) -> dict[str, str]:
+        """Knob -> why nothing reads it under the rest of this config, whatever its value."""
+        idle: dict[str, str] = {}
+        if self.loss == "sft":
+            why = "with loss sft, which imitates the samples: no advantage, weight, clip, penalty or bonus"
+            idle = dict.fromkeys(RL_KNOBS, why)
+        if self.loss == "pg":
+            idle["clip_eps"] = idle["clip_eps_high"] = "with loss pg, which has no ratio to clip"
+        if self.loss != "ppo":
+            idle.setdefault("dual_clip", f"with loss {self.loss}: the dual clip is ppo's")
+        if self.off_policy == "none":
+            idle.setdefault("tis_cap", "with off_policy none: there is no importance weight to cap")
+        if self.kl_coef == 0:
+            for name in ("kl_estimator", "kl_ratio_weighted", "kl_reference"):
+                idle.setdefault(name, "with kl_coef 0: there is no KL penalty (nor a reference model)")
+        if self.advantage != "filter":
+            idle.setdefault(
+                "filter_threshold", f"with advantage {self.advantage}: only filter thresholds rewards"
+            )
+        if self.advantage not in ("grpo", "reinforce_pp_baseline"):
+            idle.setdefault("std_eps", f"with advantage {self.advantage}, which divides by no std")
+        return idle
+
+    def inert_notes(self) -> list[str]:
+        """Settings that validate but cannot act at epochs x mini_batches = 1, where the one update's ratio
+        pi_theta / pi_old is exactly 1: what they would change, for `aha validate` to say. Refusing them would
+        make every sweep over epochs edit the clip too; the default (ppo at 1 x 1) is such a case itself."""
+        if self.updates_per_step > 1:
+            return []
+        why = "at epochs = mini_batches = 1 the one update's ratio pi_theta / pi_old is exactly 1"
+        notes = []
+        if self.loss in ("ppo", "gspo", "cispo") and "loss" in self.model_fields_set:
+            notes.append(
+                f"algorithm.loss {self.loss}: {why}, so its clip never acts and its gradient is pg's"
+            )
+        for name in ("clip_eps", "clip_eps_high", "dual_clip"):
+            if name in self.model_fields_set and self.loss in ("ppo", "gspo", "cispo"):
+                notes.append(f"algorithm.{name}: {why}, so the clip never acts")
+        if self.kl_ratio_weighted and self.kl_estimator == "k2" and self.kl_coef > 0:
+            notes.append(f"algorithm.kl_ratio_weighted with k2: {why}, and k2 takes it without its gradient")
+        return notes
 
 
 class BufferConfig(Section):

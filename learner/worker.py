@@ -34,6 +34,7 @@ from aha.actors.weights import (
 from aha.learner.algorithms import approx_kl, sampling_logits
 from aha.learner.batch import MicroBatch, Sample, StepTotals, collate
 from aha.learner.config import AlgorithmConfig, LearnerConfig
+from aha.learner.dropout import train_mode
 from aha.learner.files import model_folder
 from aha.learner.lora import MergedWeight, add_adapters, merged_parameters, trainable_parameters
 from aha.learner.micro_batch import (
@@ -305,12 +306,13 @@ class LearnerWorker:
             [training_batch(samples, self.pad_id, shared) for samples in mbs] for mbs in updates
         ]
         several = epochs * len(batches) > 1
+        # one mode for every pass of the step (the first update's ratio is then exactly 1): trial and error
+        # without dropout, imitation with the model's own (learner/dropout.py)
+        train_mode(self.engine, dropout=imitation)
         if several:  # the proximal policy: this step's starting weights
-            self.engine.eval()
             old = [[self._logprobs(mb, policy) for mb in mbs] for mbs in batches]
         # the KL reference: never in imitation, whose loss has no penalty
         refs = [[None if imitation else self._ref_logprobs(mb) for mb in mbs] for mbs in batches]
-        self.engine.train()
         sums: dict[str, Any] = {"tokens": 0.0, "sequences": 0.0, "token_passes": 0.0}
         sums.update(ratio_min=float("inf"), ratio_max=float("-inf"), logprob=0.0, engine_logprob_diff=0.0)
         records = []
@@ -346,7 +348,6 @@ class LearnerWorker:
                     }
                 )
         if several:  # how far this step moved the policy, on the tokens it trained on
-            self.engine.eval()
             kl = 0.0
             for olds, mbs in zip(old, batches):
                 for o, mb in zip(olds, mbs):

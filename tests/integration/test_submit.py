@@ -1,6 +1,7 @@
 """`aha submit` against a real Ray cluster: a head started with `ray start --head` on explicit ports, a private
 temp dir and token authentication; the tiny CPU job goes through Ray Jobs, reaches SUCCEEDED, writes its run
-outputs, and its metrics reach the node's Prometheus endpoint under the names the Grafana dashboard queries.
+outputs, and its metrics reach the node's Prometheus endpoint under the names the Grafana dashboard queries. A job
+whose driver is killed once is submitted again by `--retries` with `--resume auto`, and continues its run.
 
 Only this test's own cluster is stopped afterwards: every process in the session of its `ray start`, plus any
 process whose command line names its temp dir, and their descendants (never `ray stop`, which stops every Ray
@@ -297,3 +298,62 @@ def _family_documented(key: str, text: str) -> bool:
     """`monitor/phrase/wait` is covered by a documented `monitor/phrase/<phrase>`."""
     head = key.rsplit("/", 1)[0]
     return re.search(rf"`{re.escape(head)}/<\w+>`", text) is not None
+
+
+KILL_ONCE = '''
+import json
+import os
+import signal
+from pathlib import Path
+
+
+def reward(prompt, completion, *, answer, run_dir, marker, **_):
+    """Exact match. The first call after the run's first checkpoint kills the job's driver (SIGKILL), once."""
+    if Path(run_dir, "checkpoints", "latest_run").is_file() and not Path(marker).exists():
+        Path(marker).write_text("killed")
+        os.kill(json.loads(Path(run_dir, ".aha-driver.json").read_text())["pid"], signal.SIGKILL)
+    return float(completion.strip() == str(answer))
+'''
+
+
+def test_submit_retries_a_failed_job_which_resumes_its_run(ray_head, tmp_path):
+    from aha.cluster.models import make_tiny_model
+
+    work = tmp_path / "checkout"
+    (work / "deploy" / "examples").mkdir(parents=True)
+    shutil.copy(DEMO, work / "deploy" / "examples" / "cpu_demo.yaml")
+    make_tiny_model(work / "models" / "tiny-addition", seed=0)
+    (work / "kill_once.py").write_text(KILL_ONCE)
+    run_dir, marker = tmp_path / "outputs", tmp_path / "killed"
+    kwargs = f"{{run_dir: '{run_dir}', marker: '{marker}'}}"
+    overrides = [
+        *TINY,
+        "schedule.steps=4",
+        "checkpoint.every=2",
+        f"logging.run_dir={run_dir}",
+        f"reward.functions=[{{function: 'kill_once.py:reward', kwargs: {kwargs}}}]",
+    ]
+    client_env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_MODE"}
+    done = _aha(
+        "submit",
+        "deploy/examples/cpu_demo.yaml",
+        *overrides,
+        "--address",
+        ray_head.address,
+        "--retries",
+        "2",
+        env=client_env,
+        timeout=600,
+        cwd=work,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"{out[-4000:]}\n{done.stderr[-4000:]}"
+    assert marker.read_text() == "killed"  # the first attempt's driver was killed
+    first, second = re.findall(r"^submitted (\S+)", out, re.M)
+    assert re.search(rf"^{first}: FAILED \(attempt 1 of 3\), exit code -?\d+$", out, re.M), out[-4000:]
+    assert f"{second}: SUCCEEDED (attempt 2 of 3)" in out
+    entrypoints = re.findall(r"^  entrypoint: (.*)$", out, re.M)
+    assert not entrypoints[0].endswith("--resume auto") and entrypoints[1].endswith("--resume auto")
+    assert "aha: resumed from step-" in out  # the retry's log: it continued the run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["imitation_steps"]) == (4, 2)

@@ -34,6 +34,14 @@ def adv(name: str, rewards: list[float], groups: list[int], dtype=torch.float32,
     return compute_advantages(inputs, AlgorithmConfig(advantage=name, **cfg))
 
 
+def config(loss: str, **knobs) -> AlgorithmConfig:
+    """The config a loss meets. sft's is trial and error's with the loss swapped, as the learner makes
+    imitation's: RL knobs that validation refuses beside `loss: sft` (they do nothing there) can reach it."""
+    if loss == "sft":
+        return AlgorithmConfig(**knobs).model_copy(update={"loss": "sft"})
+    return AlgorithmConfig(loss=loss, **knobs)
+
+
 def close(actual: torch.Tensor, expected: list | torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=tol, rtol=tol)
 
@@ -320,14 +328,22 @@ def test_tis_weight_is_truncated_at_the_cap():
     close(out.per_token, [[-2.0, -0.5]])
 
 
-def test_tis_and_decoupled_agree_for_ppo():
-    torch.manual_seed(0)
-    lp, old, beh, a = (torch.randn(3, 4) * 0.3 for _ in range(4))
-    outs = []
-    for mode in ["tis", "decoupled"]:
-        inputs = LossInputs(lp.clone().requires_grad_(), old, beh, a, torch.ones(3, 4))
-        outs.append(compute_loss(inputs, AlgorithmConfig(loss="ppo", off_policy=mode)).per_token)
-    torch.testing.assert_close(outs[0], outs[1])
+@pytest.mark.parametrize("loss", ["pg", "ppo", "gspo", "cispo"])
+def test_decoupled_drops_the_tokens_that_tis_truncates(loss):
+    # behaviour weights pi_old / pi_engine 0.5 and 1.5 (under the cap, 2) and 3 (above it)
+    old = [-1.0, -1.0, -1.0]
+    behaviour = [-1.0 - math.log(w) for w in (0.5, 1.5, 3.0)]
+    outs = {}
+    for mode in ("tis", "decoupled"):
+        inputs = loss_inputs(old, old, [1.0, -1.0, 1.0], behaviour=behaviour)
+        out = compute_loss(inputs, AlgorithmConfig(loss=loss, off_policy=mode, tis_cap=2.0))
+        out.per_token.sum().backward()
+        outs[mode] = out.metrics["is_weight"], inputs.logprobs.grad
+    close(outs["tis"][0], [[0.5, 1.5, 2.0]])
+    close(outs["decoupled"][0], [[0.5, 1.5, 0.0]])
+    # at theta = old every loss's gradient is -A * w: the same under the cap; above it truncated or dropped
+    close(outs["tis"][1], [[-0.5, 1.5, -2.0]])
+    close(outs["decoupled"][1], [[-0.5, 1.5, 0.0]])
 
 
 @pytest.mark.parametrize("off_policy", ["none", "tis", "decoupled"])
@@ -337,7 +353,9 @@ def test_pg_gradient_is_minus_advantage_times_weight_over_normaliser(off_policy)
     beh = old + 0.5 * torch.randn(2, 5)
     advs = torch.randn(2, 1).expand(2, 5)
     mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    cfg = AlgorithmConfig(loss="pg", off_policy=off_policy, tis_cap=1.5)
+    cfg = AlgorithmConfig(
+        loss="pg", off_policy=off_policy, **({} if off_policy == "none" else {"tis_cap": 1.5})
+    )
     # at theta = old (the first gradient on a batch) every mode has gradient -A * w / n_tokens
     inputs = LossInputs(old.clone().requires_grad_(), old, beh, advs, mask)
     out = compute_loss(inputs, cfg)
@@ -363,24 +381,30 @@ def test_pg_decoupled_keeps_the_ratio_once_theta_has_moved():
 def test_kl_estimators_by_hand():
     lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     mask = torch.ones(1, 2)
-    # d = ref - lp = (-0.5, 1): k1 = -d, k3 = exp(d) - d - 1
+    # d = ref - lp = (-0.5, 1): k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1
     close(approx_kl(lp, ref, "k1", mask), [[0.5, -1.0]])
+    close(approx_kl(lp, ref, "k2", mask), [[0.125, 0.5]])
     close(approx_kl(lp, ref, "k3", mask), [[math.exp(-0.5) - 0.5, math.e - 2]])
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_penalty_and_entropy_bonus_are_added_to_rl_losses(estimator):
+    # ratio 1: ratio weighting keeps the value
     inputs = loss_inputs([-1.0], [-1.0], [2.0], ref=[-1.5], entropy=[0.7])
-    kl = 0.5 if estimator == "k1" else math.exp(-0.5) - 0.5
-    cfg = dict(off_policy="none", kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.01)
+    kl = {"k1": 0.5, "k2": 0.125, "k3": math.exp(-0.5) - 0.5}[estimator]
+    weighted = estimator == "k1"  # k1 alone has no gradient, and is refused (tests/unit/test_kl.py)
+    cfg = dict(
+        off_policy="none", kl_coef=0.1, kl_estimator=estimator, kl_ratio_weighted=weighted, entropy_coef=0.01
+    )
     base = {"pg": -2.0 * -1.0, "ppo": -2.0 * 1.0}  # -A * log pi and -A * ratio
     for loss, value in base.items():
         out = compute_loss(inputs, AlgorithmConfig(loss=loss, **cfg))
         close(out.per_token, [[value + 0.1 * kl - 0.01 * 0.7]])
         close(out.metrics["kl"], [[kl]])
         close(out.metrics["entropy"], [[0.7]])
-    # without coefficients the metrics stay and the penalties go
-    out = compute_loss(inputs, AlgorithmConfig(loss="pg", off_policy="none", kl_estimator=estimator))
+    # without coefficients (the learner then passes no reference) the metrics stay and the penalties go
+    zero = AlgorithmConfig(loss="pg", **cfg).model_copy(update={"kl_coef": 0.0, "entropy_coef": 0.0})
+    out = compute_loss(inputs, zero)
     close(out.per_token, [[2.0]])
     close(out.metrics["kl"], [[kl]])
 
@@ -401,7 +425,7 @@ def test_kl_weighted_by_the_ratio():
 
 
 @pytest.mark.parametrize("loss", [n for n in LOSS_NAMES if n != "sft"])
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_extreme_log_ratios_are_clamped_with_a_finite_loss_gradient_and_a_count(loss, estimator):
     """Tokens that a top-p nucleus removed on one side (logprob ~ MASKED_LOGIT): token 1 is outside the proximal
     policy's nucleus but inside the current one's (ratio exp(1e9), unclamped inf, then inf * 0 = NaN for the
@@ -423,13 +447,10 @@ def test_extreme_log_ratios_are_clamped_with_a_finite_loss_gradient_and_a_count(
     assert torch.isfinite(inputs.logprobs.grad).all()
     assert all(torch.isfinite(m).all() for m in out.metrics.values())
     assert out.metrics["clamped"].tolist() == [[0.0, 1.0, 1.0]]
-    # token 2: the log-ratio to the reference is clamped to LOG_RATIO_BOUND, the estimate to KL_BOUND
+    # token 2: the log-ratio to the reference is clamped to LOG_RATIO_BOUND, and k3 (exponential in it) to KL_BOUND
     d = min(-2.0 - masked, LOG_RATIO_BOUND)
-    raw = -d if estimator == "k1" else math.exp(d) - d - 1
-    close(
-        approx_kl(inputs.logprobs, inputs.ref_logprobs, estimator, inputs.mask)[0, 2],
-        max(-KL_BOUND, min(raw, KL_BOUND)),
-    )
+    expected = {"k1": -d, "k2": d * d / 2, "k3": min(math.exp(d) - d - 1, KL_BOUND)}[estimator]
+    close(approx_kl(inputs.logprobs, inputs.ref_logprobs, estimator, inputs.mask)[0, 2], expected)
     # without extremes nothing is clamped
     calm = compute_loss(loss_inputs([-1.0], [-1.1], [1.0], behaviour=[-1.3], ref=[-0.9]), cfg)
     assert calm.metrics["clamped"].tolist() == [[0.0]]
@@ -437,7 +458,7 @@ def test_extreme_log_ratios_are_clamped_with_a_finite_loss_gradient_and_a_count(
 
 def test_sft_is_the_masked_nll_and_ignores_advantages_and_penalties():
     inputs = loss_inputs([-1.0, -2.0, -3.0], [0.0] * 3, [5.0, -5.0, 0.0], mask=[1, 1, 0], ref=[0.0] * 3)
-    out = compute_loss(inputs, AlgorithmConfig(loss="sft", kl_coef=1.0))
+    out = compute_loss(inputs, config("sft", kl_coef=1.0))
     assert out.per_token.tolist() == [[1.0, 2.0, 0.0]]
     assert set(out.metrics) == {"kl", "clamped"}
 
@@ -448,7 +469,7 @@ def test_padding_is_zero_in_loss_and_metrics_even_with_wild_padding_values(loss)
     inputs = loss_inputs(
         [-1.0, 0.0], [-1.0, -500.0], [1.0, 1.0], behaviour=[-1.0, -900.0], mask=[1, 0], ref=[-1.0, 300.0]
     )
-    out = compute_loss(inputs, AlgorithmConfig(loss=loss, kl_coef=0.1))
+    out = compute_loss(inputs, config(loss, kl_coef=0.1))
     assert out.per_token[0, 1].item() == 0.0
     assert all(m[0, 1].item() == 0.0 and torch.isfinite(m).all() for m in out.metrics.values())
     out.per_token.sum().backward()
@@ -495,7 +516,7 @@ def test_an_empty_mask_gives_zero_loss_and_finite_gradient(loss, mode):
     inputs = LossInputs(
         x.clone().requires_grad_(), x, x, torch.ones(2, 3), torch.zeros(2, 3), entropy=x.abs()
     )
-    out = compute_loss(inputs, AlgorithmConfig(loss=loss, entropy_coef=0.1))
+    out = compute_loss(inputs, config(loss, entropy_coef=0.1))
     total = aggregate(out.per_token, inputs.mask, mode, total_tokens=0, total_sequences=2, max_tokens=3)
     assert total.item() == 0.0
     total.backward()
@@ -581,7 +602,7 @@ def test_zero_advantage_is_inert_exactly_when_the_gradient_is_zero(loss, coefs):
         )
         inputs.entropy.requires_grad_()  # the entropy bonus's gradient flows through the logits
         dual = {"dual_clip": 3.0} if loss == "ppo" else {}
-        cfg = AlgorithmConfig(loss=loss, off_policy=off_policy, **dual, **coefs)
+        cfg = config(loss, off_policy=off_policy, **dual, **coefs)
         compute_loss(inputs, cfg).per_token.sum().backward()
         grads = [g for g in (inputs.logprobs.grad, inputs.entropy.grad) if g is not None]
         assert zero_advantage_is_inert(cfg) == all(bool((g == 0).all()) for g in grads), (off_policy, cfg)

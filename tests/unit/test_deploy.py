@@ -304,6 +304,8 @@ def test_rayjob_runs_aha_on_the_mounted_config_and_fits_it():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["aha", "run", f"{mount}/{key}"]
     assert "cluster.address=auto" in argv[3:]
+    # A retry (backoffLimit) runs the same entrypoint: it continues the run, or finds it finished.
+    assert argv[-2:] == ["--resume", "auto"] and job["spec"]["backoffLimit"] >= 1
     _fits(job["spec"]["rayClusterSpec"], cfg)
 
 
@@ -395,6 +397,10 @@ def test_submit_request_runs_aha_run_on_the_uploaded_config(job_dir):
         str(job_dir / "job.yaml"), ["logging.run_dir=/data/{name}"], str(job_dir), resume=True
     )
     assert shlex.split(resumed.entrypoint)[-2:] == ["cluster.address=auto", "--resume"]
+    retried = job_request(
+        str(job_dir / "job.yaml"), ["logging.run_dir=/data/{name}"], str(job_dir), resume="auto"
+    )
+    assert shlex.split(retried.entrypoint)[-3:] == ["cluster.address=auto", "--resume", "auto"]
 
 
 def test_submit_request_keeps_the_users_runtime_env_and_warns_about_relative_run_dirs(job_dir):

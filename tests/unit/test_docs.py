@@ -44,6 +44,16 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/integration/test_resume.py",
         "kills `python -m aha.cluster.cli run` and resumes the run",
     ),
+    r"aha run \S+( \S+=\S+)* --resume auto": (
+        "tests/integration/test_restarts.py",
+        "kills a driver mid-run, continues its run with --resume auto, then finds it finished and refuses "
+        "another job's config (each case of the folder: tests/unit/test_restarts.py)",
+    ),
+    r"aha cleanup \S+": (
+        "tests/integration/test_restarts.py",
+        "kills a driver with SIGKILL, runs `aha cleanup` on its run folder and checks that no process of the "
+        "run survives (a live driver refused: tests/unit/test_restarts.py)",
+    ),
     r"aha run \S+( \S+=\S+)* --overwrite": (
         "tests/unit/test_config_preflight.py",
         "checks what --overwrite replaces and that a plain rerun refuses a finished run (the run itself: "
