@@ -74,8 +74,14 @@ class Run:
             )
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.dropped_prompts = drop_long_prompts(self.source, cfg, self.tokenizer)  # before any actor starts
+        new_folder = not self.run_dir.exists()
         restarts.drive(self.run_dir, cfg.cluster, resume, overwrite)  # claims the folder, then joins Ray
-        check_cluster_resources(cfg)  # seconds, naming the actors: before any starts or a file is touched
+        try:
+            check_cluster_resources(cfg)  # seconds, naming the actors: before any starts or a file is written
+        except BaseException:
+            if new_folder:  # a job that cannot run leaves no folder behind
+                restarts.unclaim_new_run_dir(self.run_dir)
+            raise
         prepare_run_dir(self.run_dir, resume, overwrite)  # deletes only a folder aha created (or --overwrite)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.namespace = cfg.cluster.namespace

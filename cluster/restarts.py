@@ -227,6 +227,14 @@ def drive(run_dir: Path, cluster: ClusterConfig, resume: bool, overwrite: bool) 
     record_local_ray(run_dir)
 
 
+def unclaim_new_run_dir(run_dir: Path) -> None:
+    """Undo the claim of a folder that did not exist before it: remove the record and the folder, if the record is
+    all it holds (a job refused before it wrote anything)."""
+    if [p.name for p in run_dir.iterdir()] == [DRIVER_RECORD]:
+        (run_dir / DRIVER_RECORD).unlink()
+        run_dir.rmdir()
+
+
 def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Before a driver starts Ray: refuse a folder another live driver runs (ConfigError naming its pid), or one a
     plain run must not use (`run_dir_refusal`); stop what a dead driver of the folder left running; record this
