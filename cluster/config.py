@@ -197,6 +197,22 @@ class LoggingConfig(Section):
             raise ValueError("a tracker is named twice")
         return names
 
+    @model_validator(mode="after")
+    def _knobs_that_act(self) -> LoggingConfig:
+        """Settings off their default that nothing would read: a project without a tracker that has projects,
+        a sample count with samples off."""
+        if self.project is not None and not {"wandb", "mlflow", "trackio"} & set(self.report_to):
+            raise ValueError(
+                "logging.project names the project of wandb, mlflow or trackio, and logging.report_to has none "
+                "of them: add one, or remove logging.project"
+            )
+        if self.samples_every == 0 and self.samples_per_log != 4:
+            raise ValueError(
+                "logging.samples_per_log is set but logging.samples_every is 0, which writes no samples: set "
+                "samples_every, or remove samples_per_log"
+            )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, raw: Any) -> Any:

@@ -224,5 +224,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise ConfigError(f"invalid config {path}: {type(e).__name__}") from None
 
 
+def dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as the dotted keys overrides use: {"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def dump_config(cfg: JobConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

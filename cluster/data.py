@@ -11,6 +11,7 @@ tokenizer is known (`keep_fitting`), and count them: a prompt is never cut.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from abc import ABC, abstractmethod
@@ -286,12 +287,26 @@ def jsonl_source(cfg: JsonlData) -> RowsSource:
 
 
 def load_hf_split(cfg: HFData, split: str) -> Any:
-    """One split of the dataset `cfg` names, as a `datasets.Dataset`; ValueError naming data.path otherwise.
-    The user's HF_HOME, HF_DATASETS_CACHE and HF_HUB_OFFLINE apply as in any `datasets` program."""
+    """One split of the dataset `cfg` names, as a `datasets.Dataset`; ValueError naming the field otherwise.
+    The user's HF_HOME, HF_DATASETS_CACHE and HF_HUB_OFFLINE apply as in any `datasets` program. Read once per
+    process (`aha run` checks the data, then runs on it)."""
+    return _load_split(cfg.model_dump_json(), split)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split(cfg_json: str, split: str) -> Any:
     import datasets
 
+    cfg = HFData.model_validate_json(cfg_json)
     path = Path(cfg.path)
     single = path.suffix.lower() in HF_FILE_TYPES and path.is_file()
+    if single:  # one file is the whole dataset: a subset, other files or a revision cannot apply to it
+        for key in ("name", "data_files", "revision"):
+            if getattr(cfg, key) is not None:
+                raise ValueError(
+                    f"data.{key} is set, but data.path {shorten(cfg.path)} is one local file: give the folder "
+                    f"or the loader name (e.g. path: {HF_FILE_TYPES[path.suffix.lower()]}) with data.data_files"
+                )
     try:
         if single:
             return datasets.load_dataset(

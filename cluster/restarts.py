@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import psutil
 import yaml
 
-from aha.cluster.config_file import ConfigError
+from aha.cluster.config_file import ConfigError, dotted
 from aha.cluster.files import write_atomic
 from aha.cluster.preflight import DRIVER_RECORD, RUN_MARKER, kept_results, run_dir_refusal
 from aha.cluster.run_state import checkpoint_tag
@@ -110,7 +110,7 @@ def config_differences(stored: Path, cfg: JobConfig) -> list[str]:
         theirs = JobConfig.model_validate(yaml.safe_load(stored.read_text())).model_dump(mode="json")
     except (OSError, ValueError, yaml.YAMLError) as e:
         return [f"its config.yaml cannot be read as a job config of this aha version ({str(e)[:200]})"]
-    old, new = _flat(theirs), _flat(cfg.resolved().model_dump(mode="json"))
+    old, new = dotted(theirs), dotted(cfg.resolved().model_dump(mode="json"))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _restart_field(k))
     shown = [f"{k}: {_brief(old.get(k))} -> {_brief(new.get(k))}" for k in keys[:5]]
     return shown + ([f"and {len(keys) - 5} more"] if len(keys) > 5 else [])
@@ -140,16 +140,6 @@ def _stored_name(stored: Path) -> str:
         return str(yaml.safe_load(stored.read_text()).get("name"))
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return "?"
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _restart_field(key: str) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from aha.cluster.config import JobConfig
-from aha.cluster.config_file import ConfigError
+from aha.cluster.config_file import ConfigError, dotted
 from aha.cluster.samples import as_markdown, as_table
 
 DEFAULT_PROJECT = "aha"
@@ -198,7 +198,7 @@ class MlflowTracker(Tracker):
     def _log_config(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k[:250], str(v)[:MLFLOW_PARAM_CHARS]) for k, v in _flat(config).items()]
+        params = [Param(k[:250], str(v)[:MLFLOW_PARAM_CHARS]) for k, v in dotted(config).items()]
         for i in range(0, len(params), MLFLOW_PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=params[i : i + MLFLOW_PARAMS_PER_CALL])
         self.client.log_dict(self.run_id, config, "config.json")
@@ -249,17 +249,6 @@ class TrackioTracker(Tracker):
 
     def close(self, failed: bool) -> None:
         self.run.finish()
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _indented(text: str) -> str:

@@ -17,22 +17,25 @@ from aha.learner.worker import LearnerWorker
 VOCAB = 61
 
 
-def tiny(kind: str = "qwen2"):
-    """A tiny random causal LM (fp32, seed 0) of the Qwen2 or Llama family."""
+def tiny(kind: str = "qwen2", **config_overrides):
+    """A tiny random causal LM (fp32, seed 0) of the Qwen2 or Llama family; `config_overrides` change its config."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
-    cfg = config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    cfg = (
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        | config_overrides
     )
-    return cls(cfg).float()
+    return cls(config(**cfg)).float()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from aha.learner.config import AlgorithmConfig, LearnerConfig, LoraConfig
 from aha.learner.dropout import DROPOUTS, train_mode
 from aha.learner.lora import add_adapters
 from aha.learner.worker import LearnerWorker
+from tests.unit.test_completion_window import tiny
 
 VOCAB = 61
 
@@ -21,20 +22,8 @@ VOCAB = 61
 def dropout_model():
     """A tiny random Qwen2 with attention dropout and LoRA adapters (dropout 0.5) whose B matrices are nonzero,
     so that the adapters' dropout changes the output."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=0.3,
-    )
-    model = add_adapters(Qwen2ForCausalLM(config).float(), LoraConfig(rank=4, alpha=8.0, dropout=0.5))
+    base = tiny("qwen2", vocab_size=VOCAB, attention_dropout=0.3)
+    model = add_adapters(base, LoraConfig(rank=4, alpha=8.0, dropout=0.5))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -179,3 +179,10 @@ def test_preflight_reads_the_dataset_and_checks_reward_fields_against_its_column
     assert any("answer" in p for p in reference_problems(mapped, files=False))
     missing = job({"path": path, "columns": {"prompt": "text"}})
     assert any(p.startswith("data.columns.prompt: no column 'text'") for p in reference_problems(missing))
+
+
+def test_one_local_file_refuses_settings_that_cannot_apply_to_it(tmp_path):
+    path = write_parquet(tmp_path / "one.parquet", GSM)
+    for key, value in (("name", "main"), ("revision", "v1"), ("data_files", "other.parquet")):
+        with pytest.raises(ValueError, match=f"data.{key} is set, but data.path .* is one local file"):
+            make_source(HFData(path=path, columns={"prompt": "question"}, **{key: value}))

@@ -342,3 +342,18 @@ def test_a_tracker_that_cannot_open_stops_the_job_and_closes_the_others(tmp_path
     ):
         Trackers(["flaky", "unopenable"], opening(tmp_path))
     assert Flaky.closed == [True]
+
+
+def test_logging_settings_nothing_would_read_are_refused():
+    from pydantic import ValidationError
+
+    from aha.cluster.config import LoggingConfig
+
+    with pytest.raises(ValidationError, match="logging.project names the project"):
+        LoggingConfig(project="mine", report_to=["tensorboard"])
+    assert LoggingConfig(project="mine", report_to=["wandb"]).project == "mine"
+    with pytest.raises(
+        ValidationError, match="logging.samples_per_log is set but logging.samples_every is 0"
+    ):
+        LoggingConfig(samples_every=0, samples_per_log=8)
+    assert LoggingConfig(samples_every=0).samples_per_log == 4  # the default, as every config.yaml records it
