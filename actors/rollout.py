@@ -452,3 +452,11 @@ class RolloutPool:
     def resume(self) -> None:
         self.paused = False
         self._dispatch()
+
+    def drop_work(self, timeout_s: float) -> int:
+        """Forget the queued chunks, let those in flight finish (`pause`) and discard them: for a caller whose
+        policy was rolled back, to whom they would be samples of weights that no longer exist. Returns the
+        samples discarded. The pool stays paused until `resume` (the next weight sync)."""
+        finished = self.pause(timeout_s)
+        self._queue.clear()
+        return sum(len(done.trajectories) for done in finished)

@@ -17,7 +17,7 @@ import json
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,6 +42,7 @@ from aha.cluster.trackers import run_config
 if TYPE_CHECKING:
     from aha.actors.rollout import Completed
     from aha.cluster.weight_sync import PendingSync
+    from aha.learner.group import LearnerError
 
 
 class Run:
@@ -53,6 +54,7 @@ class Run:
         self.source: PromptSource = make_source(self.cfg.data)
         self.started = time.time()
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
+        self.recovered = RunState()  # this process's learner restarts: steps redone, samples discarded
         self.last_accuracy: float | None = None  # of this process's latest evaluation (the progress bar's)
         self._begun_sync: PendingSync | None = None  # the step's weight sync, begun while the learner trains
         self.stopped_early: str | None = None  # why trial and error ended before schedule.steps
@@ -126,7 +128,6 @@ class Run:
                 f"aha: probe noise floor {floor:.3g}; a sync passes within {self.sync.tolerance:.3g}",
                 flush=True,
             )
-        self.rng = random.Random(cfg.schedule.seed)
         if resume:
             self._restore()
 
@@ -150,34 +151,33 @@ class Run:
         encoded = [(self._encode(p), encode_completion(self.tokenizer, c)) for p, c in pairs]
         order_rng = random.Random(f"imitation-{self.cfg.schedule.seed}")
         order = list(range(len(encoded)))
-        progress = progress_bar(
-            icfg.steps, "imitation", self.cfg.logging.progress, initial=self.state.imitation_step
-        )
-        while self.state.imitation_step < icfg.steps:
-            epoch_pos = (self.state.imitation_step * icfg.batch_size) % len(encoded)
-            if epoch_pos < icfg.batch_size:
-                order_rng.shuffle(order)
-            idx = [order[(epoch_pos + k) % len(order)] for k in range(icfg.batch_size)]
-            with self._naming_step(f"imitation step {self.state.imitation_step + 1} of {icfg.steps}"):
-                m = self.group.train_step(
-                    demonstration_samples([encoded[i] for i in idx]),
-                    loss="sft",
-                    lr=icfg.lr,  # None: learner.optimizer.lr
-                    phase_step=self.state.imitation_step,
+        with progress_bar(
+            icfg.steps, "imitation", self.cfg.logging.progress, self.state.imitation_step
+        ) as progress:
+            while self.state.imitation_step < icfg.steps:
+                epoch_pos = (self.state.imitation_step * icfg.batch_size) % len(encoded)
+                if epoch_pos < icfg.batch_size:
+                    order_rng.shuffle(order)
+                idx = [order[(epoch_pos + k) % len(order)] for k in range(icfg.batch_size)]
+                with self._naming_step(f"imitation step {self.state.imitation_step + 1} of {icfg.steps}"):
+                    m = self.group.train_step(
+                        demonstration_samples([encoded[i] for i in idx]),
+                        loss="sft",
+                        lr=icfg.lr,  # None: learner.optimizer.lr
+                        phase_step=self.state.imitation_step,
+                    )
+                self.state.imitation_step += 1
+                self.state.version += 1
+                self.metrics.log(
+                    self.state.version,
+                    {
+                        "imitation/nll": -m["logprob"],
+                        "imitation/loss": m["loss"],
+                        "imitation/step_s": m["step_s"],
+                    },
                 )
-            self.state.imitation_step += 1
-            self.state.version += 1
-            self.metrics.log(
-                self.state.version,
-                {
-                    "imitation/nll": -m["logprob"],
-                    "imitation/loss": m["loss"],
-                    "imitation/step_s": m["step_s"],
-                },
-            )
-            progress.update(1)
-            progress.set_postfix(nll=f"{-m['logprob']:.3f}")
-        progress.close()
+                progress.update(1)
+                progress.set_postfix(nll=f"{-m['logprob']:.3f}")
         self._sync()
 
     def _sync(self, begun: PendingSync | None = None) -> dict[str, float]:
@@ -368,23 +368,29 @@ class Run:
         stats["engine_restarts"] += self.before.engine_restarts
         return stats
 
+    def _learner_recoveries(self) -> dict[str, int]:
+        """Learner restarts over the whole run (earlier processes of a resumed run included)."""
+        return {
+            k: getattr(self.before, k) + getattr(self.recovered, k)
+            for k in ("learner_restarts", "steps_redone", "samples_discarded")
+        }
+
     def train(self) -> None:
         cfg = self.cfg
         sched = cfg.schedule
-        progress = progress_bar(sched.steps, "trial and error", cfg.logging.progress, initial=self.state.step)
-        while self.state.step < sched.steps:
-            with self._naming_step(f"trial-and-error step {self.state.step + 1} of {sched.steps}"):
-                try:
-                    self._train_one_step(progress)
-                except NoLearningSignal as e:  # nothing left to learn from: end as a finished run does
-                    self.stopped_early = str(e)
-                    print(
-                        f"aha: {e}. Trial and error ends here, after {self.state.step} of {sched.steps} steps; "
-                        "the run finishes with its final evaluation, checkpoint and export",
-                        flush=True,
-                    )
-                    break
-        progress.close()
+        with progress_bar(sched.steps, "trial and error", cfg.logging.progress, self.state.step) as progress:
+            while self.state.step < sched.steps:
+                with self._naming_step(f"trial-and-error step {self.state.step + 1} of {sched.steps}"):
+                    try:
+                        self._train_one_step(progress)
+                    except NoLearningSignal as e:  # nothing left to learn from: end as a finished run does
+                        self.stopped_early = str(e)
+                        print(
+                            f"aha: {e}. Trial and error ends here, after {self.state.step} of {sched.steps} "
+                            "steps; the run finishes with its final evaluation, checkpoint and export",
+                            flush=True,
+                        )
+                        break
 
     def _train_one_step(self, progress) -> None:
         from aha.learner.batch import step_batch
@@ -434,6 +440,7 @@ class Run:
             metrics.update(self.evaluate())
             metrics["eval_s"] = time.perf_counter() - eval_started  # part of step_s
         metrics.update(self._engine_stats())  # after the sync and evaluation, which may restart engines
+        metrics.update({k: float(v) for k, v in self._learner_recoveries().items()})
         metrics.update(self.buffer.stats())
         metrics["step_s"] = time.perf_counter() - step_started
         # completion tokens whose generation finished during this step, per second of the step (in async mode
@@ -452,9 +459,10 @@ class Run:
         directory = self.run_dir / "checkpoints"
         tag = checkpoint_tag(self.state.step, self.state.version)
         self._store_in_flight()  # async: prompts in flight are finished and stored, so none is lost on resume
-        self.state.rng = self.rng.getstate()
         self.state.wall_s = self.before.wall_s + time.time() - self.started
         self.state.engine_restarts = int(self._engine_stats()["engine_restarts"])
+        for key, total in self._learner_recoveries().items():
+            setattr(self.state, key, total)
         buffer_state = self.buffer.state_dict()
         self.group.save_checkpoint(str(directory), tag, {"run": self.state.to_dict(), "buffer": buffer_state})
         write_atomic(directory / "latest_run", tag)  # names the newest complete checkpoint
@@ -464,17 +472,33 @@ class Run:
         return directory / tag
 
     def _restore(self) -> None:
+        """`--resume`: the latest checkpoint's weights, optimizer, run state and buffer, pushed to the engines."""
+        tag = self._load_checkpoint()
+        if tag is None:
+            print(f"aha: no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
+            return
+        self.before = RunState(
+            wall_s=self.state.wall_s,
+            engine_restarts=self.state.engine_restarts,
+            learner_restarts=self.state.learner_restarts,
+            steps_redone=self.state.steps_redone,
+            samples_discarded=self.state.samples_discarded,
+        )
+        print(
+            f"aha: resumed from {tag} (step {self.state.step}, version {self.state.version}, cursor {self.state.cursor})"
+        )
+        self.sync.sync(self.state.version)
+
+    def _load_checkpoint(self) -> str | None:
+        """Load the latest checkpoint into the learner group, the run state and the buffer; returns its tag, or
+        None when the run has none."""
         directory = self.run_dir / "checkpoints"
         marker = directory / "latest_run"
         if not marker.is_file():
-            print(f"aha: no checkpoint in {directory}; starting from scratch")
-            return
+            return None
         tag = marker.read_text().strip()
         client_state = self.group.load_checkpoint(str(directory), tag)
         self.state = RunState.from_dict(client_state["run"])
-        self.before = RunState(wall_s=self.state.wall_s, engine_restarts=self.state.engine_restarts)
-        if self.state.rng is not None:
-            self.rng.setstate(self.state.rng)
         self.buffer.load_state_dict(client_state["buffer"])
         if self.state.step > 0 and self._snapshots_reference():
             reference = self._reference_path()
@@ -485,8 +509,46 @@ class Run:
                     "algorithm.kl_reference=model to take model.path as the reference"
                 )
             self.group.load_reference(str(reference))
+        return tag
+
+    def _recover_learner(self, error: LearnerError) -> None:
+        """A learner rank was lost (died, or stopped answering): restart the whole group from the latest
+        checkpoint (the run's start when it has none) and push those weights to the engines, so none serves
+        weights newer than the learner's; up to learner.max_restarts times. Everything sampled since is dropped
+        (the buffer returns to the checkpoint's, the chunks in flight are discarded) and counted; the data cursor
+        returns with the checkpoint, so those prompts are generated again, each trained once. Raises `error`
+        when every rank still answers (the call failed on its own, and would again) or the budget is spent."""
+        limit = self.cfg.learner.max_restarts
+        lost = self.group.lost_rank(timeout_s=30)
+        if lost is None or self.recovered.learner_restarts >= limit:
+            raise error
+        self.recovered.learner_restarts += 1
         print(
-            f"aha: resumed from {tag} (step {self.state.step}, version {self.state.version}, cursor {self.state.cursor})"
+            f"aha: {error}\naha: restarting the learner group ({self.recovered.learner_restarts} of "
+            f"learner.max_restarts={limit}): {lost}",
+            flush=True,
+        )
+        begun, self._begun_sync = self._begun_sync, None
+        if begun is not None:  # its thread streams from the lost group: let it fail first
+            with suppress(Exception):
+                begun.wait_sent(self.cfg.weight_sync.timeout_s + 30)
+        discarded = self.pool.drop_work(self.cfg.rollout.generate_timeout_s) + self.buffer.size()
+        step_at_failure = self.state.step
+        self.group.restart()
+        self.sync.learner_replaced()
+        tag = self._load_checkpoint()
+        if tag is None:  # nothing saved yet: the fresh ranks hold model.path, version 0
+            from aha.learner.buffer import ReplayBuffer
+
+            self.state = RunState(eval_start=self.state.eval_start)
+            self.buffer = ReplayBuffer(self.cfg.buffer, self.cfg.rollout.samples_per_prompt)
+        self.recovered.steps_redone += step_at_failure - self.state.step
+        self.recovered.samples_discarded += discarded
+        print(
+            f"aha: learner restarted from {tag or 'the start of the run'} (step {self.state.step}, version "
+            f"{self.state.version}): {step_at_failure - self.state.step} steps to redo, {discarded} samples of "
+            "the lost weights discarded, their prompts queued again",
+            flush=True,
         )
         self.sync.sync(self.state.version)
 
@@ -501,23 +563,34 @@ class Run:
         return self.run_dir / "checkpoints" / "reference.safetensors"
 
     # -- the whole run ----------------------------------------------------------------------------------------------
-    def execute(self) -> dict[str, Any]:
-        if self.state.step == 0 and self.state.imitation_step == 0:
-            first_eval = self.evaluate()
-            self.state.eval_start = first_eval.get("eval/accuracy")
-            if first_eval:
-                self.metrics.log(self.state.version, {**first_eval, "phase": 0.0})
+    def learn(self) -> None:
+        """Imitation, then trial and error, from wherever the run stands."""
         self.imitation()
         if self.cfg.imitation.steps and self.state.step == 0 and self.state.eval_after_imitation is None:
             after_imitation = self.evaluate()
             self.state.eval_after_imitation = after_imitation.get("eval/accuracy")
             if after_imitation:
                 self.metrics.log(self.state.version, {**after_imitation, "phase": 1.0})
-        from aha.actors.rollout import EngineError
-
         if self.state.step == 0 < self.cfg.schedule.steps and self._snapshots_reference():
             self.group.snapshot_reference(str(self._reference_path()))
         self.train()
+
+    def execute(self) -> dict[str, Any]:
+        if self.state.step == 0 and self.state.imitation_step == 0:
+            first_eval = self.evaluate()
+            self.state.eval_start = first_eval.get("eval/accuracy")
+            if first_eval:
+                self.metrics.log(self.state.version, {**first_eval, "phase": 0.0})
+        from aha.learner.group import LearnerError
+
+        while True:
+            try:
+                self.learn()
+                break
+            except LearnerError as e:
+                self._recover_learner(e)  # or raises e
+        from aha.actors.rollout import EngineError
+
         if self.stopped_early is not None and not self._syncs_after(self.state.step):
             self._sync()  # the final evaluation samples from the last trained weights
         # an engine restarted late in the run (in async mode its restart overlaps the last steps) is brought up
@@ -548,6 +621,7 @@ class Run:
             "prompts_too_long": self.dropped_prompts,
             "engine_restarts": int(engines["engine_restarts"]),
             "engines_live": int(engines["engines_live"]),
+            **self._learner_recoveries(),
             "eval_accuracy_start": self.state.eval_start,
             "eval_accuracy_after_imitation": self.state.eval_after_imitation,
             "eval_accuracy_final": final.get("eval/accuracy"),

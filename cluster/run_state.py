@@ -32,9 +32,13 @@ class RunState:
     )
     cursor: int = 0  # training prompts consumed from the source
     failed_prompts: list[str] = field(default_factory=list)
-    rng: Any = None
     wall_s: float = 0.0  # seconds the run had taken at this checkpoint (summed over resumes)
     engine_restarts: int = 0  # rollout engines replaced so far (summed over resumes)
+    learner_restarts: int = 0  # learner groups restarted from a checkpoint so far (summed over resumes)
+    steps_redone: int = 0  # trial-and-error steps those restarts rolled back and trained again
+    samples_discarded: int = (
+        0  # samples of rolled-back weights dropped by those restarts (their prompts re-queued)
+    )
     eval_start: float | None = None  # held-out accuracy before imitation
     eval_after_imitation: float | None = None
     steps_short: int = 0  # steps that trained on fewer groups than schedule.prompts_per_step
@@ -44,12 +48,5 @@ class RunState:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> RunState:
-        """A checkpoint's record (keys it does not know are skipped; the RNG state comes back as tuples)."""
-        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
-        if known.get("rng") is not None:
-            known["rng"] = _tuplify(known["rng"])
-        return cls(**known)
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+        """A checkpoint's record (keys it does not know are skipped)."""
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})

@@ -345,6 +345,13 @@ class WeightSync:
                 return text + f" and matches v{version}, the weights before this update: stale"
         return text
 
+    def learner_replaced(self) -> None:
+        """The learner group restarted (new ranks, weights rolled back to a checkpoint): the next sync rebuilds
+        a torch_dist group around the new rank 0, and the versions verified so far no longer describe weights
+        the learner holds."""
+        self._group_members = None
+        self._verified.clear()
+
     def close(self) -> None:
         if self.shm_dir:
             shutil.rmtree(self.shm_dir, ignore_errors=True)

@@ -72,6 +72,9 @@ class LearnerConfig(Section):
     """Limit per optimizer step (all ranks; a training step gets one per update) and per collective."""
     startup_timeout_s: Seconds = 600.0
     """Limit for starting the group (includes DeepSpeed's one-time op compilation)."""
+    max_restarts: int = Field(2, ge=0, le=1000, strict=True)
+    """Times a run restarts the whole group from its latest checkpoint when a rank is lost (died, or stopped
+    answering) and goes on; 0: the run ends naming the rank (resume it with `aha run --resume auto`)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (None = full fine-tuning). ZeRO stages 0-2 only."""
 

@@ -111,19 +111,38 @@ class LearnerGroup:
         master_addr, master_port = self._call("address", timeout_s=self.cfg.startup_timeout_s, ranks=[0])[0]
         self._call("setup", master_addr, master_port, timeout_s=self.cfg.startup_timeout_s)
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop every rank: each leaves its process group (within `grace_s`), then its actor is killed."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         if self.workers:
             refs = [w.shutdown.remote() for w in self.workers]
-            ray.wait(refs, num_returns=len(refs), timeout=30)
+            ray.wait(refs, num_returns=len(refs), timeout=grace_s)
             for w in self.workers:
                 ray.kill(w, no_restart=True)
         self.workers = []
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
             self.placement_group = None
+
+    def lost_rank(self, timeout_s: float) -> str | None:
+        """After a failed call: what names a rank that is gone or does not answer within `timeout_s` (a rank
+        blocked in a collective with a lost one does not answer either), or None when every rank answers (the
+        failure was the call's own, and a restart would repeat it)."""
+        try:
+            self.check_alive(timeout_s)
+        except LearnerError as e:
+            return str(e)
+        return None
+
+    def restart(self) -> None:
+        """Replace every rank by a fresh one loaded from model.path: the survivors of a lost rank share its
+        collectives, so their state cannot be trusted either. The caller then loads a checkpoint."""
+        self.shutdown(grace_s=5.0)  # survivors may be blocked in a collective with the lost rank
+        self.steps, self.last_updates = 0, []
+        self._step_in_flight = ([], 0.0)
+        self.start()
 
     # -- calls on every rank, with timeouts ---------------------------------------------------------------------
     def _call(

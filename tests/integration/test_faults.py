@@ -289,9 +289,9 @@ def test_two_engines_async_lose_no_prompt(ray_cluster, tiny_model, tmp_path, fau
 
 def test_killed_driver_and_dead_learner_resume_exactly(undisturbed, tiny_model, tmp_path, faults):
     """SIGKILL of the driver (and the local Ray it started) after the checkpoint of step 2, `--resume`; in the
-    resumed run, SIGKILL of the learner in step 3: that run ends within a bounded time naming learner-0 and the
-    trial-and-error step; `--resume` again trains steps 3 and 4 exactly as the undisturbed run did, and the
-    summary describes the whole run."""
+    resumed run, with no learner restarts allowed (`learner.max_restarts=0`), SIGKILL of the learner in step 3:
+    that run ends within a bounded time naming learner-0 and the trial-and-error step; `--resume` again trains
+    steps 3 and 4 exactly as the undisturbed run did, and the summary describes the whole run."""
     from aha.learner.group import LearnerError
 
     args = overrides(tiny_model, tmp_path, "resumed", "cluster.namespace=aha-faults-driver")
@@ -317,7 +317,7 @@ def test_killed_driver_and_dead_learner_resume_exactly(undisturbed, tiny_model, 
     with pytest.raises(
         LearnerError, match=r"(?s)learner-0 died during train_step .*trial-and-error step 3 of 4"
     ):
-        run_job(tiny_model, tmp_path, "resumed", resume=True)
+        run_job(tiny_model, tmp_path, "resumed", "learner.max_restarts=0", resume=True)
     assert time.monotonic() - faults.hits[0][2] < 90  # the error, and the clean-up after it
     assert marker.read_text().strip() == "step-000002-v2"  # still there to resume from
 
@@ -328,6 +328,54 @@ def test_killed_driver_and_dead_learner_resume_exactly(undisturbed, tiny_model, 
     assert summary["eval_accuracy_start"] == first[0]["eval/accuracy"]  # measured before the kill
     assert summary["wall_s"] > checkpointed["time_s"]  # the first process's time counts
     assert trained_prompts(run_dir) == [f"train-{i}" for i in range(STEPS * PER_STEP)]
+
+
+def test_learner_killed_mid_run_restarts_from_its_checkpoint_and_trains_exactly(
+    undisturbed, tiny_model, tmp_path, faults, capfd
+):
+    """SIGKILL of learner-0 as step 4 is sent, with the checkpoint of step 2 on disk: the run restarts the learner
+    group from it, pushes those weights to the engine, redoes steps 3 and 4, and trains exactly what the
+    undisturbed run did, each prompt once."""
+    faults.at_learner_step = 3  # no imitation: the learner's 4th step is trial-and-error step 4
+    summary, steps = run_job(tiny_model, tmp_path, "learner-restart")
+    (what, pid, _), *more = faults.hits
+    assert what == "learner-0 in train_step" and not more
+    assert summary["learner_restarts"] == 1 and summary["steps_redone"] == 1
+    assert summary["steps"] == STEPS and summary["failed_prompts"] == 0 and summary["engine_restarts"] == 0
+    assert trained_prompts(tmp_path / "learner-restart") == [f"train-{i}" for i in range(STEPS * PER_STEP)]
+    assert curve(steps, range(1, STEPS + 1)) == curve(undisturbed[1], range(1, STEPS + 1))
+    assert steps[STEPS]["learner_restarts"] == 1
+    log = capfd.readouterr().out
+    assert "restarting the learner group (1 of learner.max_restarts=2)" in log
+    assert "learner restarted from step-000002-v2 (step 2, version 2): 1 steps to redo" in log
+    assert process_gone(pid)
+
+
+def test_learner_lost_in_async_zero3_before_any_checkpoint_restarts_from_the_start(
+    ray_cluster, tiny_model, tmp_path, faults
+):
+    """Async mode, two ZeRO-3 ranks, and learner-0 SIGKILLed in step 2, before the first checkpoint: the group
+    restarts from model.path (version 0) and the run starts over; the samples generated meanwhile are dropped
+    and counted, and the run still reaches its steps with every prompt trained once."""
+    faults.at_learner_step = 1
+    summary, steps = run_job(
+        tiny_model,
+        tmp_path,
+        "learner-restart-async",
+        "schedule.mode=async",
+        "learner.num_ranks=2",
+        "learner.zero_stage=3",
+        "checkpoint.every=0",
+    )
+    assert [what for what, _, _ in faults.hits] == ["learner-0 in train_step"]
+    assert summary["learner_restarts"] == 1 and summary["steps_redone"] == 1
+    assert summary["samples_discarded"] > 0  # the next step's prompts were prefetched, scored and buffered
+    assert summary["steps"] == STEPS and summary["failed_prompts"] == 0
+    assert summary["prompts_consumed"] == STEPS * PER_STEP  # the cursor went back with the restart
+    assert trained_prompts(tmp_path / "learner-restart-async") == [
+        f"train-{i}" for i in range(STEPS * PER_STEP)
+    ]
+    assert sorted(steps) == list(range(1, STEPS + 1))
 
 
 def test_dynamic_sampling_on_a_never_solved_task_stops_naming_the_cause(ray_cluster, tiny_model, tmp_path):
