@@ -253,6 +253,9 @@ class RewardScorer:
 # the pool of Ray actors
 
 
+CRASHES_PRINTED = 5
+"""Worker crashes named in the driver's log, one line each; later ones are only counted (`worker_crashes`)."""
+
 _POOL_COUNTERS = (
     "samples",
     "samples_failed",
@@ -493,6 +496,13 @@ class RewardPool:
         assert batch is not None
         w.batch, w.ref = None, None
         self._metrics["worker_crashes"] += 1
+        crashes = self._metrics["worker_crashes"]
+        if crashes <= CRASHES_PRINTED:
+            later = "; later crashes are only counted" if crashes == CRASHES_PRINTED else ""
+            print(
+                f"aha: {w.name} {reason} with a batch of {len(batch.trajectories)}; replacing it{later}",
+                flush=True,
+            )
         self._replace(w)
         if not batch.retried:
             batch.retried = True

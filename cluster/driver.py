@@ -511,13 +511,10 @@ class Run:
             self.group.load_reference(str(reference))
         return tag
 
-    def _recover_learner(self, error: LearnerError) -> None:
-        """A learner rank was lost (died, or stopped answering): restart the whole group from the latest
-        checkpoint (the run's start when it has none) and push those weights to the engines, so none serves
-        weights newer than the learner's; up to learner.max_restarts times. Everything sampled since is dropped
-        (the buffer returns to the checkpoint's, the chunks in flight are discarded) and counted; the data cursor
-        returns with the checkpoint, so those prompts are generated again, each trained once. Raises `error`
-        when every rank still answers (the call failed on its own, and would again) or the budget is spent."""
+    def _restart_budget(self, error: LearnerError) -> None:
+        """After a learner call failed: count a restart when a rank was lost (died, or stopped answering) and
+        learner.max_restarts allows one; else raise `error` (every rank still answers: the call failed on its
+        own, and a restart would repeat it)."""
         limit = self.cfg.learner.max_restarts
         lost = self.group.lost_rank(timeout_s=30)
         if lost is None or self.recovered.learner_restarts >= limit:
@@ -528,12 +525,20 @@ class Run:
             f"learner.max_restarts={limit}): {lost}",
             flush=True,
         )
+
+    def _restart_learner(self) -> None:
+        """Restart the whole learner group from the latest checkpoint (the run's start when it has none) and
+        push those weights to the engines, so none serves weights newer than the learner's. Everything sampled
+        since is dropped (the buffer returns to the checkpoint's, the chunks in flight are discarded) and
+        counted; the data cursor returns with the checkpoint, so those prompts are generated again, each
+        trained once."""
         begun, self._begun_sync = self._begun_sync, None
         if begun is not None:  # its thread streams from the lost group: let it fail first
             with suppress(Exception):
                 begun.wait_sent(self.cfg.weight_sync.timeout_s + 30)
         discarded = self.pool.drop_work(self.cfg.rollout.generate_timeout_s) + self.buffer.size()
         step_at_failure = self.state.step
+        self.stopped_early = None  # the steps after the checkpoint are trained again
         self.group.restart()
         self.sync.learner_replaced()
         tag = self._load_checkpoint()
@@ -575,20 +580,8 @@ class Run:
             self.group.snapshot_reference(str(self._reference_path()))
         self.train()
 
-    def execute(self) -> dict[str, Any]:
-        if self.state.step == 0 and self.state.imitation_step == 0:
-            first_eval = self.evaluate()
-            self.state.eval_start = first_eval.get("eval/accuracy")
-            if first_eval:
-                self.metrics.log(self.state.version, {**first_eval, "phase": 0.0})
-        from aha.learner.group import LearnerError
-
-        while True:
-            try:
-                self.learn()
-                break
-            except LearnerError as e:
-                self._recover_learner(e)  # or raises e
+    def finish(self) -> tuple[dict[str, float], str | None, str | None]:
+        """The final evaluation, checkpoint and export: (final metrics, final_model path, final_adapter path)."""
         from aha.actors.rollout import EngineError
 
         if self.stopped_early is not None and not self._syncs_after(self.state.step):
@@ -610,6 +603,27 @@ class Run:
             export = self.group.export_hf(str(self.run_dir / "final_model"))  # adapters merged in, with LoRA
             if self.cfg.learner.lora is not None:
                 adapter = self.group.export_adapter(str(self.run_dir / "final_adapter"))
+        return final, export, adapter
+
+    def execute(self) -> dict[str, Any]:
+        if self.state.step == 0 and self.state.imitation_step == 0:
+            first_eval = self.evaluate()
+            self.state.eval_start = first_eval.get("eval/accuracy")
+            if first_eval:
+                self.metrics.log(self.state.version, {**first_eval, "phase": 0.0})
+        from aha.learner.group import LearnerError
+
+        restart = False
+        while True:  # a rank lost while the group restarts costs one more restart
+            try:
+                if restart:
+                    self._restart_learner()
+                self.learn()
+                final, export, adapter = self.finish()
+                break
+            except LearnerError as e:
+                self._restart_budget(e)  # or raises e
+                restart = True
         engines = self._engine_stats()
         summary = {
             "job": self.cfg.name,

@@ -5,46 +5,32 @@ weights reach engines on other nodes through the object store, and the two ZeRO 
 two nodes; removing a node mid-run (its raylet and workers killed) loses no prompt, and the lost engine is
 replaced on a surviving node.
 
-Slow (about 2-3 minutes on 2 cores). The cluster lives in a private RAY_TMPDIR, so no other Ray on the machine
-(a `ray.init()` elsewhere) can find and join it; it is stopped by its own processes, never `ray stop`.
+Slow (about 2-3 minutes on 2 cores). The cluster: tests/integration/sim_cluster.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.sim_cluster import three_node_cluster
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "deploy" / "examples" / "multinode_cpu.yaml"
-# node type -> (logical CPUs, custom resources); the same table is in the job YAML's header
-NODES = {
-    "head": (3, {"node_train": 1, "node_score": 1}),
-    "gen-a": (3, {"node_train": 1, "node_gen": 2}),
-    "gen-b": (2, {"node_gen": 2}),
-}
 VICTIM = "gen-b"  # hosts engines only: the run must survive losing it
 # steps take ~0.25 s here: 160 leave a replacement engine the ~15-30 s it needs to start (importing vLLM alone
 # takes ~8 s on these cores) and be synced before the run ends
 STEPS = 160
 PROMPTS_PER_STEP = 8
 REMOVE_AFTER_STEP = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def actors_by_name(cluster, alive_only: bool = True) -> dict[str, list[dict]]:
@@ -65,48 +51,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    from ray.cluster_utils import Cluster
-
-    tmp = tempfile.mkdtemp(prefix="aha-mn-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # where the nodes and `ray_current_cluster` live: private to this test
-    cluster = None
-    try:
-        cpus, resources = NODES["head"]
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args=dict(
-                num_cpus=cpus,
-                resources=resources,
-                gcs_server_port=free_port(),
-                dashboard_agent_listen_port=free_port(),
-                metrics_export_port=free_port(),
-                include_dashboard=False,
-                object_store_memory=200 * 2**20,
-                # Ray notices a node whose raylet is gone after missing health checks (default ~15 s; until then
-                # it may still place a replacement there): 0.5 s x 3 here, so the test sees the loss promptly
-                _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 3},
-            ),
-        )
-        nodes = {"head": cluster.head_node}
-        for name in ("gen-a", "gen-b"):
-            cpus, resources = NODES[name]
-            nodes[name] = cluster.add_node(
-                num_cpus=cpus,
-                resources=resources,
-                metrics_export_port=free_port(),
-                object_store_memory=200 * 2**20,
-            )
-        cluster.wait_for_nodes()
-        yield cluster, {name: node.node_id for name, node in nodes.items()}, nodes, tmp
-    finally:
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
+    with three_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
