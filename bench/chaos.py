@@ -123,6 +123,11 @@ def soak(
     overrides.append("logging.progress=false")
     cfg = load_config(job, overrides).resolved()
     names = actor_names(cfg, kinds)
+    if "learner" in kinds and not cfg.checkpoint.every:
+        print(
+            "chaos: checkpoint.every is 0, so each learner restart goes back to the run's start",
+            file=sys.stderr,
+        )
     rng = random.Random(seed)
     turns = [*kinds, *(["node"] if kill_node is not None else [])]
     order: list[str] = []  # this round's kinds still to come

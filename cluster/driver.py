@@ -57,6 +57,7 @@ class Run:
         self.recovered = RunState()  # this process's learner restarts: steps redone, samples discarded
         self.last_accuracy: float | None = None  # of this process's latest evaluation (the progress bar's)
         self._begun_sync: PendingSync | None = None  # the step's weight sync, begun while the learner trains
+        self._overlap_s = 0.0  # seconds the step's `_overlap_training` took
         self.stopped_early: str | None = None  # why trial and error ended before schedule.steps
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -293,6 +294,7 @@ class Run:
         and behind each engine's chunk in flight (so each side starts its part the moment it is free, and the
         chunks are scored meanwhile), then score and store the chunks in flight. The learner's weights are about
         to change: a restarted engine waits for this sync."""
+        started = time.perf_counter()
         step = self.state.step + 1
         if self._syncs_after(step):
             self._begun_sync = self.sync.begin(self.state.version + 1, after_training=True)
@@ -300,6 +302,7 @@ class Run:
         if not (self._evaluates_after(step) or self._checkpoints_after(step)):  # they need nothing in flight
             # the step after next: queued now, so the engines start it the moment the sync has verified them
             self._prefetch(steps_ahead=2)
+        self._overlap_s = time.perf_counter() - started
 
     def _collect(self, num_groups: int) -> tuple[list[list[Trajectory]], dict[str, float]]:
         """Generate and score until the buffer holds `num_groups` fresh complete groups; take them. Refills
@@ -406,7 +409,8 @@ class Run:
         # advantages over each group's scored samples; unscored ones (and, with mask_truncated, truncated) get no loss
         batch = step_batch(groups, cfg.algorithm)
         samples = batch.samples
-        self._begun_sync = None
+        self._begun_sync, self._overlap_s = None, 0.0
+        train_started = time.perf_counter()
         if samples:
             train_metrics = self.group.train_step(
                 samples,
@@ -415,12 +419,15 @@ class Run:
             )
         else:  # every sample was masked: no update
             train_metrics = {"optimizer_steps": 0.0}
+        train_wall_s = time.perf_counter() - train_started
         self.state.step += 1
         self.state.version += 1  # one version per training step, whatever its optimizer steps (even none)
         staleness = [self.state.version - 1 - t.version for t in trajectories]
         metrics = {
             **gen_metrics,
             **{f"train/{k}": v for k, v in train_metrics.items()},
+            "train_wall_s": train_wall_s,  # the driver's wait for the step, what it did meanwhile included
+            "overlap_s": self._overlap_s,  # async: generation and scoring the driver waited for meanwhile
             **batch.metrics(sched.eval_threshold),  # reward_mean, accuracy, reward_unscored, ...
             "completion_len": sum(len(t.completion_ids) for t in trajectories) / len(trajectories),
             "overlong_frac": sum(t.truncated for t in trajectories) / len(trajectories),
