@@ -65,7 +65,7 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time)."""
     share_prompts: bool = True
-    """Run each distinct prompt of a micro-batch once, same gradient (docs/concepts.md); not with checkpointing."""
+    """Run each distinct prompt of a micro-batch once, same gradient (docs/concepts.md)."""
     skip_zero_advantage: bool = True
     """Leave out of the passes the samples whose gradient is exactly 0; same update (docs/concepts.md)."""
     step_timeout_s: Seconds = 600.0
@@ -80,12 +80,6 @@ class LearnerConfig(Section):
 
     @model_validator(mode="after")
     def _lora_stage(self) -> LearnerConfig:
-        if self.share_prompts and self.gradient_checkpointing:
-            raise ValueError(
-                "learner.share_prompts with learner.gradient_checkpointing: sharing a prompt's forward pass reads "
-                "its KV cache, which gradient checkpointing turns off in training. Set learner.share_prompts: "
-                "false to checkpoint"
-            )
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError(
                 "learner.lora with learner.zero_stage 3: merging an adapter into its base weight for the engines "

@@ -12,12 +12,18 @@ Layout (`collate_shared`): `prompt_ids` (U, P) the distinct prompts, right-padde
 `targets` (B, C) the completion tokens themselves, since target k is predicted by the position before token k:
 the prompt's last position for k = 0, completion token k - 1 after it.
 
-Needs the model's KV cache in training, which gradient checkpointing turns off (rejected at validation).
+The caches are idempotent, so the layout also works under gradient checkpointing, whose backward pass runs each
+layer's forward again: the prompt pass's cache keeps the keys and values of its layer's latest run (a rerun
+replaces them with equal ones), and the completion pass's cache returns the prompt's keys and values joined with
+the completion's own without keeping them (a rerun reads the same). transformers drops the cache of a checkpointed
+layer unless the layer is marked as reading it (`read_cache_under_checkpointing`).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from aha.learner.batch import MicroBatch, Sample
 
@@ -83,16 +89,53 @@ def shared_prompt_logits(model, mb: MicroBatch, device: torch.device) -> torch.T
     index = mb.prompt_index.to(device)
     last = prompt_mask.sum(dim=1) - 1  # (U,) each prompt's last position
     keep = torch.unique(last)  # the only positions projected to logits (sorted)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=keep)
+    capture = Cache(layer_class_to_replicate=_CaptureLayer)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        past_key_values=capture,
+        use_cache=False,  # the caches are passed and kept here
+        logits_to_keep=keep,
+    )
     first = out.logits[torch.arange(len(last), device=device), torch.searchsorted(keep, last)]  # (U, V)
     first = first[index].unsqueeze(1)  # (B, 1, V): predicts each completion's first token
     width = mb.input_ids.shape[1]
-    cache = out.past_key_values
-    cache.batch_select_indices(index)  # (U, ...) -> (B, ...); differentiable indexing
+    # each row's prompt, (U, ...) -> (B, ...): differentiable indexing
+    prefix = Cache(layers=[_PrefixLayer(layer.keys[index], layer.values[index]) for layer in capture.layers])
     inputs = mb.input_ids[:, :-1].to(device)  # the last completion token predicts nothing
     positions = (last[index] + 1).unsqueeze(1) + torch.arange(width - 1, device=device)
     mask = torch.cat([prompt_mask[index], mb.attention_mask[:, :-1].to(device)], dim=1)
     rest = model(
-        input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=prefix, use_cache=False
     )
     return torch.cat([first, rest.logits], dim=1)
+
+
+class _CaptureLayer(DynamicLayer):
+    """The keys and values of its layer's latest run, replaced (not appended) when the layer runs again."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class _PrefixLayer(DynamicLayer):
+    """A fixed prefix: each run gets the prefix joined with its own keys and values, which are not kept."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_cache_under_checkpointing(model: torch.nn.Module) -> None:
+    """Let the model's checkpointed layers keep the cache they are given (transformers drops it otherwise, as a
+    cache that appends would be appended to twice): the shared layout's caches are idempotent."""
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True

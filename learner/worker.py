@@ -44,7 +44,7 @@ from aha.learner.micro_batch import (
     training_batch,
 )
 from aha.learner.ops import build_deepspeed_ops
-from aha.learner.prompt_sharing import shared_prompt_logits
+from aha.learner.prompt_sharing import read_cache_under_checkpointing, shared_prompt_logits
 from aha.learner.token_stats import token_stats
 
 Processing = Literal["sampled", "tempered", "raw"]
@@ -173,6 +173,7 @@ class LearnerWorker:
         model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=torch.float32)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            read_cache_under_checkpointing(model)  # the shared-prompt layout's idempotent caches
         model.config.use_cache = False
         if self.cfg.lora is not None:
             model = add_adapters(model, self.cfg.lora)

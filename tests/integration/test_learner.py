@@ -110,6 +110,7 @@ def make_group(
     warmup_steps: int = 0,
     skip_zero_advantage: bool = True,
     dtype: str = "float32",
+    gradient_checkpointing: bool = False,
 ):
     from aha.learner.group import LearnerGroup
 
@@ -124,6 +125,7 @@ def make_group(
         step_timeout_s=300,
         startup_timeout_s=600,
         skip_zero_advantage=skip_zero_advantage,
+        gradient_checkpointing=gradient_checkpointing,
     )
     group = LearnerGroup(
         ModelConfig(path=str(model_dir)),
@@ -166,14 +168,17 @@ def test_zero_step_matches_single_process_torch(ray_cluster, tiny_model, stage, 
     assert set(got) <= set(expected["weights"])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tiny_model, stage):
+@pytest.mark.parametrize("stage,checkpointing", [(0, False), (1, False), (2, False), (3, False), (3, True)])
+def test_ppo_epochs_and_mini_batches_match_single_process_torch(
+    ray_cluster, tiny_model, stage, checkpointing
+):
     """Scale-sensitive: 2 ranks x 2 micro-batches per rank per mini-batch, 2 epochs x 2 mini-batches = 4
     optimizer steps with a warm-up, PPO clip against proximal logprobs at temperature 0.7. Each update's loss and
     global grad norm before clipping, and the weights after the last, against plain torch on the whole batch. A
     missing world-size factor or a double-counted accumulation changes the loss and grad norm by 2x; dropped
     proximal logprobs make the ratio 1 (no clipping) and move the weights differently. Four samples per prompt:
-    the ranks run each prompt once per micro-batch (learner.prompt_sharing), the oracle every whole sequence."""
+    the ranks run each prompt once per micro-batch (learner.prompt_sharing), the oracle every whole sequence;
+    with gradient checkpointing too (each layer's forward run again in the backward pass)."""
     algo = AlgorithmConfig(loss="ppo", off_policy="tis", loss_agg="token_mean", epochs=2, mini_batches=2)
     sampling = SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.7)
     # the third group scored alike (advantage 0): skipped by the ranks, trained by the oracle
@@ -184,9 +189,10 @@ def test_ppo_epochs_and_mini_batches_match_single_process_torch(ray_cluster, tin
         stage,
         algo=algo,
         micro=2,  # 8 samples per mini-batch -> 4 per rank -> 2 micro-batches
-        namespace=f"aha-tests-ppo-{stage}",
+        namespace=f"aha-tests-ppo-{stage}-{checkpointing}",
         sampling=sampling,
         warmup_steps=3,
+        gradient_checkpointing=checkpointing,
     )
     try:
         metrics = group.train_step(samples)

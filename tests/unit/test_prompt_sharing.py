@@ -11,7 +11,7 @@ import torch
 from aha.learner.batch import Sample, collate, shard, step_totals
 from aha.learner.config import AlgorithmConfig, LearnerConfig
 from aha.learner.micro_batch import completion_window, micro_batch_loss, training_batch
-from aha.learner.prompt_sharing import collate_shared, shares_prompts
+from aha.learner.prompt_sharing import collate_shared, read_cache_under_checkpointing, shares_prompts
 from tests.unit.test_completion_window import VOCAB, tiny, worker
 
 
@@ -129,7 +129,29 @@ def test_shard_by_prompt_keeps_groups_together():
     assert [len({tuple(s.tokens[: s.prompt_len]) for s in m}) for m in mbs] == [1, 1]
 
 
-def test_share_prompts_with_gradient_checkpointing_is_refused():
-    with pytest.raises(ValueError, match="learner.share_prompts"):
-        LearnerConfig(gradient_checkpointing=True)
-    assert LearnerConfig(gradient_checkpointing=True, share_prompts=False).gradient_checkpointing
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_shared_layout_under_gradient_checkpointing_gives_the_plain_gradient(kind):
+    """A checkpointed layer runs its forward again in the backward pass: the shared layout's caches give it the
+    same keys and values, so logprobs, loss and gradient are the plain layout's without checkpointing. Without
+    `read_cache_under_checkpointing`, transformers drops the cache and the completions lose their prompt."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    samples = groups(masked=True)
+    algo = AlgorithmConfig(loss="ppo", off_policy="tis", entropy_coef=0.01)
+    model = tiny(kind)
+    plain = run(model, completion_window(collate(samples, pad_id=0)), samples, algo)
+    model.gradient_checkpointing_enable()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    calls = []
+    for layer in layers:  # count the checkpointed runs: the test must go through them
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=checkpoint, **k: calls.append(1) or _f(*a, **k)
+    dropped = run(model, collate_shared(samples, pad_id=0), samples, algo)
+    assert len(calls) == 2 * len(layers)  # the prompt pass and the completion pass, each layer checkpointed
+    assert abs(plain[1] - dropped[1]) > 1e-3  # the cache was dropped: wrong
+    read_cache_under_checkpointing(model)
+    shared = run(model, collate_shared(samples, pad_id=0), samples, algo)
+    assert max(abs(plain[0][k] - shared[0][k]) for k in plain[0]) < 1e-5
+    assert abs(plain[1] - shared[1]) < 1e-6
+    assert torch.allclose(plain[2], shared[2], atol=1e-5)
+    assert LearnerConfig(gradient_checkpointing=True).share_prompts  # the two go together
