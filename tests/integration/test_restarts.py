@@ -20,7 +20,7 @@ import pytest
 
 from aha.cluster.restarts import TOKEN_VAR, DriverRecord, leftovers
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # minutes: a real Ray head, jobs, killed drivers
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "deploy" / "examples" / "cpu_demo.yaml"
