@@ -35,7 +35,7 @@ from aha.cluster.monitor import environment_metrics, trajectory_metrics
 from aha.cluster.preflight import check_cluster_resources, prepare_run_dir
 from aha.cluster.progress import progress_bar, progress_fields
 from aha.cluster.refill import NoLearningSignal, equal_rewards_verdict, refill_cause
-from aha.cluster.run_state import RunState, checkpoint_tag, log_prompts
+from aha.cluster.run_state import RECOVERY_COUNTERS, RunState, checkpoint_tag, log_prompts
 from aha.cluster.samples import eval_samples, step_samples
 from aha.cluster.trackers import run_config
 
@@ -373,10 +373,7 @@ class Run:
 
     def _learner_recoveries(self) -> dict[str, int]:
         """Learner restarts over the whole run (earlier processes of a resumed run included)."""
-        return {
-            k: getattr(self.before, k) + getattr(self.recovered, k)
-            for k in ("learner_restarts", "steps_redone", "samples_discarded")
-        }
+        return {k: getattr(self.before, k) + getattr(self.recovered, k) for k in RECOVERY_COUNTERS}
 
     def train(self) -> None:
         cfg = self.cfg
@@ -487,9 +484,7 @@ class Run:
         self.before = RunState(
             wall_s=self.state.wall_s,
             engine_restarts=self.state.engine_restarts,
-            learner_restarts=self.state.learner_restarts,
-            steps_redone=self.state.steps_redone,
-            samples_discarded=self.state.samples_discarded,
+            **{k: getattr(self.state, k) for k in RECOVERY_COUNTERS},
         )
         print(
             f"aha: resumed from {tag} (step {self.state.step}, version {self.state.version}, cursor {self.state.cursor})"

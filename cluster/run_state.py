@@ -21,6 +21,10 @@ def log_prompts(run_dir: Path, step: int, prompt_ids: list[str]) -> None:
         f.write(json.dumps({"step": step, "prompts": prompt_ids}) + "\n")
 
 
+RECOVERY_COUNTERS = ("learner_restarts", "steps_redone", "samples_discarded")
+"""The learner restarts' counters: summed over a run's processes, kept apart from the state a restart rolls back."""
+
+
 @dataclass
 class RunState:
     """Everything besides the learner's weights that a resumed run needs."""
@@ -36,9 +40,7 @@ class RunState:
     engine_restarts: int = 0  # rollout engines replaced so far (summed over resumes)
     learner_restarts: int = 0  # learner groups restarted from a checkpoint so far (summed over resumes)
     steps_redone: int = 0  # trial-and-error steps those restarts rolled back and trained again
-    samples_discarded: int = (
-        0  # samples of rolled-back weights dropped by those restarts (their prompts re-queued)
-    )
+    samples_discarded: int = 0  # thrown away by them: in flight or buffered at the failure
     eval_start: float | None = None  # held-out accuracy before imitation
     eval_after_imitation: float | None = None
     steps_short: int = 0  # steps that trained on fewer groups than schedule.prompts_per_step

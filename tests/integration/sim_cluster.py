@@ -25,6 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def add_node(cluster, name: str):
+    """A node of the type `name` (NODES) joins `cluster`; returns it."""
+    cpus, resources = NODES[name]
+    return cluster.add_node(
+        num_cpus=cpus, resources=resources, metrics_export_port=free_port(), object_store_memory=200 * 2**20
+    )
+
+
 @contextmanager
 def three_node_cluster():
     """The cluster of NODES: yields (cluster, node ids by name, nodes by name, its RAY_TMPDIR)."""
@@ -53,13 +61,7 @@ def three_node_cluster():
         )
         nodes = {"head": cluster.head_node}
         for name in ("gen-a", "gen-b"):
-            cpus, resources = NODES[name]
-            nodes[name] = cluster.add_node(
-                num_cpus=cpus,
-                resources=resources,
-                metrics_export_port=free_port(),
-                object_store_memory=200 * 2**20,
-            )
+            nodes[name] = add_node(cluster, name)
         cluster.wait_for_nodes()
         yield cluster, {name: node.node_id for name, node in nodes.items()}, nodes, tmp
     finally:

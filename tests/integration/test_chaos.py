@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.sim_cluster import NODES, free_port, three_node_cluster
+from tests.integration.sim_cluster import add_node, three_node_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,13 +59,7 @@ def test_a_run_under_chaos_trains_every_prompt_once_and_learns_as_an_undisturbed
         """The victim node's raylet and workers die at once; a fresh node of its type joins 5 s later."""
         cluster.remove_node(nodes[VICTIM], allow_graceful=False)
         time.sleep(5)
-        cpus, resources = NODES[VICTIM]
-        nodes[VICTIM] = cluster.add_node(
-            num_cpus=cpus,
-            resources=resources,
-            metrics_export_port=free_port(),
-            object_store_memory=200 * 2**20,
-        )
+        nodes[VICTIM] = add_node(cluster, VICTIM)
         return f"{VICTIM} (replaced)"
 
     def sigkill(name: str, namespace: str) -> bool:
