@@ -88,7 +88,9 @@ class Run:
         prepare_run_dir(self.run_dir, resume, overwrite)  # deletes only a folder aha created (or --overwrite)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.namespace = cfg.cluster.namespace
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name, run_config(cfg))  # and the trackers
+        # A cluster that outlives this run keeps serving its metrics: close() waits for Ray's last report.
+        joined = cfg.cluster.address not in (None, "local")
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.name, run_config(cfg), joined)
         self.group = LearnerGroup(
             cfg.model,
             cfg.learner,

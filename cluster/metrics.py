@@ -17,13 +17,24 @@ from aha.cluster.trackers import Opening, Trackers
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, job: str, config: dict[str, Any] | None = None):
-        """`config`: what the trackers record as the run's config (the resolved job config, the code's commit)."""
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        job: str,
+        config: dict[str, Any] | None = None,
+        cluster_outlives_run: bool = False,
+    ):
+        """`config`: what the trackers record as the run's config (the resolved job config, the code's commit).
+        `cluster_outlives_run`: the run joined a Ray cluster (cluster.address) whose Prometheus endpoint stays up
+        after it: `close` then waits until Ray has exported the last values (see `_flush_ray_metrics`)."""
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.job = job
         self.ray_metrics = cfg.ray_metrics
+        self.cluster_outlives_run = cluster_outlives_run
         self._gauges: dict[str, Any] = {}
+        self._last_set = 0.0  # time.monotonic() of the last gauge update
         self.started = time.time()
         self.trackers = Trackers(cfg.report_to, Opening(run_dir, job, cfg.project, config or {}))
         self.file = self.path.open("a")
@@ -58,11 +69,27 @@ class MetricsLogger:
             if name not in self._gauges:
                 self._gauges[name] = Gauge(name, description=f"aha metric {k}", tag_keys=("aha_job",))
             self._gauges[name].set(v, tags={"aha_job": self.job})
+        self._last_set = time.monotonic()
+
+    def _flush_ray_metrics(self) -> float:
+        """Ray's core worker hands gauge values to the node's metrics agent once per report interval (10 s by
+        default), and the agent forgets a process's values two intervals after it stops reporting. A driver that
+        exits right after its last values (the final evaluation) would never export them: wait until one more
+        report has gone out. Returns the seconds waited."""
+        if not (self._gauges and self.cluster_outlives_run):
+            return 0.0
+        import ray
+
+        interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000  # Ray floors it at 1 s
+        wait = max(0.0, self._last_set + interval_s + 1.0 - time.monotonic())
+        time.sleep(wait)
+        return wait
 
     def close(self, failed: bool = False) -> None:
         """`failed`: the run ends on an error (the trackers that record it mark their run failed)."""
         self.file.close()
         self.trackers.close(failed)
+        self._flush_ray_metrics()
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
