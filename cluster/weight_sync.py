@@ -265,6 +265,7 @@ class WeightSync:
             if self.cfg.verify
             else 0.0
         )
+        update_diff = self.update_diff(version)
         return {
             "sync_transfer_s": finished - started,
             "sync_begin_s": began - started,  # open the update on every engine (and any transport set-up)
@@ -276,7 +277,17 @@ class WeightSync:
             "sync_probe_max_diff": probe_diff,
             "sync_probe_tolerance": self.tolerance,
             "sync_probe_noise_floor": self.noise_floor or 0.0,
+            **({"sync_probe_update_diff": update_diff} if update_diff is not None else {}),
         }
+
+    def update_diff(self, version: int) -> float | None:
+        """How far the learner's probe logprobs moved since the last version verified before `version` (None:
+        no such pair). At or below the tolerance the probe cannot tell an engine that missed this update from a
+        current one; the version handshake (`finish_update` returns the version the engine serves) names it."""
+        before = [v for v in self._verified if v < version]
+        if version not in self._verified or not before:
+            return None
+        return _max_diff(self._verified[version], self._verified[max(before)])
 
     def _check_learner(self, version: int) -> None:
         """A sync fails on every engine when learner rank 0 dies (its buckets can no longer be fetched): that is

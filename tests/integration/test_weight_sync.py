@@ -267,6 +267,8 @@ def test_probe_is_calibrated_and_names_an_engine_left_one_update_behind(ray_clus
         assert (
             metrics["sync_probe_noise_floor"] == floor and metrics["sync_probe_tolerance"] == sync.tolerance
         )
+        # one update moves the probe beyond the tolerance: what lets the probe name an engine that missed it
+        assert metrics["sync_probe_update_diff"] > sync.tolerance
         group.train_step(make_samples(8, seed=3))
         sync.sync(2, engines=[0])  # rollout-1 keeps v1
         with pytest.raises(SyncError, match=r"rollout-1 differs by .* matches v1, the weights before") as err:

@@ -291,6 +291,20 @@ def test_weight_sync_tolerance_is_the_calibrated_noise_floor_times_the_margin():
     assert tolerance(WeightSyncConfig(probe_tolerance=0.3), "bfloat16", floor=0.4) == 0.3  # set: kept
 
 
+def test_probe_update_diff_is_the_move_since_the_last_verified_version():
+    from types import SimpleNamespace
+
+    from aha.cluster.config import WeightSyncConfig
+    from aha.cluster.weight_sync import WeightSync
+
+    sync = WeightSync(None, SimpleNamespace(), WeightSyncConfig(), [], dtype="bfloat16")
+    sync._remember(0, [[-1.0, -2.0]])
+    assert sync.update_diff(0) is None  # nothing verified before
+    sync._remember(2, [[-1.25, -1.5]])  # schedule.sync_every=2: v1 was never synced
+    assert sync.update_diff(2) == 0.5
+    assert sync.update_diff(3) is None  # v3 not verified
+
+
 def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
     import json
     import os
