@@ -1,13 +1,16 @@
 """Chaos: run a job while its actors are killed at random, then audit what it trained.
 
     .venv/bin/python -m bench.chaos deploy/examples/cpu_demo.yaml schedule.steps=300 --every 45 90
+    .venv/bin/python -m bench.chaos deploy/examples/cpu_demo.yaml schedule.steps=300 --every 45 90 --rounds 2
 
 The job runs as `aha run` in its own process, on a Ray cluster this script starts (one local node) or joins
 (`--address`). Once the job has trained its first step, every `--every LOW HIGH` seconds (uniform, from
 `--seed`) one live actor of the job is killed with `ray.kill` (its process ends at once, as a crash or the OOM
 killer ends it): the kinds (`--kill`: engine, reward, learner) take turns in an order shuffled every round, so
-each is hit as often as the others, and the actor is drawn among that kind's. The job's own fault handling is
-what is measured: give it the budget the faults need (`rollout.max_engine_restarts`, `learner.max_restarts`).
+each is hit as often as the others, and the actor is drawn among that kind's. `--rounds N` stops after N rounds
+(each kind hit N times) and lets the job finish undisturbed; by default faults go on until it ends. The job's
+own fault handling is what is measured: give it the budget the faults need (`rollout.max_engine_restarts`,
+`learner.max_restarts`; a kill that lands while an actor restarts counts against its budget too).
 `soak` also takes a `kill_node` callback, a kind of its own (the slow test removes a node of a simulated
 cluster and adds a fresh one, as an autoscaler would).
 
@@ -110,12 +113,14 @@ def soak(
     kill_node: Callable[[], str] | None = None,
     kill_actor: Callable[[str, str], bool] | None = None,
     timeout_s: float = 3600.0,
+    rounds: int | None = None,
 ) -> dict:
     """Run `job` (from this directory, as `aha run` would be) on the Ray cluster at `address` with faults
     injected until it ends; returns the report. `work`: where the driver's log goes. `kill_node`: removes a
     node (and returns its description), in turn with the actor kinds. No kinds and no `kill_node`: no faults
     (the undisturbed run to compare with). `kill_actor(name, namespace)`: kills the named actor's process and
-    says whether it found one (default: `ray.kill` through this process's Ray connection)."""
+    says whether it found one (default: `ray.kill` through this process's Ray connection). `rounds`: stop
+    injecting after that many rounds (each kind hit that many times); None: until the job ends."""
     from aha.cluster.config_file import load_config
 
     namespace = f"aha-chaos-{seed}-{os.getpid()}"
@@ -130,6 +135,7 @@ def soak(
         )
     rng = random.Random(seed)
     turns = [*kinds, *(["node"] if kill_node is not None else [])]
+    budget = None if rounds is None else rounds * len(turns)  # faults still to inject
     order: list[str] = []  # this round's kinds still to come
     log_path = work / "driver.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -149,7 +155,7 @@ def soak(
     try:
         while driver.poll() is None and time.monotonic() - started < timeout_s:
             time.sleep(0.5)
-            if not turns or not trained_steps(cfg.run_dir):
+            if not turns or budget == 0 or not trained_steps(cfg.run_dir):
                 continue  # the actors start and load first: faults begin once the run trains
             now = time.monotonic()
             if next_fault is None:
@@ -160,12 +166,14 @@ def soak(
             order = order or rng.sample(turns, len(turns))
             kind = order.pop()
             if kind == "node":
-                faults.append({"t_s": round(now - started, 1), "kind": "node", "target": kill_node()})
-                continue
-            target = rng.choice(names[kind])
-            if not kill_actor(target, namespace):  # being replaced right now: not a fault of this round
-                continue
+                target = kill_node()
+            else:
+                target = rng.choice(names[kind])
+                if not kill_actor(target, namespace):  # being replaced right now: tried again next time
+                    order.append(kind)
+                    continue
             faults.append({"t_s": round(now - started, 1), "kind": kind, "target": target})
+            budget = None if budget is None else budget - 1
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -176,6 +184,7 @@ def soak(
         "job": cfg.name,
         "seed": seed,
         "every_s": list(every),
+        "rounds": rounds,
         "kinds": kinds,
         "rc": driver.returncode,
         "wall_s": round(time.monotonic() - started, 1),
@@ -196,6 +205,7 @@ def main() -> None:
     parser.add_argument("--kill", nargs="+", choices=sorted(KINDS), default=sorted(KINDS))
     parser.add_argument("--every", nargs=2, type=float, default=(45.0, 90.0), metavar=("LOW", "HIGH"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, help="stop after N rounds of faults (default: until the end)")
     parser.add_argument(
         "--cpus", type=int, default=8, help="logical CPUs of the local Ray (actors mostly wait)"
     )
@@ -211,7 +221,16 @@ def main() -> None:
         address = ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR").address_info[
             "address"
         ]
-    report = soak(args.job.resolve(), args.overrides, address, args.kill, tuple(args.every), args.seed, work)
+    report = soak(
+        args.job.resolve(),
+        args.overrides,
+        address,
+        args.kill,
+        tuple(args.every),
+        args.seed,
+        work,
+        rounds=args.rounds,
+    )
     report["log"] = str(work / "driver.log")
     text = json.dumps(report, indent=2)
     print(text)
