@@ -33,7 +33,12 @@ def test_byo_hf_example_runs(tmp_path):
         f"logging.run_dir={tmp_path}/{{name}}",
         "logging.progress=false",
         "schedule.steps=1",
-        "schedule.eval_prompts=8",
+        "schedule.eval_prompts=4",
+        # a smaller step than the example's (the slow set's time): the same code paths
+        "schedule.prompts_per_step=4",
+        "rollout.samples_per_prompt=4",
+        "rollout.sampling.max_tokens=64",
+        "rollout.eval_sampling.max_tokens=64",
         "buffer.drop_zero_variance=false",  # one round of prompts, whatever the rewards
     ]
     cmd = [sys.executable, "-m", "aha.cluster.cli", "run", "deploy/examples/byo_hf.yaml", *overrides]
