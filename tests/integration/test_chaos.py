@@ -3,8 +3,8 @@ then async trial and error) with 2 engines, 2 reward workers and 2 learner ranks
 bench/chaos.py kills an engine, a reward worker, a learner rank or a whole node (replaced by a fresh one, as an
 autoscaler would) every 12-24 s, in turns, two rounds (each kind twice: a fixed number of faults, so the restart
 budgets hold however slow the machine is). The run must reach its steps, train no prompt twice, name every
-killed actor in its log, and end within noise of the same job run undisturbed on the same cluster. Slow (about
-9 minutes on 2 cores)."""
+killed actor in its log, and learn no worse, beyond noise, than the same job run undisturbed on the same
+cluster. Slow (9-13 minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def test_a_run_under_chaos_trains_every_prompt_once_and_learns_as_an_undisturbed
     assert summary["learner_restarts"] >= kinds.count("learner")
     assert summary["engine_restarts"] >= kinds.count("engine")
     assert summary["reward_errors"]["worker_crashes"] >= 1
-    # within noise: 200 held-out prompts give a standard error of ~3.5 points per run at these accuracies
+    # no worse than the undisturbed run beyond noise: 200 held-out prompts give a standard error of ~3.5 points
+    # per run at these accuracies, and the faults reorder what is trained (seen: chaos ahead by 0 to 10 points)
     calm_final, chaos_final = calm["summary"]["eval_accuracy_final"], summary["eval_accuracy_final"]
-    assert abs(chaos_final - calm_final) <= 0.12, (calm_final, chaos_final)
+    assert chaos_final >= calm_final - 0.12, (calm_final, chaos_final)
     assert chaos_final >= summary["eval_accuracy_after_imitation"] + 0.05, summary
