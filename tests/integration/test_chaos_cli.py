@@ -1,6 +1,6 @@
 """`python -m bench.chaos JOB.yaml` as a user runs it against their own job: it starts a local Ray, runs the job
-while killing an engine, a reward worker and a learner rank in turns, and prints one JSON report. Slow (about a
-two to three minutes on 2 cores)."""
+while killing an engine, a reward worker and a learner rank, one round (each once), and prints one JSON report.
+The soak itself, two rounds with node losses on three nodes, is test_chaos.py. Slow (2-4 minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tmp_path):
-    steps = 250
+    steps = 150
     args = [
         "deploy/examples/cpu_demo.yaml",
         f"model.path={tiny_model}",
@@ -38,7 +38,7 @@ def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tm
         "--seed",
         "1",
         "--rounds",
-        "2",
+        "1",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     proc = subprocess.run(
@@ -53,7 +53,7 @@ def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tm
     report = json.loads(proc.stdout)
     assert report["rc"] == 0, report["log_tail"]
     kinds = sorted(f["kind"] for f in report["faults"])
-    assert kinds == ["engine", "engine", "learner", "learner", "reward", "reward"], report["faults"]
+    assert kinds == ["engine", "learner", "reward"], report["faults"]
     audit = report["audit"]
     assert audit["steps_reached"] == steps and audit["steps_missing"] == []
     assert audit["prompts_trained_twice"] == []
