@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tmp_path):
-    steps = 150
+    steps = 250
     args = [
         "deploy/examples/cpu_demo.yaml",
         f"model.path={tiny_model}",
@@ -32,9 +32,11 @@ def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tm
         "logging.report_to=[]",
         "rollout.max_engine_restarts=10",
         "learner.max_restarts=10",
-        "--every",  # an engine takes ~15-20 s to come back here: faults every 3-6 s spent its restart budget
-        "8",
-        "14",
+        # an engine takes ~15-20 s to come back here; one round hits each kind once, so faults 6-10 s apart all
+        # land within the run's ~60 s of training (150 steps were too few: the run ended before the third)
+        "--every",
+        "6",
+        "10",
         "--seed",
         "1",
         "--rounds",
