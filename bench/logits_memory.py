@@ -45,35 +45,41 @@ def stats(variant: str, logits, targets):
     return token_stats(logits, targets, process, entropy_grad=True)
 
 
-def measure(variant: str, batch: int, tokens: int, vocab: int, dtype: str, threads: int) -> dict:
-    """In this process: build the logits, then time forward + backward of `variant`; peak RSS above the logits."""
+def timed_step(variant: str, logits_of, targets, above: str, after=lambda: None) -> dict:
+    """Peak RSS (above what the process holds now) and seconds of: `logits_of()`, logprobs + entropy of
+    `variant`, backward, `after()`."""
     import time
 
-    import torch
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    logits = torch.randn(batch, tokens, vocab, dtype=getattr(torch, dtype)).requires_grad_(True)
-    targets = torch.randint(0, vocab, (batch, tokens))
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
+    logits = logits_of()
     logprobs, entropy = stats(variant, logits, targets)
     (logprobs.sum() + 0.01 * entropy.sum()).backward()
+    after()
     seconds = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "peak_mb_above_logits": round((peak_kb - base_kb) / 1024, 1),
+        f"peak_mb_above_{above}": round((peak_kb - base_kb) / 1024, 1),
         "logits_mb": round(logits.numel() * logits.element_size() / 2**20, 1),
         "seconds": round(seconds, 3),
         "logprob_sum": float(logprobs.sum()),
     }
 
 
+def measure(variant: str, batch: int, tokens: int, vocab: int, dtype: str, threads: int) -> dict:
+    """In this process: build the logits, then time forward + backward of `variant`; peak RSS above the logits."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    logits = torch.randn(batch, tokens, vocab, dtype=getattr(torch, dtype)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (batch, tokens))
+    return timed_step(variant, lambda: logits, targets, "logits")
+
+
 def measure_model(variant: str, path: str, batch: int, prompt: int, tokens: int, threads: int) -> dict:
     """In this process: load the model (bf16), then time one micro-batch step of `variant`; peak RSS above the
     loaded model."""
-    import time
-
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,23 +90,12 @@ def measure_model(variant: str, path: str, batch: int, prompt: int, tokens: int,
         model.gradient_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (batch, prompt + tokens))
-    targets = input_ids[:, prompt:]
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
-    logits = model(input_ids=input_ids, logits_to_keep=tokens + 1).logits[:, :-1]  # as learner/worker.py
-    logprobs, entropy = stats(variant, logits, targets)
-    (logprobs.sum() + 0.01 * entropy.sum()).backward()
-    optimizer.step()
-    seconds = time.perf_counter() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "peak_mb_above_model": round((peak_kb - base_kb) / 1024, 1),
-        "logits_mb": round(logits.numel() * logits.element_size() / 2**20, 1),
-        "seconds": round(seconds, 3),
-        "logprob_sum": float(logprobs.sum()),
-    }
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, prompt + tokens))
+
+    def logits_of():  # the completion's logits only, as learner/worker.py asks for them
+        return model(input_ids=input_ids, logits_to_keep=tokens + 1).logits[:, :-1]
+
+    return timed_step(variant, logits_of, input_ids[:, prompt:], "model", after=optimizer.step)
 
 
 def main() -> None:
