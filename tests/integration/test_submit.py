@@ -202,6 +202,7 @@ class JobMetrics(threading.Thread):
         self.port, self.job = port, job
         self.seen: set[str] = set()
         self.lines: list[str] = []  # the job's series, as scraped
+        self.latest: dict[str, float] = {}  # each series' value in the newest scrape that had it
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -213,6 +214,7 @@ class JobMetrics(threading.Thread):
             mine = re.findall(rf'^ray_aha_\w+\{{[^}}]*="{self.job}".*$', text, re.M)
             self.seen |= {line.split("{", 1)[0] for line in mine}
             self.lines += mine
+            self.latest |= {line.split("{", 1)[0]: float(line.rsplit("}", 1)[1].split()[0]) for line in mine}
             self.done.wait(2)
 
     def stop(self) -> set[str]:
@@ -302,6 +304,13 @@ def test_submit_tiny_job_to_a_real_cluster(ray_head, tmp_path):
     keys = {k for r in records for k in r if k not in ("step", "time_s")}
     expected = {"ray_aha_" + re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in keys}
     assert expected <= exported, f"not exported: {sorted(expected - exported)}"
+    # the values of the run's last record (its final evaluation) are the last ones Prometheus saw
+    last = {"ray_aha_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in records[-1].items()}
+    last = {k: v for k, v in last.items() if k in expected}
+    stale = {
+        k: (v, scraper.latest.get(k)) for k, v in last.items() if scraper.latest.get(k) != pytest.approx(v)
+    }
+    assert last and not stale, f"final values not exported (metrics.jsonl, scraped): {stale}"
     assert _dashboard_metrics() <= exported, (
         f"dashboard queries unknown metrics: {_dashboard_metrics() - exported}"
     )
