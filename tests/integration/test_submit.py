@@ -297,8 +297,10 @@ def test_submit_tiny_job_to_a_real_cluster(ray_head, tmp_path):
     assert (Path(ray_head.temp_dir) / "session_latest/metrics/grafana/dashboards").is_dir()
 
     # Metrics: every key of metrics.jsonl is exported as a Prometheus gauge `ray_aha_<key>` with the job's name
-    # as a tag, and every metric the Grafana dashboard queries is among them. The final evaluation's values too:
-    # a driver on a cluster waits for Ray's next report before it exits (MetricsLogger._flush_ray_metrics).
+    # as a tag, and every metric the Grafana dashboard queries is among them. The final evaluation's values too.
+    # (Here the export after that evaluation outlasts Ray's 10 s report interval, so they would go out even
+    # without the driver's wait at exit, MetricsLogger._flush_ray_metrics, whose rule test_metrics_flush.py
+    # checks: it matters for a run whose last values come within an interval of its exit.)
     exported = scraper.stop()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     keys = {k for r in records for k in r if k not in ("step", "time_s")}
