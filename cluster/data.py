@@ -103,6 +103,11 @@ class AdditionSource(PromptSource):
         return self._eval[:count]
 
 
+def eval_seed(cfg: ReasoningGymData) -> int:
+    """The held-out split's seed: `data.eval_seed`, else one derived from (and never equal to) the training seed."""
+    return cfg.eval_seed if cfg.eval_seed is not None else cfg.seed + 1_000_003
+
+
 class ReasoningGymSource(PromptSource):
     """Tasks from reasoning-gym; the entry travels with the prompt so the task's own scorer can check it."""
 
@@ -112,9 +117,7 @@ class ReasoningGymSource(PromptSource):
         self.cfg = cfg
         self._train = reasoning_gym.create_dataset(cfg.task, size=cfg.size, seed=cfg.seed, **cfg.task_kwargs)
         self._eval = (
-            reasoning_gym.create_dataset(
-                cfg.task, size=cfg.eval_size, seed=cfg.seed + 1_000_003, **cfg.task_kwargs
-            )
+            reasoning_gym.create_dataset(cfg.task, size=cfg.eval_size, seed=eval_seed(cfg), **cfg.task_kwargs)
             if cfg.eval_size
             else []
         )

@@ -51,6 +51,9 @@ class ReasoningGymData(Section):
     """Held-out prompts generated with a different seed."""
     seed: Seed = 0
     """Seed of the training prompts (the held-out split uses a different one)."""
+    eval_seed: Seed | None = None
+    """Seed of the held-out split (default: seed + 1,000,003). Fix it to compare runs of different data seeds on
+    the same held-out problems."""
     system_prompt: str | None = Field(None, min_length=1, max_length=100_000)
     """A system message before every prompt (the prompt then goes through the model's chat template)."""
     task_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -62,6 +65,15 @@ class ReasoningGymData(Section):
     @classmethod
     def _question_only(cls, template: str) -> str:
         return check_template(template, ("question",))
+
+    @model_validator(mode="after")
+    def _held_out_differs(self) -> ReasoningGymData:
+        if self.eval_seed is not None and self.eval_seed == self.seed and self.eval_size:
+            raise ValueError(
+                f"data.eval_seed {self.eval_seed} equals data.seed: the held-out problems would be the training "
+                "ones (every one of them skipped from training); give the held-out split its own seed"
+            )
+        return self
 
 
 class JsonlData(Section):

@@ -190,12 +190,14 @@ class Run:
             self._score_and_store(done)
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy completions of the held-out prompts, scored. A sample whose reward function failed or that no
-        function could score, or a prompt no engine could generate, is counted apart (`eval/reward_errors`,
-        `eval/reward_unscorable`, `eval/failed_prompts`), not as wrong: `eval/accuracy` is over the scored."""
-        n = self.cfg.schedule.eval_prompts
-        prompts = self.source.eval_prompts(n) if n else []
+    def evaluate(self, prompts: list[Prompt] | None = None) -> dict[str, float]:
+        """Greedy completions of the held-out prompts (or of `prompts`, another held-out set), scored. A sample
+        whose reward function failed or that no function could score, or a prompt no engine could generate, is
+        counted apart (`eval/reward_errors`, `eval/reward_unscorable`, `eval/failed_prompts`), not as wrong:
+        `eval/accuracy` is over the scored."""
+        if prompts is None:
+            n = self.cfg.schedule.eval_prompts
+            prompts = self.source.eval_prompts(n) if n else []
         if not prompts:
             return {}
         from aha.actors.rollout import Completed

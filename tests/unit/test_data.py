@@ -47,3 +47,26 @@ def test_reasoning_gym_training_never_shows_a_held_out_problem():
     assert any(raw[i]["question"] in held_out for i in range(300))  # the overlap this guards against
     assert not held_out & set(train)
     assert len(set(train)) > 100
+
+
+def test_reasoning_gym_eval_seed_keeps_the_held_out_set_across_data_seeds():
+    import pytest
+
+    kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+
+    def source(**seeds):
+        return make_source(
+            ReasoningGymData(task="chain_sum", task_kwargs=kwargs, size=50, eval_size=20, **seeds)
+        )
+
+    def questions(prompts):
+        return [p.fields["entry"]["question"] for p in prompts]
+
+    default_0, default_1 = source(seed=0), source(seed=1)
+    fixed_0, fixed_1 = source(seed=0, eval_seed=1_000_003), source(seed=1, eval_seed=1_000_003)
+    assert questions(default_0.eval_prompts()) != questions(default_1.eval_prompts())  # follows data.seed
+    assert questions(fixed_0.eval_prompts()) == questions(fixed_1.eval_prompts())  # data.eval_seed holds it
+    assert questions(fixed_0.eval_prompts()) == questions(default_0.eval_prompts())  # 0 + 1,000,003
+    assert questions(fixed_0.train_prompts(0, 10)) != questions(fixed_1.train_prompts(0, 10))
+    with pytest.raises(ValueError, match="data.eval_seed 4 equals data.seed"):
+        ReasoningGymData(task="chain_sum", seed=4, eval_seed=4)
