@@ -191,6 +191,10 @@ def run_aha(cfg, eval_at: list[int]) -> dict:
                 "generate_score_s": lambda r: r["generate_score_s"],
                 "train_s": lambda r: r["train/step_s"],
                 "sync_s": lambda r: r.get("sync_s", 0.0),
+                "engine_busy_s": lambda r: r.get("engine_busy_s", 0.0),  # the busiest engine's generate calls
+                "step_over_floor": lambda r: (
+                    (r["step_s"] - r.get("eval_s", 0.0)) / max(step_floor_s(r, cfg.schedule.mode), 1e-9)
+                ),
                 # samples of advantage 0 that the learner left out (learner.skip_zero_advantage)
                 "skipped_frac": lambda r: (
                     r.get("train/skipped_sequences", 0.0)
@@ -208,6 +212,13 @@ def run_aha(cfg, eval_at: list[int]) -> dict:
             "learner": cfg.learner.threads_per_rank * cfg.learner.num_ranks,
         },
     }
+
+
+def step_floor_s(record: dict, mode: str) -> float:
+    """The least a step of this record's work can take: generation (the busiest engine) and training overlap in
+    async mode, and take turns in sync mode."""
+    parts = (record.get("engine_busy_s", 0.0), record["train/step_s"])
+    return max(parts) if mode == "async" else sum(parts)
 
 
 def busy_threads(threads: dict[str, int], mode: str) -> int:
@@ -533,6 +544,27 @@ def main() -> None:
         + ("; QUICK smoke run" if args.quick else ""),
     }
     emit_json(result, args.out)
+    if not args.quick and python is not None:
+        keep_results(results, result["machine"])
+
+
+def keep_results(results: dict, machine: str) -> None:
+    """Each workload's result in bench/results/vs_trl_<workload>.json, and bench/README.md's table made anew."""
+    import datetime
+
+    from aha.cluster.trackers import git_commit
+    from bench.vs_trl_table import RESULTS, write_readme
+
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "commit": git_commit(ROOT) or "unknown",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{machine}, {platform.processor() or platform.machine()}",
+        "command": "bench/vs_trl.py " + " ".join(sys.argv[1:]),
+    }
+    for name, entry in results.items():
+        (RESULTS / f"vs_trl_{name}.json").write_text(json.dumps({**entry, "meta": meta}, indent=1) + "\n")
+    write_readme()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class Run:
         self.run_dir = self.cfg.run_dir
         self.state = RunState()
         self.tokens_generated = 0  # completion tokens scored and stored so far (for throughput metrics)
+        self.engine_busy: dict[str, float] = {}  # per engine, seconds in generate calls that finished this step
         self.source: PromptSource = make_source(self.cfg.data)
         self.started = time.time()
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
@@ -239,6 +240,8 @@ class Run:
         if not done.trajectories:
             return []
         self.tokens_generated += sum(len(t.completion_ids) for t in done.trajectories)
+        for engine, seconds in {(t.engine, t.generate_s) for t in done.trajectories}:  # one pair per engine call
+            self.engine_busy[engine] = self.engine_busy.get(engine, 0.0) + seconds
         scored = self.rewards.score(done.trajectories)
         self.buffer.add(scored)
         return scored
@@ -402,6 +405,7 @@ class Run:
         cfg = self.cfg
         sched = cfg.schedule
         step_started, tokens_before = time.perf_counter(), self.tokens_generated
+        self.engine_busy = {}
         groups, gen_metrics = self._collect(sched.prompts_per_step)
         if sched.mode == "async":
             self._prefetch(steps_ahead=1)  # the next step generates while this one trains
@@ -455,6 +459,8 @@ class Run:
         # they belong to the next step's batch)
         metrics["rollout_tokens"] = float(self.tokens_generated - tokens_before)
         metrics["rollout_tokens_per_s"] = metrics["rollout_tokens"] / metrics["step_s"]
+        # the busiest engine's generation time in this step: with train/step_s, the floor of an async step
+        metrics["engine_busy_s"] = max(self.engine_busy.values(), default=0.0)
         self.metrics.log(self.state.version, metrics)
         self.metrics.log_samples(step_samples(self.state.step, self.state.version, trajectories, batch, cfg))
         progress.update(1)

@@ -59,6 +59,10 @@ def test_run_finishes_with_versions_and_bounded_staleness(ray_cluster, tiny_mode
     assert all(r["staleness_max"] <= 1 for r in steps)
     if mode == "sync":
         assert all(r["staleness_max"] == 0 for r in steps)  # strictly on-policy
+        # the engine's generate calls lie inside the driver's wait for the step's groups
+        assert all(0 < r["engine_busy_s"] <= r["generate_score_s"] for r in steps)
+    else:  # the next step's batch is generated during this one, none after the last
+        assert all(r["engine_busy_s"] > 0 for r in steps[:-1])
     # Every sample the buffer took reached the learner: 8 prompts x 8 samples per step, no loss, no duplicates
     # (those of advantage 0 skip the passes: learner.skip_zero_advantage).
     assert all(r["train/sequences"] + r["train/skipped_sequences"] == 64 for r in steps)
