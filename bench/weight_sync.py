@@ -297,7 +297,7 @@ class SyncBench:
                 "load_s": median(load_s),
                 "probe_s": median(probe_s),
                 "probe_in_sync_s": median([m["sync_s"] - m["sync_transfer_s"] for m in on]),
-                "probe_max_diff": max(m["sync_probe_max_diff"] for m in on),
+                "probe_diff": max(m["sync_probe_diff"] for m in on),
             },
             "runs": {
                 "sync_s_verify_off": [round(x, 4) for x in sync_off_s],

@@ -124,7 +124,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
                     ("failed_prompts", "failed prompts (total)"),
                     ("engines_live", "live engines"),
                     ("engine_restarts", "engine restarts (total)"),
-                    ("sync_probe_max_diff", "sync probe max diff"),
+                    ("sync_probe_diff", "sync probe mean diff"),
                 ],
                 "Samples whose scoring failed, prompts given up on, rollout engines serving and replaced, and the "
                 "weight-sync logprob check.",

@@ -301,8 +301,21 @@ def test_probe_update_diff_is_the_move_since_the_last_verified_version():
     sync._remember(0, [[-1.0, -2.0]])
     assert sync.update_diff(0) is None  # nothing verified before
     sync._remember(2, [[-1.25, -1.5]])  # schedule.sync_every=2: v1 was never synced
-    assert sync.update_diff(2) == 0.5
+    assert sync.update_diff(2) == 0.375  # mean of 0.25 and 0.5 per probe token
     assert sync.update_diff(3) is None  # v3 not verified
+
+
+def test_the_probe_judges_the_mean_token_difference_not_one_rounding_spike():
+    """bf16 kernels move a few probe tokens far (SmolLM2: 0.68 on one token at v4 with a calibrated tolerance of
+    0.56, failing a correct sync three times and ending the run); weights that did not take effect move them all."""
+    from aha.cluster.weight_sync import _mean_diff
+
+    learner = [[-1.0] * 16, [-2.0] * 16]
+    spike = [[-1.0] * 15 + [-1.68], [-2.0] * 16]  # one token off by 0.68: rounding
+    shifted = [[v - 0.3 for v in seq] for seq in learner]  # every token off by 0.3: other weights
+    assert _mean_diff(spike, learner) == pytest.approx(0.68 / 32)
+    assert _mean_diff(shifted, learner) == pytest.approx(0.3)
+    assert _mean_diff([], []) == 0.0
 
 
 def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
