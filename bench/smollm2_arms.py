@@ -21,7 +21,7 @@ from another generator and template family (--second-heldout: reasoning-gym basi
 language templates by default), which shows whether a gain is more than the task's template.
 
 Each run writes <out>/smollm2_arms/<arm>_seed<S>.json when it finishes (a run whose file exists is skipped, so a
-long experiment resumes where it stopped), exports its final model as an HF folder under --work-dir (outside git),
+long experiment resumes where it stopped; a run that fails writes <arm>_seed<S>.failed.txt and the others go on), exports its final model as an HF folder under --work-dir (outside git),
 and rewrites <out>/summary.json (per arm: accuracy per seed, mean, standard error, training time, samples,
 models), <out>/smollm2_arms.png (accuracy against training time and against samples generated) and
 <out>/smollm2_monitor.png (how the answers change: length, answer format, re-checking phrases).
@@ -227,16 +227,25 @@ def run_grpo(cfg: JobConfig, clock: Clock, second: list, args: argparse.Namespac
             run.cfg.schedule.steps = run.state.step + 1  # Run.train does steps up to schedule.steps
             run.train()
             clock.charge(started)
-            if clock.eval_due():
+            stopped = run.stopped_early is not None  # the task saturated: no group left to learn from
+            if clock.eval_due() or stopped:
                 added = int(run.buffer.stats()["buffer_added"])
                 points.append(_point(run, clock, added, second, {"steps": run.state.step}))
+            if stopped:
+                break
         model = run.group.export_hf(str(run.run_dir / "final_model"))
         steps = [
             _rounded(m, KEPT_STEP_KEYS) for m in read_metrics(run.run_dir / "metrics.jsonl") if "step_s" in m
         ]
     finally:
         run.shutdown()
-    return {"points": points, "steps": steps, "step_breakdown_s": mean_breakdown(steps), "model": model}
+    return {
+        "points": points,
+        "steps": steps,
+        "step_breakdown_s": mean_breakdown(steps),
+        "model": model,
+        "stopped_early": run.stopped_early,
+    }
 
 
 def run_filter(cfg: JobConfig, clock: Clock, second: list, args: argparse.Namespace) -> dict[str, Any]:
@@ -510,9 +519,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             started = time.time()
             run_dir = Path(args.work_dir) / out.name / name
-            result = RUNNERS[arm.kind](
-                arm_config(cfg, arm, seed, run_dir), Clock(args.budget_s, args.evals), second, args
-            )
+            try:
+                result = RUNNERS[arm.kind](
+                    arm_config(cfg, arm, seed, run_dir), Clock(args.budget_s, args.evals), second, args
+                )
+            except Exception as e:  # noqa: BLE001 - one failed run is reported, the others still run
+                (folder / f"{name}.failed.txt").write_text(f"{command}\n{e!r}\n")
+                print(f"[arms] {name} FAILED: {e!r} ({folder / f'{name}.failed.txt'})", flush=True)
+                continue
             record = {
                 "command": command,
                 "arm": asdict(arm) | {"name": arm.name},

@@ -19,11 +19,14 @@ driver calls it when the pool reports restarted engines and the learner is idle)
 The sync joins the learner group and the rollout pool through their public methods only, and takes the version
 to publish as an argument of each call.
 
-The probe compares the mean |engine - learner| logprob over the probe tokens: a weight that did not take effect moves
-every token, while the kernels' rounding (bf16 above all) moves a few tokens far and most not at all, so the
-largest single-token difference grows and shrinks with the weights and would fail a correct sync. Its tolerance is
-calibrated (`calibrate`): while engines and learner hold the same weights, that mean is their numerical noise floor
-(kernels, dtype); a sync passes within PROBE_NOISE_MARGIN times that floor, never below the dtype's minimum
+The probe compares probabilities, not log-probabilities: the mean |p_engine - p_learner| over the probe tokens.
+Weights that did not take effect change the probabilities of the tokens the model predicts; the kernels' rounding
+(bf16 above all) moves log-probabilities by amounts that grow with the logits, most on tokens the model finds
+unlikely, whose probability is ~0 (SmolLM2 in bf16: the largest single-token logprob difference reached 0.68 at v4,
+above a tolerance of 0.56 calibrated at v0, and failed a correct sync on every restart; the mean logprob difference
+grew from 0.04 to 0.12 in 8 steps as the model grew confident). Its tolerance is calibrated (`calibrate`): while
+engines and learner hold the same weights, that mean is their numerical noise floor (kernels, dtype); a sync passes
+within PROBE_NOISE_MARGIN times that floor, never below the dtype's minimum
 (`weight_sync.probe_tolerance` overrides).
 The version reported by each engine catches one that skipped an update; the checksums catch corrupted bytes; the
 probe catches weights that did not take effect (a wrong model, a reload that loaded nothing), and names an engine
@@ -38,6 +41,7 @@ small object per bucket and engine:
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import threading
@@ -96,14 +100,14 @@ class WeightSync:
         return max(PROBE_NOISE_MARGIN * self.noise_floor, self.min_tolerance)
 
     def calibrate(self) -> float:
-        """Measure the probe's noise floor: the mean |engine - learner| logprob on the probes (the largest over
-        the live engines), while they serve the weights the learner holds (the model folder's, before any training).
+        """Measure the probe's noise floor: the mean |engine - learner| probability of the probe tokens (the
+        largest over the live engines), while they serve the weights the learner holds (the model folder's, before any training).
         Returns it; later syncs pass within `tolerance`."""
         if not (self.cfg.verify and self.probe_ids):
             return 0.0
         engines = [i for i, _ in self.pool.live_engines()]
         expected, got = self._probe(engines, time.monotonic() + self.cfg.timeout_s)
-        self.noise_floor = max((_mean_diff(g, expected) for g in got.values()), default=0.0)
+        self.noise_floor = max((_probe_diff(g, expected) for g in got.values()), default=0.0)
         self._remember(0, expected)  # the model folder's weights are version 0
         return self.noise_floor
 
@@ -290,7 +294,7 @@ class WeightSync:
         before = [v for v in self._verified if v < version]
         if version not in self._verified or not before:
             return None
-        return _mean_diff(self._verified[version], self._verified[max(before)])
+        return _probe_diff(self._verified[version], self._verified[max(before)])
 
     def _check_learner(self, version: int) -> None:
         """A sync fails on every engine when learner rank 0 dies (its buckets can no longer be fetched): that is
@@ -318,7 +322,7 @@ class WeightSync:
         if not self.probe_ids:
             return 0.0
         expected, got = self._probe(engine_indices, deadline, refs, expected_refs)
-        diffs = {i: _mean_diff(g, expected) for i, g in got.items()}
+        diffs = {i: _probe_diff(g, expected) for i, g in got.items()}
         bad = [i for i, d in diffs.items() if d > self.tolerance]
         if bad:
             raise SyncError(
@@ -355,7 +359,7 @@ class WeightSync:
     def _mismatch(self, i: int, diff: float, got: list[list[float]]) -> str:
         text = f"{self.pool.name(i)} differs by {diff:.3g}"
         for version in sorted(self._verified, reverse=True):
-            if _mean_diff(got, self._verified[version]) <= self.tolerance:
+            if _probe_diff(got, self._verified[version]) <= self.tolerance:
                 return text + f" and matches v{version}, the weights before this update: stale"
         return text
 
@@ -469,7 +473,7 @@ def _files(directory: str):
     return list(Path(directory).glob("*.bin"))
 
 
-def _mean_diff(got: list[list[float]], expected: list[list[float]]) -> float:
-    """Mean |got - expected| over every probe token (0 without tokens)."""
-    diffs = [abs(a - b) for g, x in zip(got, expected) for a, b in zip(g, x)]
+def _probe_diff(got: list[list[float]], expected: list[list[float]]) -> float:
+    """Mean |exp(got) - exp(expected)| over every probe token, from their log-probabilities (0 without tokens)."""
+    diffs = [abs(math.exp(a) - math.exp(b)) for g, x in zip(got, expected) for a, b in zip(g, x)]
     return sum(diffs) / len(diffs) if diffs else 0.0

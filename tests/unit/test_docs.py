@@ -115,9 +115,10 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/unit/test_deploy.py",
         "not run: needs a cloud account; the YAML is validated with Ray's own cluster schema",
     ),
-    r"python -m bench\.smollm2_arms( --[\w-]+ \S+)*( \S+=\S+)*": (
+    r"python -m bench\.smollm2_arms( --[\w-]+( [^-\s]\S*)+)*( \S+=\S+)*": (
         "tests/integration/test_smollm2_arms.py",
-        "runs the three arms with a budget of a few steps each (slow, in CI); the full budget takes ~20 minutes",
+        "runs every kind of arm with a budget of a few steps each, exports, summarizes and resumes (slow, in "
+        "CI); a full budget takes 30 minutes per run",
     ),
     r"docker build .*": (
         "tests/unit/test_deploy.py",
