@@ -19,13 +19,13 @@ driver calls it when the pool reports restarted engines and the learner is idle)
 The sync joins the learner group and the rollout pool through their public methods only, and takes the version
 to publish as an argument of each call.
 
-The probe compares probabilities, not log-probabilities: the mean |p_engine - p_learner| over the probe tokens.
-Weights that did not take effect change the probabilities of the tokens the model predicts; the kernels' rounding
-(bf16 above all) moves log-probabilities by amounts that grow with the logits, most on tokens the model finds
-unlikely, whose probability is ~0 (SmolLM2 in bf16: the largest single-token logprob difference reached 0.68 at v4,
-above a tolerance of 0.56 calibrated at v0, and failed a correct sync on every restart; the mean logprob difference
-grew from 0.04 to 0.12 in 8 steps as the model grew confident). Its tolerance is calibrated (`calibrate`): while
-engines and learner hold the same weights, that mean is their numerical noise floor (kernels, dtype); a sync passes
+The probe compares log-probabilities weighted by the learner's probability of each token: sum_t p_t |engine_t -
+learner_t| / sum_t p_t over the probe tokens. Weights that did not take effect move the tokens the model predicts;
+the kernels' rounding (bf16 above all) moves log-probabilities by amounts that grow with the logits, most on tokens
+the model finds unlikely (SmolLM2 in bf16: the largest single-token difference reached 0.68 at v4, above a
+tolerance of 0.56 calibrated at v0, and failed a correct sync on every restart; the unweighted mean grew from 0.04
+to 0.12 in 8 steps as the model grew confident). Its tolerance is calibrated (`calibrate`): while engines and
+learner hold the same weights, that weighted mean is their numerical noise floor (kernels, dtype); a sync passes
 within PROBE_NOISE_MARGIN times that floor, never below the dtype's minimum
 (`weight_sync.probe_tolerance` overrides).
 The version reported by each engine catches one that skipped an update; the checksums catch corrupted bytes; the
@@ -100,8 +100,8 @@ class WeightSync:
         return max(PROBE_NOISE_MARGIN * self.noise_floor, self.min_tolerance)
 
     def calibrate(self) -> float:
-        """Measure the probe's noise floor: the mean |engine - learner| probability of the probe tokens (the
-        largest over the live engines), while they serve the weights the learner holds (the model folder's, before any training).
+        """Measure the probe's noise floor: the probability-weighted mean |engine - learner| logprob of the
+        probe tokens (the largest over the live engines), while they serve the weights the learner holds (the model folder's, before any training).
         Returns it; later syncs pass within `tolerance`."""
         if not (self.cfg.verify and self.probe_ids):
             return 0.0
@@ -474,6 +474,8 @@ def _files(directory: str):
 
 
 def _probe_diff(got: list[list[float]], expected: list[list[float]]) -> float:
-    """Mean |exp(got) - exp(expected)| over every probe token, from their log-probabilities (0 without tokens)."""
-    diffs = [abs(math.exp(a) - math.exp(b)) for g, x in zip(got, expected) for a, b in zip(g, x)]
-    return sum(diffs) / len(diffs) if diffs else 0.0
+    """sum_t p_t |got_t - expected_t| / sum_t p_t over every probe token, p_t = exp(expected_t): the log-probability
+    difference where the model puts its mass (0 without tokens)."""
+    pairs = [(math.exp(b), abs(a - b)) for g, x in zip(got, expected) for a, b in zip(g, x)]
+    mass = sum(p for p, _ in pairs)
+    return sum(p * d for p, d in pairs) / mass if mass > 0 else 0.0

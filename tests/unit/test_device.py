@@ -47,27 +47,27 @@ def decisions(cfg: JobConfig) -> tuple:
     "overrides, expected",
     [
         ([], ("cpu", "gloo", "float32", "object_store", "gloo", 1e-3)),
-        (GPU, ("cuda", "nccl", "bfloat16", "torch_dist", "nccl", 2e-2)),
+        (GPU, ("cuda", "nccl", "bfloat16", "torch_dist", "nccl", 5e-2)),
         # GPU learner, CPU engines: NCCL cannot reach the engines, so the weights go by the object store
-        (["learner.gpus_per_rank=1"], ("cuda", "nccl", "bfloat16", "object_store", "gloo", 2e-2)),
+        (["learner.gpus_per_rank=1"], ("cuda", "nccl", "bfloat16", "object_store", "gloo", 5e-2)),
         # learner and engine share a GPU: NCCL refuses two members on one device
         (
             ["learner.gpus_per_rank=0.5", "rollout.gpus_per_engine=0.5"],
-            ("cuda", "nccl", "bfloat16", "object_store", "gloo", 2e-2),
+            ("cuda", "nccl", "bfloat16", "object_store", "gloo", 5e-2),
         ),
         # the dtype decides the smallest tolerance, whatever the device
         ([*GPU, "learner.dtype=float32"], ("cuda", "nccl", "float32", "torch_dist", "nccl", 1e-3)),
-        (["learner.dtype=bfloat16"], ("cpu", "gloo", "bfloat16", "object_store", "gloo", 2e-2)),
+        (["learner.dtype=bfloat16"], ("cpu", "gloo", "bfloat16", "object_store", "gloo", 5e-2)),
         # explicit choices are kept
         ([*GPU, "weight_sync.probe_tolerance=0.2"], ("cuda", "nccl", "bfloat16", "torch_dist", "nccl", 0.2)),
         (
             [*GPU, "weight_sync.transport=object_store"],
-            ("cuda", "nccl", "bfloat16", "object_store", "nccl", 2e-2),
+            ("cuda", "nccl", "bfloat16", "object_store", "nccl", 5e-2),
         ),
         # torch_dist asked for without GPUs on both sides runs over gloo, from CPU buffers
         (
             ["learner.gpus_per_rank=1", "weight_sync.transport=torch_dist"],
-            ("cuda", "nccl", "bfloat16", "torch_dist", "gloo", 2e-2),
+            ("cuda", "nccl", "bfloat16", "torch_dist", "gloo", 5e-2),
         ),
     ],
 )
@@ -287,7 +287,7 @@ def test_weight_sync_tolerance_is_the_calibrated_noise_floor_times_the_margin():
         return sync.tolerance
 
     assert tolerance(WeightSyncConfig(), "float32") == 1e-3  # not calibrated: the dtype's minimum
-    assert tolerance(WeightSyncConfig(), "bfloat16") == 2e-2
+    assert tolerance(WeightSyncConfig(), "bfloat16") == 5e-2
     assert tolerance(WeightSyncConfig(), "float32", floor=2e-6) == 1e-3  # never below the minimum
     assert tolerance(WeightSyncConfig(), "bfloat16", floor=0.4) == pytest.approx(PROBE_NOISE_MARGIN * 0.4)
     assert tolerance(WeightSyncConfig(probe_tolerance=0.3), "bfloat16", floor=0.4) == 0.3  # set: kept
@@ -300,25 +300,27 @@ def test_probe_update_diff_is_the_move_since_the_last_verified_version():
     from aha.cluster.weight_sync import WeightSync
 
     sync = WeightSync(None, SimpleNamespace(), WeightSyncConfig(), [], dtype="bfloat16")
-    sync._remember(0, [[math.log(0.5), math.log(0.2)]])
+    sync._remember(0, [[math.log(0.5), math.log(0.25)]])
     assert sync.update_diff(0) is None  # nothing verified before
-    sync._remember(2, [[math.log(0.4), math.log(0.5)]])  # schedule.sync_every=2: v1 was never synced
-    assert sync.update_diff(2) == pytest.approx(0.2)  # mean of |0.5 - 0.4| and |0.2 - 0.5| per probe token
+    sync._remember(2, [[math.log(0.25), math.log(0.5)]])  # schedule.sync_every=2: v1 was never synced
+    # |log 0.5 - log 0.25| = log 2 on both tokens, weighted by the earlier version's 0.5 and 0.25
+    assert sync.update_diff(2) == pytest.approx(math.log(2))
     assert sync.update_diff(3) is None  # v3 not verified
 
 
-def test_the_probe_compares_probabilities_so_rounding_on_unlikely_tokens_cannot_fail_a_sync():
+def test_the_probe_weighs_tokens_by_probability_so_rounding_on_unlikely_ones_cannot_fail_a_sync():
     """bf16 kernels move log-probabilities by amounts that grow with the logits, most on unlikely tokens (SmolLM2:
-    0.68 on one token at v4 against a calibrated tolerance of 0.56 on the largest logprob difference, which failed
-    a correct sync on every restart and ended the run); weights that did not take effect change what is likely."""
+    0.68 on one token at v4 against a calibrated tolerance of 0.56 on the largest difference, which failed a
+    correct sync on every restart and ended the run); weights that did not take effect move the likely ones."""
     from aha.cluster.weight_sync import _probe_diff
 
     learner = [[-0.1] * 8 + [-12.0] * 8, [-0.7] * 16]
     rounding = [[-0.1] * 8 + [-12.7] * 8, [-0.7] * 16]  # unlikely tokens off by 0.7 nats: rounding
-    other_weights = [[-1.5] * 8 + [-12.0] * 8, [-0.2] * 16]  # what the model predicts changed
+    other_weights = [[-0.4] * 8 + [-12.0] * 8, [-1.0] * 16]  # the likely tokens moved by 0.3
     assert _probe_diff(rounding, learner) < 1e-5
-    expected = (8 * (math.exp(-0.1) - math.exp(-1.5)) + 16 * (math.exp(-0.2) - math.exp(-0.7))) / 32
-    assert _probe_diff(other_weights, learner) == pytest.approx(expected)
+    assert _probe_diff(other_weights, learner) == pytest.approx(0.3, rel=1e-5)
+    uniform = [[-4.85] * 16]  # a model that predicts nothing yet (the tiny tests' ~1/128): a plain mean
+    assert _probe_diff([[-4.85] * 8 + [-4.95] * 8], uniform) == pytest.approx(0.05)
     assert _probe_diff([], []) == 0.0
 
 
