@@ -456,6 +456,50 @@ def write_summary(runs: list[dict[str, Any]], out: Path, budget_s: float) -> dic
     return summary
 
 
+def run_and_keep(
+    arm: Arm, seed: int, cfg: JobConfig, second: list, args: argparse.Namespace, command: str
+) -> bool:
+    """One run of `arm` at `seed`, its record written to <out>/smollm2_arms/<arm>_seed<seed>.json; False when that
+    file was there already (skipped) or the run failed (written to <arm>_seed<seed>.failed.txt instead)."""
+    from aha.cluster.trackers import git_commit
+
+    folder = Path(args.out) / "smollm2_arms"
+    name = f"{arm.name}_seed{seed}"
+    path = folder / f"{name}.json"
+    if path.exists():
+        print(f"[arms] {name}: already run ({path}), skipped", flush=True)
+        return False
+    started = time.time()
+    run_dir = Path(args.work_dir) / Path(args.out).name / name
+    try:
+        result = RUNNERS[arm.kind](
+            arm_config(cfg, arm, seed, run_dir), Clock(args.budget_s, args.evals), second, args
+        )
+    except Exception as e:  # noqa: BLE001 - one failed run is reported, the others still run
+        (folder / f"{name}.failed.txt").write_text(f"{command}\n{e!r}\n")
+        print(f"[arms] {name} FAILED: {e!r} ({folder / f'{name}.failed.txt'})", flush=True)
+        return False
+    record = {
+        "command": command,
+        "arm": asdict(arm) | {"name": arm.name},
+        "seed": seed,
+        "budget_s": args.budget_s,
+        "model_start": Path(cfg.model.path).name,
+        "task": f"{cfg.data.task} {json.dumps(cfg.data.task_kwargs)}",
+        "second_heldout": args.second_heldout,
+        "eval_prompts": cfg.schedule.eval_prompts,
+        "learner_dtype": cfg.learner.dtype,
+        "filter": {k: getattr(args, k) for k in ("filter_prompts", "filter_epochs", "filter_batch")},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "commit": git_commit(Path.cwd()),
+        "wall_s": round(time.time() - started, 1),
+        **result,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[arms] {name} done: {json.dumps(record['points'][-1])}", flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -503,7 +547,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     from aha.actors.runtime import apply_base_env
-    from aha.cluster.trackers import git_commit
 
     apply_base_env()
     folder.mkdir(parents=True, exist_ok=True)
@@ -512,41 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.smollm2_arms " + shlex.join(argv if argv is not None else sys.argv[1:])
     for arm in arms:
         for seed in [args.seeds[0]] if arm.kind == "base" else args.seeds:
-            name = f"{arm.name}_seed{seed}"
-            path = folder / f"{name}.json"
-            if path.exists():
-                print(f"[arms] {name}: already run ({path}), skipped", flush=True)
-                continue
-            started = time.time()
-            run_dir = Path(args.work_dir) / out.name / name
-            try:
-                result = RUNNERS[arm.kind](
-                    arm_config(cfg, arm, seed, run_dir), Clock(args.budget_s, args.evals), second, args
-                )
-            except Exception as e:  # noqa: BLE001 - one failed run is reported, the others still run
-                (folder / f"{name}.failed.txt").write_text(f"{command}\n{e!r}\n")
-                print(f"[arms] {name} FAILED: {e!r} ({folder / f'{name}.failed.txt'})", flush=True)
-                continue
-            record = {
-                "command": command,
-                "arm": asdict(arm) | {"name": arm.name},
-                "seed": seed,
-                "budget_s": args.budget_s,
-                "model_start": Path(cfg.model.path).name,
-                "task": f"{cfg.data.task} {json.dumps(cfg.data.task_kwargs)}",
-                "second_heldout": args.second_heldout,
-                "eval_prompts": cfg.schedule.eval_prompts,
-                "learner_dtype": cfg.learner.dtype,
-                "filter": {k: getattr(args, k) for k in ("filter_prompts", "filter_epochs", "filter_batch")},
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-                "commit": git_commit(Path.cwd()),
-                "wall_s": round(time.time() - started, 1),
-                **result,
-            }
-            path.write_text(json.dumps(record, indent=1) + "\n")
-            summary = write_summary(load_runs(folder), out, args.budget_s)
-            final = record["points"][-1]
-            print(f"[arms] {name} done: {json.dumps(final)}; summary: {out / 'summary.json'}", flush=True)
+            if run_and_keep(arm, seed, cfg, second, args, command):
+                write_summary(load_runs(folder), out, args.budget_s)
     import ray
 
     ray.shutdown()
