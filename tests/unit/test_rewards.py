@@ -68,6 +68,40 @@ def test_math_verify(completion, gold, expected):
     assert math_verify("q", completion, answer=gold) == expected
 
 
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "The final answer is 8 - 2 = 7",  # what GRPO on SmolLM2 learned: math-verify read "8 - 2"
+        "The final answer to this equation is 8 - 2 = 5.",
+        "The answer is 8 - 2.",  # the question restated
+        "\\boxed{8-2}",
+        "-2 + 8",  # reordered
+        "The answer is 3 * 2",
+    ],
+)
+def test_math_verify_does_not_score_the_question_restated_as_its_answer(completion):
+    assert (
+        math_verify(
+            "State the final answer to the following arithmetic problem: 8 - 2 =", completion, answer="6"
+        )
+        == 0.0
+    )
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [
+        ("The answer is 6.", "6"),
+        ("8 - 2 = 6", "6"),
+        ("\\boxed{-36}", "-36"),
+        ("6.0", "6"),
+        ("\\frac{1}{2}", "0.5"),
+    ],
+)
+def test_math_verify_still_scores_a_number_stated_as_the_answer(completion, gold):
+    assert math_verify("q", completion, answer=gold) == 1.0
+
+
 def test_math_verify_off_main_thread():
     # The scorer calls functions on worker threads, where math-verify's signal-based timeout cannot run.
     out = scorer({"function": "aha.actors.rewards.math:math_verify"}).score(
