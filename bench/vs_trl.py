@@ -552,10 +552,16 @@ def keep_results(results: dict, machine: str) -> None:
     """Each workload's result in bench/results/vs_trl_<workload>.json, and bench/README.md's table made anew."""
     import datetime
 
-    from aha.cluster.trackers import git_commit
-    from bench.vs_trl_table import RESULTS, write_readme
+    import importlib.util
 
-    RESULTS.mkdir(exist_ok=True)
+    from aha.cluster.trackers import git_commit
+
+    # this script runs as bench/vs_trl.py, where `bench` is not a package on the path: load its sibling by file
+    spec = importlib.util.spec_from_file_location("vs_trl_table", ROOT / "bench" / "vs_trl_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    table.RESULTS.mkdir(exist_ok=True)
     meta = {
         "commit": git_commit(ROOT) or "unknown",
         "date": datetime.date.today().isoformat(),
@@ -563,8 +569,8 @@ def keep_results(results: dict, machine: str) -> None:
         "command": "bench/vs_trl.py " + " ".join(sys.argv[1:]),
     }
     for name, entry in results.items():
-        (RESULTS / f"vs_trl_{name}.json").write_text(json.dumps({**entry, "meta": meta}, indent=1) + "\n")
-    write_readme()
+        (table.RESULTS / f"vs_trl_{name}.json").write_text(json.dumps({**entry, "meta": meta}, indent=1) + "\n")
+    table.write_readme()
 
 
 if __name__ == "__main__":
