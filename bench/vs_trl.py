@@ -551,7 +551,6 @@ def main() -> None:
 def keep_results(results: dict, machine: str) -> None:
     """Each workload's result in bench/results/vs_trl_<workload>.json, and bench/README.md's table made anew."""
     import datetime
-
     import importlib.util
 
     from aha.cluster.trackers import git_commit
@@ -569,7 +568,9 @@ def keep_results(results: dict, machine: str) -> None:
         "command": "bench/vs_trl.py " + " ".join(sys.argv[1:]),
     }
     for name, entry in results.items():
-        (table.RESULTS / f"vs_trl_{name}.json").write_text(json.dumps({**entry, "meta": meta}, indent=1) + "\n")
+        (table.RESULTS / f"vs_trl_{name}.json").write_text(
+            json.dumps({**entry, "meta": meta}, indent=1) + "\n"
+        )
     table.write_readme()
 
 
