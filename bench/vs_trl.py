@@ -564,7 +564,7 @@ def keep_results(results: dict, machine: str) -> None:
     meta = {
         "commit": git_commit(ROOT) or "unknown",
         "date": datetime.date.today().isoformat(),
-        "machine": f"{machine}, {platform.processor() or platform.machine()}",
+        "machine": machine + (f", {platform.processor()}" if platform.processor() else ""),
         "command": "bench/vs_trl.py " + " ".join(sys.argv[1:]),
     }
     for name, entry in results.items():

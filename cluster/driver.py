@@ -51,9 +51,8 @@ class Run:
         self.run_dir = self.cfg.run_dir
         self.state = RunState()
         self.tokens_generated = 0  # completion tokens scored and stored so far (for throughput metrics)
-        self.engine_busy: dict[
-            str, float
-        ] = {}  # per engine, seconds in generate calls that finished this step
+        # per engine, seconds in generate calls that finished this step (engine_busy_s)
+        self.engine_busy: dict[str, float] = {}
         self.source: PromptSource = make_source(self.cfg.data)
         self.started = time.time()
         self.before = RunState()  # what earlier processes of a resumed run had done (wall time, restarts)
@@ -242,9 +241,8 @@ class Run:
         if not done.trajectories:
             return []
         self.tokens_generated += sum(len(t.completion_ids) for t in done.trajectories)
-        for engine, seconds in {
-            (t.engine, t.generate_s) for t in done.trajectories
-        }:  # one pair per engine call
+        calls = {(t.engine, t.generate_s) for t in done.trajectories}  # one pair per engine call
+        for engine, seconds in calls:
             self.engine_busy[engine] = self.engine_busy.get(engine, 0.0) + seconds
         scored = self.rewards.score(done.trajectories)
         self.buffer.add(scored)
