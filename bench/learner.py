@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ import ray
 
 from aha.actors.config import ModelConfig, SamplingConfig
 from aha.actors.runtime import actor_runtime_env, apply_base_env
-from aha.cluster.files import emit_json
+from aha.cluster.files import emit_json, machine
 from aha.cluster.models import make_tiny_model
 from aha.learner.batch import Sample, step_totals
 from aha.learner.config import AlgorithmConfig, LearnerConfig, OptimizerConfig
@@ -277,7 +276,7 @@ def main() -> None:
             ray.shutdown()
     result = {
         "bench": "learner_step",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "model": {
             "params": params,
             "hidden_size": args.hidden,

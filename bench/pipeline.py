@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-from aha.cluster.files import emit_json
+from aha.cluster.files import emit_json, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +120,7 @@ def main() -> None:
     generation, training = sync["generate_score_s"], sync["train_s"]
     result = {
         "bench": "pipeline",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "workload": {
             "steps": args.steps,
             "prompts_per_step": args.prompts,

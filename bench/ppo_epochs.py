@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
-from aha.cluster.files import emit_json
+from aha.cluster.files import emit_json, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO_2X2 = ["algorithm.loss=ppo", "algorithm.epochs=2", "algorithm.mini_batches=2"]
@@ -134,7 +133,7 @@ def main() -> None:
     budget = min(a["rl_wall_s"] for a in arms.values())
     result = {
         "bench": "ppo_epochs",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "workload": "deploy/examples/cpu_demo.yaml" + (" (QUICK smoke run)" if args.quick else ""),
         "seed": args.seed,
         "steps": args.steps,

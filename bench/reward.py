@@ -6,9 +6,6 @@ with 1 and 2 workers. Prints one JSON object.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 
 import ray
@@ -18,6 +15,7 @@ from aha.actors.records import Trajectory
 from aha.actors.reward import RewardPool
 from aha.actors.rewards.code import read_human_eval
 from aha.actors.runtime import apply_base_env
+from aha.cluster.files import emit_json, machine
 
 MATCH_SAMPLES = 4000
 MATCH_BATCH = 256
@@ -81,7 +79,7 @@ def main() -> None:
         match, code = match_set(), code_set()
         result = {
             "bench": "reward_pool",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(),
             "exact_match": {
                 f"workers_{w}": samples_per_s("aha.actors.rewards.match:exact_match", w, match, MATCH_BATCH)
                 for w in (1, 2)
@@ -95,7 +93,7 @@ def main() -> None:
         }
     finally:
         ray.shutdown()
-    print(json.dumps(result))
+    emit_json(result)
 
 
 if __name__ == "__main__":

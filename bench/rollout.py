@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from aha.actors.config import ModelConfig, RolloutConfig, SamplingConfig
 from aha.actors.records import Prompt
 from aha.actors.rollout import RolloutPool
 from aha.actors.runtime import actor_runtime_env, apply_base_env
-from aha.cluster.files import emit_json
+from aha.cluster.files import emit_json, machine
 from aha.cluster.models import make_tiny_model
 
 # make_tiny_model kwargs; head_dim = hidden / heads must be one vLLM's CPU attention supports (32, 64, ...)
@@ -295,7 +294,7 @@ def main() -> None:
             ray.shutdown()
     result = {
         "bench": "rollout",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "model": {"params": params, **model_shape, "dtype": "float32"},
         "workload": {
             "prompts": args.prompts,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from aha.cluster.files import emit_json
+from aha.cluster.files import emit_json, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = [
@@ -535,7 +534,7 @@ def main() -> None:
             ray.shutdown()
     result = {
         "bench": "vs_trl",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "results": results,
         "aha_env": base_env(),  # aha's process settings; the TRL side's environment is in its results
         "unmatched": UNMATCHED,
@@ -548,7 +547,7 @@ def main() -> None:
         keep_results(results, result["machine"])
 
 
-def keep_results(results: dict, machine: str) -> None:
+def keep_results(results: dict, machine_name: str) -> None:
     """Each workload's result in bench/results/vs_trl_<workload>.json, and bench/README.md's table made anew."""
     import datetime
     import importlib.util
@@ -564,7 +563,7 @@ def keep_results(results: dict, machine: str) -> None:
     meta = {
         "commit": git_commit(ROOT) or "unknown",
         "date": datetime.date.today().isoformat(),
-        "machine": machine + (f", {platform.processor()}" if platform.processor() else ""),
+        "machine": machine_name,
         "command": "bench/vs_trl.py " + " ".join(sys.argv[1:]),
     }
     for name, entry in results.items():

@@ -1,10 +1,12 @@
 """Files that a resumed run trusts are replaced whole: a write cut off half-way leaves the previous version.
-And the one way a benchmark reports: one JSON line on stdout, optionally kept in a file."""
+And the one way a benchmark reports: one JSON line on stdout, optionally kept in a file, naming its machine."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+from contextlib import suppress
 from pathlib import Path
 
 
@@ -25,3 +27,12 @@ def emit_json(result: dict, out: str | None = None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(out), text + "\n")
     print(text)
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, as its JSON names it: architecture, cores and the CPU's model name."""
+    name = f"{platform.machine()}, {os.cpu_count()} cores"
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+        name += f", {model}" if model else ""
+    return name

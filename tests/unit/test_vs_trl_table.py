@@ -61,3 +61,19 @@ def test_the_step_floor_overlaps_in_async_and_adds_up_in_sync():
     record = {"engine_busy_s": 0.2, "train/step_s": 0.1}
     assert bench.step_floor_s(record, "async") == 0.2
     assert bench.step_floor_s(record, "sync") == pytest.approx(0.3)
+
+
+def test_a_benchmark_names_its_machine_by_cores_and_cpu_model():
+    import os
+    from pathlib import Path
+
+    from aha.cluster.files import machine
+
+    name = machine()
+    assert f", {os.cpu_count()} cores" in name
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+    ]
+    if models:  # x86 Linux names its CPU; the architecture alone said nothing about the machine
+        assert name.endswith(models[0])
