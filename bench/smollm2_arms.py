@@ -491,7 +491,7 @@ def run_and_keep(
         "learner_dtype": cfg.learner.dtype,
         "filter": {k: getattr(args, k) for k in ("filter_prompts", "filter_epochs", "filter_batch")},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-        "commit": git_commit(Path.cwd()),
+        "commit": git_commit(Path.cwd(), ignore=Path(args.out)),  # its own records and plots aside
         "wall_s": round(time.time() - started, 1),
         **result,
     }

@@ -369,17 +369,20 @@ class Trackers:
 # what the trackers record about the code
 
 
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out in `folder`'s git work tree, with "-dirty" when tracked files differ from it; None
-    outside a work tree (or without git)."""
+def git_commit(folder: Path, ignore: Path | None = None) -> str | None:
+    """The commit checked out in `folder`'s git work tree, with "-dirty" when tracked files differ from it (those
+    under `ignore` aside: a benchmark's own output folder); None outside a work tree (or without git)."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         )
         if commit.returncode != 0:
             return None
+        aside = ["--", ":(top)", f":(exclude){Path(ignore).resolve()}"] if ignore is not None else []
         dirty = subprocess.run(
-            ["git", "-C", str(folder), "diff", "--quiet", "HEAD"], capture_output=True, timeout=30
+            ["git", "-C", str(folder), "diff", "--quiet", "HEAD", *aside],
+            capture_output=True,
+            timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -28,6 +28,7 @@ from aha.cluster.trackers import (
     Trackers,
     WandbTracker,
     code_info,
+    git_commit,
 )
 
 ROWS = [
@@ -112,6 +113,26 @@ def test_a_tracker_that_is_not_installed_fails_validate_with_its_extra(tmp_path,
 def test_code_info_names_the_commit_of_aha_source():
     info = code_info()
     assert info["version"] and (info["git_commit"] is None or len(info["git_commit"].split("-")[0]) == 40)
+
+
+def test_git_commit_is_dirty_on_changed_tracked_files_except_a_benchmarks_own_output(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "start")
+    head = git_commit(tmp_path)
+    assert len(head) == 40
+    (tmp_path / "results" / "summary.json").write_text('{"arms": {}}')  # what the benchmark rewrote
+    (tmp_path / "untracked.txt").write_text("new")
+    assert git_commit(tmp_path) == head + "-dirty"
+    assert git_commit(tmp_path, ignore=tmp_path / "results") == head
+    (tmp_path / "code.py").write_text("x = 2")  # the code measured is not the commit's
+    assert git_commit(tmp_path, ignore=tmp_path / "results") == head + "-dirty"
 
 
 # -- each tracker against its package ------------------------------------------------------------------------------
