@@ -544,10 +544,10 @@ def main() -> None:
     }
     emit_json(result, args.out)
     if not args.quick and python is not None:
-        keep_results(results, result["machine"])
+        keep_results(results)
 
 
-def keep_results(results: dict, machine_name: str) -> None:
+def keep_results(results: dict) -> None:
     """Each workload's result in bench/results/vs_trl_<workload>.json, and bench/README.md's table made anew."""
     import datetime
     import importlib.util
@@ -563,7 +563,7 @@ def keep_results(results: dict, machine_name: str) -> None:
     meta = {
         "commit": git_commit(ROOT) or "unknown",
         "date": datetime.date.today().isoformat(),
-        "machine": machine_name,
+        "machine": machine(),
         "command": "bench/vs_trl.py " + " ".join(sys.argv[1:]),
     }
     for name, entry in results.items():
