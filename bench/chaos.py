@@ -2,11 +2,13 @@
 
     .venv/bin/python -m bench.chaos deploy/examples/cpu_demo.yaml schedule.steps=300 --every 45 90
     .venv/bin/python -m bench.chaos deploy/examples/cpu_demo.yaml schedule.steps=300 --every 45 90 --rounds 2
+    .venv/bin/python -m bench.chaos deploy/examples/cpu_demo.yaml schedule.steps=300 --every-steps 20 34 --rounds 2
 
 The job runs as `aha run` in its own process, on a Ray cluster this script starts (one local node) or joins
 (`--address`). Once the job has trained its first step, every `--every LOW HIGH` seconds (uniform, from
-`--seed`) one live actor of the job is killed with `ray.kill` (its process ends at once, as a crash or the OOM
-killer ends it): the kinds (`--kill`: engine, reward, learner) take turns in an order shuffled every round, so
+`--seed`), or every `--every-steps LOW HIGH` trained steps, one live actor of the job is killed with `ray.kill`
+(its process ends at once, as a crash or the OOM killer ends it). Paced by steps, a fixed number of faults lands
+before the run ends however fast or slow the machine is. The kinds (`--kill`: engine, reward, learner) take turns in an order shuffled every round, so
 each is hit as often as the others, and the actor is drawn among that kind's. `--rounds N` stops after N rounds
 (each kind hit N times) and lets the job finish undisturbed; by default faults go on until it ends. The job's
 own fault handling is what is measured: give it the budget the faults need (`rollout.max_engine_restarts`,
@@ -114,13 +116,15 @@ def soak(
     kill_actor: Callable[[str, str], bool] | None = None,
     timeout_s: float = 3600.0,
     rounds: int | None = None,
+    every_steps: tuple[int, int] | None = None,
 ) -> dict:
     """Run `job` (from this directory, as `aha run` would be) on the Ray cluster at `address` with faults
     injected until it ends; returns the report. `work`: where the driver's log goes. `kill_node`: removes a
     node (and returns its description), in turn with the actor kinds. No kinds and no `kill_node`: no faults
     (the undisturbed run to compare with). `kill_actor(name, namespace)`: kills the named actor's process and
     says whether it found one (default: `ray.kill` through this process's Ray connection). `rounds`: stop
-    injecting after that many rounds (each kind hit that many times); None: until the job ends."""
+    injecting after that many rounds (each kind hit that many times); None: until the job ends. `every_steps`:
+    pace the faults by the run's highest trained step instead of by the `every` seconds."""
     from aha.cluster.config_file import load_config
 
     namespace = f"aha-chaos-{seed}-{os.getpid()}"
@@ -151,28 +155,35 @@ def soak(
     if kill_actor is None and kinds:
         kill_actor = ray_kill(address)
     faults: list[dict] = []
+    gap = every if every_steps is None else every_steps  # between faults, in seconds or in trained steps
     next_fault = None
     try:
         while driver.poll() is None and time.monotonic() - started < timeout_s:
             time.sleep(0.5)
-            if not turns or budget == 0 or not trained_steps(cfg.run_dir):
+            steps = trained_steps(cfg.run_dir)
+            if not turns or budget == 0 or not steps:
                 continue  # the actors start and load first: faults begin once the run trains
             now = time.monotonic()
+            progress = now if every_steps is None else max(steps)
             if next_fault is None:
-                next_fault = now + rng.uniform(*every)
-            if now < next_fault:
+                next_fault = progress + rng.uniform(*gap)
+            if progress < next_fault:
                 continue
-            next_fault = now + rng.uniform(*every)
             order = order or rng.sample(turns, len(turns))
             kind = order.pop()
             if kind == "node":
                 target = kill_node()
             else:
                 target = rng.choice(names[kind])
-                if not kill_actor(target, namespace):  # being replaced right now: tried again next time
+                if not kill_actor(
+                    target, namespace
+                ):  # being replaced right now: tried again at the next poll
                     order.append(kind)
                     continue
-            faults.append({"t_s": round(now - started, 1), "kind": kind, "target": target})
+            next_fault = progress + rng.uniform(*gap)
+            faults.append(
+                {"t_s": round(now - started, 1), "step": max(steps), "kind": kind, "target": target}
+            )
             budget = None if budget is None else budget - 1
     finally:
         if driver.poll() is None:
@@ -183,7 +194,8 @@ def soak(
     return {
         "job": cfg.name,
         "seed": seed,
-        "every_s": list(every),
+        "every_s": None if every_steps else list(every),
+        "every_steps": list(every_steps) if every_steps else None,
         "rounds": rounds,
         "kinds": kinds,
         "rc": driver.returncode,
@@ -204,6 +216,13 @@ def main() -> None:
     parser.add_argument("--address", help="a running Ray cluster (default: start a local one)")
     parser.add_argument("--kill", nargs="+", choices=sorted(KINDS), default=sorted(KINDS))
     parser.add_argument("--every", nargs=2, type=float, default=(45.0, 90.0), metavar=("LOW", "HIGH"))
+    parser.add_argument(
+        "--every-steps",
+        nargs=2,
+        type=int,
+        metavar=("LOW", "HIGH"),
+        help="pace faults by trained steps instead",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, help="stop after N rounds of faults (default: until the end)")
     parser.add_argument(
@@ -230,6 +249,7 @@ def main() -> None:
         args.seed,
         work,
         rounds=args.rounds,
+        every_steps=tuple(args.every_steps) if args.every_steps else None,
     )
     report["log"] = str(work / "driver.log")
     text = json.dumps(report, indent=2)

@@ -32,11 +32,11 @@ def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tm
         "logging.report_to=[]",
         "rollout.max_engine_restarts=10",
         "learner.max_restarts=10",
-        # an engine takes ~15-20 s to come back here; one round hits each kind once, so faults 6-10 s apart all
-        # land within the run's ~60 s of training (150 steps were too few: the run ended before the third)
-        "--every",
-        "6",
-        "10",
+        # one round hits each kind once; paced by trained steps, all three land before step 250 however fast the
+        # machine (paced by seconds, a run once ended before the third)
+        "--every-steps",
+        "40",
+        "60",
         "--seed",
         "1",
         "--rounds",
@@ -56,6 +56,8 @@ def test_the_chaos_command_reports_a_run_that_survived_its_faults(tiny_model, tm
     assert report["rc"] == 0, report["log_tail"]
     kinds = sorted(f["kind"] for f in report["faults"])
     assert kinds == ["engine", "learner", "reward"], report["faults"]
+    at = [f["step"] for f in report["faults"]]  # paced by trained steps: 40 or more apart
+    assert at[0] >= 40 and all(later - earlier >= 40 for earlier, later in zip(at, at[1:])), report["faults"]
     audit = report["audit"]
     assert audit["steps_reached"] == steps and audit["steps_missing"] == []
     assert audit["prompts_trained_twice"] == []
