@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import re
 import shlex
@@ -461,6 +459,7 @@ def run_and_keep(
 ) -> bool:
     """One run of `arm` at `seed`, its record written to <out>/smollm2_arms/<arm>_seed<seed>.json; False when that
     file was there already (skipped) or the run failed (written to <arm>_seed<seed>.failed.txt instead)."""
+    from aha.cluster.files import machine
     from aha.cluster.trackers import git_commit
 
     folder = Path(args.out) / "smollm2_arms"
@@ -490,7 +489,7 @@ def run_and_keep(
         "eval_prompts": cfg.schedule.eval_prompts,
         "learner_dtype": cfg.learner.dtype,
         "filter": {k: getattr(args, k) for k in ("filter_prompts", "filter_epochs", "filter_batch")},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "machine": machine(),
         "commit": git_commit(Path.cwd(), ignore=Path(args.out)),  # its own records and plots aside
         "wall_s": round(time.time() - started, 1),
         **result,
