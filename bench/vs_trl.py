@@ -8,7 +8,7 @@ reward) at the same step counts:
            6 tokens, T=1, AdamW at the demo's lr, GRPO advantages, token-mean policy gradient;
   smollm2  SmolLM2-135M-Instruct (`aha convert-smollm2`) on reasoning-gym chain_sum as in
            `deploy/examples/smollm2_chain_sum.yaml` (the task of docs/results.md, answer = last number,
-           math-verify) in fp32 with every group trained: 4 prompts x 8 samples, 48 tokens, a few steps.
+           math-verify) in fp32 with every group trained: 4 prompts x 8 samples, 48 tokens, 8 steps, held out every 4.
 aha runs in this process (its own local Ray); TRL runs `bench/trl_grpo.py` in its own virtual environment,
 created on first use under `.cache/trl-venv` (pinned: see TRL_PINS) and reused after, one after the other.
 What cannot be matched is listed under "unmatched" in the output.
@@ -89,7 +89,13 @@ def parse_args() -> argparse.Namespace:
         help="rollout.seed of each pair of runs (aha's sampling, TRL's seed): equal learning is a claim about the "
         "mean over seeds, one run of 200 held-out problems moves by several points from the seed alone",
     )
-    p.add_argument("--smollm2-steps", type=int, default=6)
+    p.add_argument("--smollm2-steps", type=int, default=8)
+    p.add_argument(
+        "--smollm2-eval-every",
+        type=int,
+        default=4,
+        help="smollm2: held-out accuracy every N steps (0: before and after only)",
+    )
     p.add_argument("--smollm2-eval-prompts", type=int, default=100, help="smollm2: held-out problems")
     p.add_argument("--smollm2-model", default="models/smollm2-135m", help="converted here if missing")
     p.add_argument("--schedule", choices=["sync", "async"], default=None, help="aha; default: the config's")
@@ -414,7 +420,7 @@ def workload_config(name: str, args, root: Path, start: Path, namespace: str, se
         return load_config(ROOT / "deploy" / "examples" / "cpu_demo.yaml", common + extra).resolved()
     extra = [  # the task of docs/results.md, where the base model earns rewards, at TRL's reach:
         f"schedule.steps={args.smollm2_steps}",
-        "schedule.eval_every=0",  # held out before and after
+        f"schedule.eval_every={args.smollm2_eval_every}",
         f"schedule.eval_prompts={args.smollm2_eval_prompts}",
         "schedule.prompts_per_step=4",
         "learner.dtype=float32",  # as TRL trains (its bf16 is autocast over fp32 weights)
