@@ -450,8 +450,22 @@ class RolloutPool:
         return finished
 
     def resume(self) -> None:
+        """Hand out work again. Chunks already in flight (sent behind the engines' weight update) start their
+        generate clock now."""
         self.paused = False
+        now = time.monotonic()
+        for run in self._inflight.values():
+            run.started = now
         self._dispatch()
+
+    def take_back(self) -> None:
+        """Stop dispatching and put every chunk in flight back at the front of the queue, its call forgotten (the
+        engine may finish it; the result is never read): for a caller that resumed the pool before it had checked
+        the engines' new weights, and found a problem."""
+        self.stop_dispatching()
+        for run in reversed(list(self._inflight.values())):
+            self._queue.appendleft(run.work)
+        self._inflight.clear()
 
     def drop_work(self, timeout_s: float) -> int:
         """Forget the queued chunks, let those in flight finish (`pause`) and discard them: for a caller whose

@@ -9,8 +9,10 @@ One sync to version v (`begin`, then `complete`; `sync` does both at once):
      every engine loads bucket k while rank 0 prepares bucket k+1 (a streaming Ray generator);
   4. every engine closes the update (re-processes tied heads, drops its prefix cache) and serves v;
   5. verify: each engine reports the new version, and its logprobs on fixed probe sequences equal the learner's
-     own within a tolerance;
-  6. resume the pool.
+     own within a tolerance.
+The pool hands out work again as soon as every call of steps 2-5 is sent (`complete`): each engine's next chunk
+waits behind its own update and probe, so no engine idles while the driver waits for the answers; a sync that
+fails takes those chunks back unread and sends them again later.
 Each bucket carries a checksum (xxh3-64) that the engine checks before loading it. Any failure names the engine; with
 `on_engine_failure: restart` (the default) the sync goes on with the other engines while the failed ones are
 restarted in the background; `bring_up` gives a restarted engine the current weights before it serves again (the
@@ -148,9 +150,9 @@ class WeightSync:
         try:
             if pending.push is None:  # sent now, to the engines that survived the pause
                 push = self._new_push(pending.version, self._targets(pending.engines))
-                metrics = self._push_to_survivors(push)
+                metrics = self._push_to_survivors(push, resume_early=True)
             else:
-                metrics = self._push_to_survivors(pending.push, pending)
+                metrics = self._push_to_survivors(pending.push, pending, resume_early=True)
         finally:
             self.pool.resume()
         # what the caller waited: in async mode the rest overlapped generation and training
@@ -177,10 +179,17 @@ class WeightSync:
         self._push_to_survivors(self._new_push(version, engines))
         return []
 
-    def _push_to_survivors(self, push: _Push, begun: PendingSync | None = None) -> dict[str, float]:
+    def _push_to_survivors(
+        self, push: _Push, begun: PendingSync | None = None, resume_early: bool = False
+    ) -> dict[str, float]:
         """Finish `push` (`begun`: already sent, by `begin`), or send and finish it. With `on_engine_failure:
         restart`, engines it fails on are handed to the pool for a restart (in the background) and the push is
-        redone on the others (they may be mid-update)."""
+        redone on the others (they may be mid-update).
+
+        `resume_early` (a paused pool): the pool hands out its queued chunks as soon as every call of the push
+        is sent, so each engine's next chunk waits behind its own update and probe (an actor runs one caller's
+        calls in order) and no engine idles while the caller waits for the answers. A failure takes every chunk
+        in flight back unread (`RolloutPool.take_back`): none generated on weights that failed is used."""
         failed: list[int] = []
         metrics: dict[str, float] = {}
         while push.targets:
@@ -189,8 +198,12 @@ class WeightSync:
                     begun.wait_sent(self.cfg.timeout_s + 30)  # its own waits end within timeout_s
                 else:
                     self._send(push)
+                if resume_early:
+                    self.pool.resume()
                 metrics = self._await(push, begun.drained if begun is not None else None)
             except SyncError as e:
+                if resume_early:
+                    self.pool.take_back()
                 self._check_learner(push.version)  # engines fail to fetch buckets whose owner died
                 if self.cfg.on_engine_failure != "restart" or not e.engines:
                     raise
@@ -272,6 +285,7 @@ class WeightSync:
             if self.cfg.verify
             else 0.0
         )
+        verified = time.monotonic()
         update_diff = self.update_diff(version)
         return {
             "sync_transfer_s": finished - started,
@@ -279,6 +293,7 @@ class WeightSync:
             "sync_stream_s": push.streamed - started,  # until rank 0 produced the last bucket (engines load)
             "sync_load_tail_s": loaded - max(push.streamed, began),  # loads finishing after the last bucket
             "sync_finish_s": finished - loaded,  # close the update: tied head, prefix cache
+            "sync_verify_s": verified - finished,  # the probes: every engine's and the learner's logprobs
             "sync_bytes": float(sum(sizes) // max(len(push.engines), 1)),
             "sync_buckets": float(push.buckets),
             "sync_probe_diff": probe_diff,

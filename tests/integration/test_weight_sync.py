@@ -193,6 +193,61 @@ def test_sync_begun_while_training_queues_behind_generation(stack):
     assert_engines_serve(pool, group, old + 1)
 
 
+def spy_on_probe_answer(monkeypatch, group, pool, shift: float = 0.0) -> list[set]:
+    """Record which chunks the pool had sent when the sync waited for the learner's probe answer (and shift that
+    answer by `shift`, so that every engine fails the probe)."""
+    seen: list[set] = []
+    answer = group.await_sequence_logprobs
+
+    def spy(refs):
+        seen.append(set(pool._inflight))
+        return [[x + shift for x in row] for row in answer(refs)]
+
+    monkeypatch.setattr(group, "await_sequence_logprobs", spy)
+    return seen
+
+
+def test_chunks_queued_during_a_sync_are_sent_before_its_probe_is_answered(stack, monkeypatch):
+    """`complete` hands out the chunks queued while the pool was paused as soon as the update and probe calls are
+    sent: each engine generates right after its own probe, while the caller still waits for the answers."""
+    group, pool = stack
+    sync = sync_with(stack)
+    sync.sync(group.steps)
+    group.train_step(make_samples(4, seed=17))
+    begun = sync.begin(group.steps)  # pauses the pool
+    pool.submit([Prompt(f"e{i}", f"{i}+{i}=") for i in range(4)])  # one chunk per engine, queued
+    seen = spy_on_probe_answer(monkeypatch, group, pool)
+    _, leftovers = sync.complete(begun)
+    assert leftovers == [] and len(seen) == 1 and len(seen[0]) == 2  # both chunks out before the answer
+    chunks = [pool.next_completed(timeout_s=120) for _ in range(2)]
+    versions = {t.prompt_id: t.version for c in chunks for t in c.trajectories}
+    assert sorted(versions) == [f"e{i}" for i in range(4)] and set(versions.values()) == {group.steps}
+
+
+def test_chunks_sent_behind_a_failed_probe_are_taken_back_unread(stack, monkeypatch):
+    """A sync that fails after the pool handed out work takes every chunk back before its result is read: the
+    calls sent behind the failed update are forgotten and the chunks are sent again."""
+    from aha.cluster.weight_sync import SyncError
+
+    group, pool = stack
+    sync = sync_with(stack, on_engine_failure="error")
+    sync.sync(group.steps)
+    group.train_step(make_samples(4, seed=19))
+    begun = sync.begin(group.steps)
+    pool.submit([Prompt(f"b{i}", f"{i}+{i}=") for i in range(4)])
+    seen = spy_on_probe_answer(monkeypatch, group, pool, shift=1.0)
+    with pytest.raises(SyncError, match="rollout-0 differs by .*rollout-1 differs by"):
+        sync.complete(begun)
+    assert len(seen[0]) == 2 and not seen[0] & set(
+        pool._inflight
+    )  # taken back, sent again (not the same calls)
+    chunks = [pool.next_completed(timeout_s=120) for _ in range(2)]
+    assert sorted(t.prompt_id for c in chunks for t in c.trajectories) == sorted(
+        f"b{i}" for i in range(4) for _ in range(pool.cfg.samples_per_prompt)
+    )
+    assert not pool.pending()
+
+
 def test_torch_dist_sync_begun_while_training_is_sent_after_the_chunks(stack):
     """A torch_dist broadcast holds learner rank 0 until every engine receives: begun during training, it is sent
     by `complete`, once the chunks in flight are done (not queued behind them, where it could time out)."""
