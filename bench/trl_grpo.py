@@ -103,6 +103,7 @@ def main() -> None:
         adam_epsilon=s["eps"],
         weight_decay=s["weight_decay"],
         max_grad_norm=s["grad_clip"],
+        gradient_checkpointing=s["gradient_checkpointing"],
         lr_scheduler_type="constant",
         warmup_steps=0,
         beta=0.0,  # no KL term

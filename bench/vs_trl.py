@@ -343,6 +343,9 @@ def trl_job(cfg, eval_at: list[int], threads: int, work: Path) -> dict:
             "eps": opt.eps,
             "weight_decay": opt.weight_decay,
             "grad_clip": cfg.learner.grad_clip,
+            # TRL's GRPOConfig turns it on by default (to save memory); aha's learner recomputes nothing unless
+            # asked, and these models fit either way: both sides as aha's config says
+            "gradient_checkpointing": cfg.learner.gradient_checkpointing,
             "bf16": cfg.learner.dtype
             == "bfloat16",  # aha's engines and learner in bf16: TRL in bf16 autocast
         },
