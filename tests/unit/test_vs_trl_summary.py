@@ -76,6 +76,20 @@ def test_the_peer_runs_without_ahas_process_settings(monkeypatch):
     assert env["PATH"] and env["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trl_checkpoints_gradients_as_ahas_learner_does(tmp_path, checkpointing):
+    """TRL's GRPO recomputes activations by default (a forward pass more per step); its job follows aha's
+    learner.gradient_checkpointing instead, and trl_grpo.py hands the setting to GRPOConfig."""
+    from aha.cluster.config_file import load_config
+
+    bench = load_bench()
+    overrides = [f"learner.gradient_checkpointing={str(checkpointing).lower()}", "schedule.steps=2"]
+    cfg = load_config(bench.ROOT / "deploy" / "examples" / "cpu_demo.yaml", overrides).resolved()
+    job = bench.trl_job(cfg, [0, 2], threads=2, work=tmp_path)
+    assert job["settings"]["gradient_checkpointing"] is checkpointing
+    assert 'gradient_checkpointing=s["gradient_checkpointing"]' in (BENCH.parent / "trl_grpo.py").read_text()
+
+
 def test_time_to_accuracy_against_hand_computed_values():
     bench = load_bench()
     # step k's evaluation sees the weights after k steps: the sum of the first k step times
