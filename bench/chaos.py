@@ -9,8 +9,9 @@ The job runs as `aha run` in its own process, on a Ray cluster this script start
 `--seed`), or every `--every-steps LOW HIGH` trained steps, one live actor of the job is killed with `ray.kill`
 (its process ends at once, as a crash or the OOM killer ends it). Paced by steps, a fixed number of faults lands
 before the run ends however fast or slow the machine is. The kinds (`--kill`: engine, reward, learner) take turns
-in an order shuffled every round, so each is hit as often as the others, and the actor is drawn among that kind's. `--rounds N` stops after N rounds
-(each kind hit N times) and lets the job finish undisturbed; by default faults go on until it ends. The job's
+in an order shuffled every round, so each is hit as often as the others, and the actor is drawn among that kind's.
+`--rounds N` stops after N rounds (each kind hit N times) and lets the job finish undisturbed; by default faults go
+on until it ends. The job's
 own fault handling is what is measured: give it the budget the faults need (`rollout.max_engine_restarts`,
 `learner.max_restarts`; a kill that lands while an actor restarts counts against its budget too).
 `soak` also takes a `kill_node` callback, a kind of its own (the slow test removes a node of a simulated

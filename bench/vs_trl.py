@@ -553,11 +553,12 @@ def main() -> None:
     }
     emit_json(result, args.out)
     if not args.quick and python is not None:
-        keep_results(results)
+        keep_results(results, {"aha_env": result["aha_env"], "unmatched": UNMATCHED})
 
 
-def keep_results(results: dict) -> None:
-    """Each workload's result in bench/results/vs_trl_<workload>.json, and bench/README.md's table made anew."""
+def keep_results(results: dict, sides: dict) -> None:
+    """Each workload's result in bench/results/vs_trl_<workload>.json, with `sides` (aha's environment and what
+    is not matched: TRL's environment and settings are in each run), and bench/README.md's table made anew."""
     import datetime
     import importlib.util
 
@@ -577,7 +578,7 @@ def keep_results(results: dict) -> None:
     }
     for name, entry in results.items():
         (table.RESULTS / f"vs_trl_{name}.json").write_text(
-            json.dumps({**entry, "meta": meta}, indent=1) + "\n"
+            json.dumps({**entry, **sides, "meta": meta}, indent=1) + "\n"
         )
     table.write_readme()
 

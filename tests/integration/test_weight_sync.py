@@ -238,9 +238,8 @@ def test_chunks_sent_behind_a_failed_probe_are_taken_back_unread(stack, monkeypa
     seen = spy_on_probe_answer(monkeypatch, group, pool, shift=1.0)
     with pytest.raises(SyncError, match="rollout-0 differs by .*rollout-1 differs by"):
         sync.complete(begun)
-    assert len(seen[0]) == 2 and not seen[0] & set(
-        pool._inflight
-    )  # taken back, sent again (not the same calls)
+    resent = set(pool._inflight)  # taken back and sent again: not the same calls
+    assert len(seen[0]) == 2 and not seen[0] & resent
     chunks = [pool.next_completed(timeout_s=120) for _ in range(2)]
     assert sorted(t.prompt_id for c in chunks for t in c.trajectories) == sorted(
         f"b{i}" for i in range(4) for _ in range(pool.cfg.samples_per_prompt)

@@ -128,3 +128,18 @@ def test_time_to_accuracy_against_hand_computed_values():
         and table["0.500"]["trl_seeds_reached"] == 1
     )
     assert table["0.600"]["trl_s"] is None and "ratio_aha_over_trl" not in table["0.600"]
+
+
+def test_kept_results_hold_both_sides_environments_and_none_of_ours_reached_the_peer():
+    """Each kept result (bench/results/vs_trl_*.json) names aha's process settings, what is not matched, and per
+    run TRL's own environment and settings; no variable of aha's base environment is in TRL's."""
+    import json
+
+    kept = sorted((BENCH.parent / "results").glob("vs_trl_*.json"))
+    assert kept
+    for path in kept:
+        record = json.loads(path.read_text())
+        assert record["aha_env"] and record["unmatched"], path.name
+        for run in record["runs"]:
+            assert run["trl"]["settings"]["lr"] > 0, path.name
+            assert not set(record["aha_env"]) & set(run["trl"]["env"]), path.name
